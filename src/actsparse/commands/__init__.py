@@ -1,0 +1,1 @@
+"""Subcommands of the `actsparse` CLI, one module each."""

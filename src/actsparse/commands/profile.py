@@ -1,0 +1,72 @@
+"""`actsparse profile`: run text through a sparsified model and show per-layer sparsity."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from actsparse.loading import DEFAULT_MODEL
+
+DEFAULT_TEXT = (
+    "The capital of France is Paris. Activation sparsity means that many entries of the feed-forward "
+    "activations of a language model are close to zero, so the matching weights can be skipped."
+)
+PROMPT = "The capital of France is"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("profile", help="per-layer sparsity of one target and rule on some text")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="alias, folder, .gguf file or hub id")
+    p.add_argument("--target", default="input", help="input, gate, up, intermediate or all_inputs")
+    p.add_argument("--rule", default="top_p", help="top_p, top_k, max_p or threshold")
+    p.add_argument("--value", default="0.9", help="p or f in [0, 1], or a calibration file for threshold")
+    p.add_argument("--text-file", type=Path, help="text to run (default: a short built-in paragraph)")
+    p.add_argument("--max-tokens", type=int, default=512, help="truncate the text to this many tokens")
+    p.add_argument("--generate", type=int, default=8, help=f"greedy tokens to generate after {PROMPT!r}")
+    p.add_argument("--json", type=Path, help="also write the table as JSON here")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from actsparse import SparsitySpec, load_model, sparsify
+
+    value = args.value if args.rule == "threshold" else float(args.value)
+    spec = SparsitySpec(args.target, args.rule, value)  # validated before any model work
+    text = args.text_file.read_text() if args.text_file else DEFAULT_TEXT
+    console = Console()
+    with console.status(f"loading {args.model}"):
+        model, tokenizer = load_model(args.model)
+    batch = tokenizer(text, return_tensors="pt", truncation=True, max_length=args.max_tokens)
+    prompt = tokenizer(PROMPT, return_tensors="pt")
+    with torch.no_grad(), sparsify(model, spec) as stats:
+        model(**batch)
+        prefill = stats.to_dict()
+        stats.reset()
+        out = model.generate(**prompt, max_new_tokens=args.generate, do_sample=False)
+    continuation = tokenizer.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    table = Table(title=f"{args.model}: {spec.label} on {batch['input_ids'].shape[1]} tokens")
+    table.add_column("layer", justify="right")
+    table.add_column("sparsity", justify="right")
+    for layer, s in prefill["prefill"]["per_layer"].items():
+        table.add_row(layer, f"{s:.1%}")
+    table.add_row("all", f"{prefill['prefill']['sparsity']:.1%}", style="bold")
+    console.print(table)
+    console.print(f"natural exact zeros: {prefill['prefill']['natural_zeros']:.2%}")
+    console.print(f"greedy, sparsified: {PROMPT!r} → {continuation!r}")
+    if args.json:
+        record = {
+            "model": args.model,
+            "spec": {"target": spec.target, "rule": spec.rule, "value": args.value},
+            "tokens": int(batch["input_ids"].shape[1]),
+            "stats": prefill,
+            "prompt": PROMPT,
+            "continuation": continuation,
+        }
+        args.json.write_text(json.dumps(record, indent=2))
+    return 0

