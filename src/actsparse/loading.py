@@ -87,8 +87,9 @@ def _from_gguf(gguf: Path) -> Path:
     partial = folder.with_name(folder.name + ".partial")
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    partial.rename(folder) if not folder.exists() else None
-    (folder / "done").write_text(str(gguf))
+    (partial / "done").write_text(str(gguf))
+    if not folder.exists():
+        partial.rename(folder)
     return folder
 
 
@@ -114,8 +115,8 @@ def load_model(
             f"cannot load {name_or_path!r}: it is not a local folder or .gguf file and the hub could not be "
             f"reached or has no such model (offline machines: use an alias {sorted(ALIASES)}, a folder or a .gguf file)"
         ) from err
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.pad_token is None:  # batching needs one; padding never counts in the statistics
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     tokenizer.padding_side = "left"
     if getattr(model.config, "_experts_implementation", None) not in (None, "eager"):
         model.set_experts_implementation("eager")  # the sparsified experts run the eager loop too
