@@ -30,8 +30,8 @@ def test_local_folder_round_trip(tmp_path) -> None:
     from tiny import tiny_model
 
     tiny_model("qwen3").save_pretrained(tmp_path / "m")
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
 
     vocab = {f"t{i}": i for i in range(97)}
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")), unk_token="t0")

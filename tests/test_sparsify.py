@@ -8,7 +8,7 @@ from tiny import FAMILIES, MOE_FAMILIES, tiny_model
 
 import actsparse
 import actsparse.instrument
-from actsparse import SparsitySpec, TARGETS, rules, sparsify
+from actsparse import TARGETS, SparsitySpec, rules, sparsify
 
 FAMILY_NAMES = list(FAMILIES)
 
@@ -94,7 +94,7 @@ def test_padded_batch_matches_sequences_run_alone(models: dict, family: str) -> 
     pooled = {}
     for counts in alone_counts:
         for key, c in counts.items():
-            pooled[key] = tuple(a + b for a, b in zip(pooled.get(key, (0, 0, 0)), c))
+            pooled[key] = tuple(a + b for a, b in zip(pooled.get(key, (0, 0, 0)), c, strict=True))
     assert stats.counts() == pooled
 
 

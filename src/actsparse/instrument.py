@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
@@ -107,7 +108,7 @@ def select_ffns(model: nn.Module, layers: list[int] | None) -> list[FFN]:
 def replaced_forwards(model: nn.Module, ffns: list[FFN], make_forward) -> Iterator[TokenContext]:
     """Replace each FFN's forward by `make_forward(ffn, tokens)` for the block; always restore."""
     tokens = TokenContext()
-    saved: list[tuple[nn.Module, object]] = []
+    saved: list[tuple[nn.Module, Any]] = []
     handle = model.register_forward_pre_hook(tokens.hook, with_kwargs=True)
     try:
         for ffn in ffns:

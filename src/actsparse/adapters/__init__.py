@@ -16,7 +16,7 @@ from actsparse.adapters.llama import LlamaMLPAdapter
 from actsparse.adapters.moe import PackedExpertsAdapter
 from actsparse.adapters.phi3 import Phi3MLPAdapter
 
-__all__ = ["FFN", "FFNAdapter", "GatedWeights", "SUPPORTED_MODEL_TYPES", "Site", "UnsupportedModelError", "find_ffns"]
+__all__ = ["FFN", "SUPPORTED_MODEL_TYPES", "FFNAdapter", "GatedWeights", "Site", "UnsupportedModelError", "find_ffns"]
 
 _LLAMA = LlamaMLPAdapter()
 _PHI3 = Phi3MLPAdapter()
@@ -85,5 +85,7 @@ def find_ffns(model: nn.Module) -> list[FFN]:
         if adapter is not None:
             ffns.append(FFN(name, int(layer.group(1)), module, adapter))
     if not ffns:
-        raise UnsupportedModelError(f"model_type {types[0]!r} is supported but no FFN module was found in {type(model).__name__}")
+        raise UnsupportedModelError(
+            f"model_type {types[0]!r} is supported but no FFN module was found in {type(model).__name__}"
+        )
     return ffns

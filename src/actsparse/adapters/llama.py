@@ -6,6 +6,8 @@ of qwen2_moe.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -16,18 +18,18 @@ class LlamaMLPAdapter(FFNAdapter):
     name = "llama"
 
     def matches(self, module: nn.Module) -> bool:
-        return all(isinstance(getattr(module, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")) and hasattr(
-            module, "act_fn"
-        )
+        return all(
+            isinstance(getattr(module, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")
+        ) and hasattr(module, "act_fn")
 
-    def forward(self, module: nn.Module, site: Site, *args: torch.Tensor) -> torch.Tensor:
+    def forward(self, module: Any, site: Site, *args: torch.Tensor) -> torch.Tensor:
         (x,) = args
         x = site("input", x)
         g = site("gate", module.act_fn(module.gate_proj(x)))
         u = site("up", module.up_proj(x))
         return module.down_proj(site("intermediate", g * u))
 
-    def gated_weights(self, module: nn.Module) -> GatedWeights:
+    def gated_weights(self, module: Any) -> GatedWeights:
         return GatedWeights(
             gate=module.gate_proj.weight,
             up=module.up_proj.weight,

@@ -7,6 +7,8 @@ their weights. Each routed token's vectors are sparsified inside each expert and
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -29,7 +31,7 @@ class PackedExpertsAdapter(FFNAdapter):
             and hasattr(module, "num_experts")
         )
 
-    def forward(self, module: nn.Module, site: Site, *args: torch.Tensor) -> torch.Tensor:
+    def forward(self, module: Any, site: Site, *args: torch.Tensor) -> torch.Tensor:
         hidden_states, top_k_index, top_k_weights = args
         out = torch.zeros_like(hidden_states)
         with torch.no_grad():

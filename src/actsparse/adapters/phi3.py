@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -18,7 +20,7 @@ class Phi3MLPAdapter(FFNAdapter):
             and hasattr(module, "activation_fn")
         )
 
-    def forward(self, module: nn.Module, site: Site, *args: torch.Tensor) -> torch.Tensor:
+    def forward(self, module: Any, site: Site, *args: torch.Tensor) -> torch.Tensor:
         (x,) = args
         x = site("input", x)
         gate, up = module.gate_up_proj(x).chunk(2, dim=-1)
@@ -26,7 +28,7 @@ class Phi3MLPAdapter(FFNAdapter):
         u = site("up", up)
         return module.down_proj(site("intermediate", u * g))
 
-    def gated_weights(self, module: nn.Module) -> GatedWeights:
+    def gated_weights(self, module: Any) -> GatedWeights:
         gate, up = module.gate_up_proj.weight.chunk(2, dim=0)
         gate_bias = up_bias = None
         if module.gate_up_proj.bias is not None:
