@@ -44,11 +44,14 @@ def test_every_target_p1_is_bit_identical_and_p05_is_sparse(models: dict, family
 def test_reported_sparsity_is_the_fraction_the_masks_zeroed(models: dict, family: str, rule: str, monkeypatch) -> None:
     masks: list[torch.Tensor] = []
 
-    def recording_apply_mask(v: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    def recording_masked(v: torch.Tensor, rule: str, value: float) -> tuple[torch.Tensor, torch.Tensor]:
+        sparse, keep = rules.masked(v, rule, value)
+        assert torch.equal(keep, rules.reference_mask(v, rule, value))
+        assert torch.equal(sparse, rules.apply_mask(v, keep))
         masks.append(keep)
-        return rules.apply_mask(v, keep)
+        return sparse, keep
 
-    monkeypatch.setattr(actsparse.instrument, "apply_mask", recording_apply_mask)
+    monkeypatch.setattr(actsparse.instrument, "masked", recording_masked)
     with torch.no_grad(), sparsify(models[family], SparsitySpec("all_inputs", rule, 0.6)) as stats:
         models[family](ids())
     zeroed = sum(int((~m).sum()) for m in masks)
@@ -178,3 +181,12 @@ def test_unknown_model_type_names_supported_ones() -> None:
     with pytest.raises(actsparse.UnsupportedModelError, match="model_type 'gpt2'.*supported: .*llama"):
         with sparsify(model, SparsitySpec("input", "top_p", 0.5)):
             pass
+
+
+def test_batch_one_generation_without_mask_counts_decode(models: dict) -> None:
+    model = models["llama"]
+    with torch.no_grad(), sparsify(model, SparsitySpec("input", "top_p", 0.5)) as stats:
+        model.generate(ids(1, 5), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    h, layers = model.config.hidden_size, model.config.num_hidden_layers
+    assert stats.tokens_seen("prefill") == 5 * h * layers
+    assert stats.tokens_seen("decode") == 3 * h * layers

@@ -48,3 +48,53 @@ def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
             if p.dim() > 1:
                 p.normal_(0, 0.2)
     return model
+
+
+CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,?!'\n:;-_\"()"
+
+
+def tiny_tokenizer():
+    """A character-level fast tokenizer built locally (pad 0, eos 1, unk 2); its vocab fits tiny models."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2} | {c: i + 3 for i, c in enumerate(CHARS)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", padding_side="left"
+    )
+
+
+def tiny_lm(family: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer): a tiny random model of `family` with the character tokenizer."""
+    model = tiny_model(family, seed=seed, dtype=dtype)
+    model.generation_config.eos_token_id = 1
+    return model, tiny_tokenizer()
+
+
+WORDS = ("the", "cat", "dog", "sat", "ran", "on", "a", "mat", "big", "red", "sun", "is", "hot", "sky")
+
+
+def tiny_task(name: str = "tiny_mc", n_docs: int = 8, kind: str = "multiple_choice", seed: int = 0):
+    """A `Task` over `n_docs` random in-memory documents of `kind` (multiple_choice, lambada, generate)."""
+    import random
+
+    from actsparse.tasks import Completion, Generation, MultipleChoice, task_from_requests
+
+    rng = random.Random(seed)
+
+    def words(n: int) -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(n))
+
+    requests: list = []
+    for i in range(n_docs):
+        context = f"Question: {words(rng.randint(2, 9))}?\nAnswer:"
+        if kind == "multiple_choice":
+            choices = tuple(words(rng.randint(1, 4)) for _ in range(rng.choice([2, 4])))
+            requests.append(MultipleChoice((context,), tuple(" " + c for c in choices), i % len(choices), choices))
+        elif kind == "lambada":
+            requests.append(Completion(words(rng.randint(3, 10)), " " + rng.choice(WORDS)))
+        else:
+            requests.append(Generation(context, (rng.choice(WORDS),), max_tokens=6))
+    return task_from_requests(name, requests)

@@ -1,6 +1,7 @@
 """actsparse: find and exploit activation sparsity in the FFN layers of modern LLMs."""
 
 from actsparse import rules
+from actsparse.accelerate import accelerate
 from actsparse.adapters import SUPPORTED_MODEL_TYPES, UnsupportedModelError, find_ffns
 from actsparse.instrument import sparsify
 from actsparse.loading import DEFAULT_MODEL, ModelNotAvailableError, load_model
@@ -18,6 +19,7 @@ __all__ = [
     "SparsitySpec",
     "SparsityStats",
     "UnsupportedModelError",
+    "accelerate",
     "find_ffns",
     "load_model",
     "rules",

@@ -7,6 +7,7 @@ whether the call is prefill or decode. Leaving the context always restores the m
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from actsparse.adapters import FFN, find_ffns
-from actsparse.rules import RULES, NonFiniteActivationError, apply_mask
+from actsparse.rules import NonFiniteActivationError, masked
 from actsparse.spec import SparsitySpec
 from actsparse.stats import SparsityStats
 
@@ -38,7 +39,7 @@ class TokenContext:
             return
         batch, length = ids.shape[0], ids.shape[1]
         self.real = mask[:, -length:].bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))  # transformers 5 generate passes `cache`
         past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
             past = max(past, mask.shape[1] - length)
@@ -62,7 +63,6 @@ class _Site:
 
     def __init__(self, spec: SparsitySpec, layer: int, tokens: TokenContext, stats: SparsityStats):
         self.spec, self.layer, self.tokens, self.stats = spec, layer, tokens, stats
-        self.mask_fn = RULES[spec.rule]
 
     def __call__(
         self,
@@ -74,22 +74,26 @@ class _Site:
         if vector not in self.spec.vectors:
             return v
         try:
-            keep = self.mask_fn(v, self.spec.value_for(self.layer, vector))
+            sparse, keep = masked(v, self.spec.rule, self.spec.value_for(self.layer, vector))
         except NonFiniteActivationError:
             raise NonFiniteActivationError(
                 f"NaN or Inf in the {vector!r} activation of layer {self.layer}"
                 + (f", expert {expert}" if expert is not None else "")
             ) from None
         real = self.tokens.rows(v, token_index)
-        with torch.no_grad():
-            zeroed = (~keep).sum(dim=-1)
-            natural = (v == 0).sum(dim=-1)
+        with torch.no_grad():  # zeroed = seen − kept, natural zeros = seen − nonzero; cheap reductions only
             if real is None:
-                counts = torch.stack([zeroed.sum(), natural.sum(), torch.tensor(zeroed.numel() * v.shape[-1])])
+                seen = torch.tensor(keep.numel(), device=v.device)
+                counts = torch.stack([seen - keep.sum(), seen - torch.count_nonzero(v), seen])
             else:
-                counts = torch.stack([zeroed[real].sum(), natural[real].sum(), real.sum() * v.shape[-1]])
+                seen = real.sum() * v.shape[-1]
+                kept = keep.sum(dim=-1)[real].sum()
+                nonzero = torch.count_nonzero(v, dim=-1)[real].sum()
+                counts = torch.stack([seen - kept, seen - nonzero, seen])
         self.stats.record((self.layer, vector, self.tokens.phase, expert), counts)
-        return apply_mask(v, keep)
+        if self.stats.step is not None:  # a diffusion scorer is counting per denoising step
+            self.stats.steps.record(self.stats.step, self.layer, vector, keep if real is None else keep[real], expert)
+        return sparse
 
 
 def select_ffns(model: nn.Module, layers: list[int] | None) -> list[FFN]:
@@ -104,24 +108,36 @@ def select_ffns(model: nn.Module, layers: list[int] | None) -> list[FFN]:
     return ffns
 
 
+def _forward_slot(module: nn.Module) -> str:
+    """Where the module's own forward lives: accelerate's hooks (device_map, offload) keep it as
+    `_old_forward` inside a hooked instance `forward`, which must keep running around it."""
+    hooked = getattr(module, "_hf_hook", None) is not None and "_old_forward" in vars(module)
+    return "_old_forward" if hooked else "forward"
+
+
 @contextmanager
 def replaced_forwards(model: nn.Module, ffns: list[FFN], make_forward) -> Iterator[TokenContext]:
-    """Replace each FFN's forward by `make_forward(ffn, tokens)` for the block; always restore."""
+    """Replace each FFN's forward by `make_forward(ffn, tokens)` for the block; always restore.
+
+    On a module dispatched by accelerate the hook stays and calls the replacement, so device moves
+    and offloaded weights keep working.
+    """
     tokens = TokenContext()
-    saved: list[tuple[nn.Module, Any]] = []
+    saved: list[tuple[nn.Module, str, Any]] = []
     handle = model.register_forward_pre_hook(tokens.hook, with_kwargs=True)
     try:
         for ffn in ffns:
-            saved.append((ffn.module, ffn.module.__dict__.get("forward")))
-            ffn.module.forward = make_forward(ffn, tokens)
+            slot = _forward_slot(ffn.module)
+            saved.append((ffn.module, slot, ffn.module.__dict__.get(slot)))
+            setattr(ffn.module, slot, make_forward(ffn, tokens))
         yield tokens
     finally:
         handle.remove()
-        for module, previous in saved:
+        for module, slot, previous in reversed(saved):
             if previous is None:
-                del module.forward
+                delattr(module, slot)
             else:
-                module.forward = previous
+                setattr(module, slot, previous)
 
 
 @contextmanager
@@ -142,5 +158,25 @@ def sparsify(model: nn.Module, spec: SparsitySpec, layers: list[int] | None = No
     def make_forward(ffn: FFN, tokens: TokenContext):
         return partial(ffn.adapter.forward, ffn.module, _Site(spec, ffn.layer, tokens, stats))
 
-    with replaced_forwards(model, ffns, make_forward):
-        yield stats
+    with replaced_forwards(model, ffns, make_forward) as tokens:
+        active = _ACTIVE.setdefault(model, [])
+        active.append((stats, tokens))
+        try:
+            yield stats
+        finally:
+            active.remove((stats, tokens))
+
+
+_ACTIVE: weakref.WeakKeyDictionary[nn.Module, list[tuple[SparsityStats, TokenContext]]] = weakref.WeakKeyDictionary()
+
+
+def active_stats(model: nn.Module) -> list[SparsityStats]:
+    """The statistics of the `sparsify` blocks now running on `model` (for scorers that count per step)."""
+    return [stats for stats, _ in _ACTIVE.get(model, ())]
+
+
+def set_real_tokens(model: nn.Module, real: torch.Tensor | None) -> None:
+    """Tell the running `sparsify` blocks which tokens are real ([B, T] bool), for a scorer that calls
+    a model's submodules directly (the model's pre-hook does not see those calls)."""
+    for _, tokens in _ACTIVE.get(model, ()):
+        tokens.real, tokens.phase = (None if real is None else real.bool()), "prefill"

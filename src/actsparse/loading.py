@@ -94,32 +94,45 @@ def _from_gguf(gguf: Path) -> Path:
     return folder
 
 
-def _is_llada(folder: Path) -> bool:
+def _diffusion_class(folder: Path) -> Any:
+    """The model class of a diffusion-LLM folder (LLaDA, diffusion_gemma); None for a causal LM."""
     from actsparse.models.llada import is_llada_config
 
-    return is_llada_config(json.loads((folder / "config.json").read_text()))
+    config = json.loads((folder / "config.json").read_text())
+    if is_llada_config(config):  # ships as remote code: load with actsparse's definition instead
+        from actsparse.models.llada import LLaDAModelLM
+
+        return LLaDAModelLM
+    if config.get("model_type") == "diffusion_gemma":  # not an AutoModelForCausalLM
+        from transformers import AutoModelForImageTextToText
+
+        return AutoModelForImageTextToText
+    return None
 
 
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
+    device_map: str | dict[str, Any] | None = None,
 ) -> tuple[Any, Any]:
-    """Load (model, tokenizer) in eval mode; the tokenizer pads on the left for batched generation."""
+    """Load (model, tokenizer) in eval mode; the tokenizer pads on the left for batched generation.
+
+    `device_map` ('auto', 'balanced', or a module → device dict) spreads a model larger than one
+    device over the GPUs (and CPU or disk) through accelerate; `device` is then ignored.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     kind, path = resolve(name_or_path)
     source = str(_from_gguf(path) if kind == "gguf" and path is not None else path or name_or_path)
-    model_class: Any = AutoModelForCausalLM
-    if kind == "folder" and path is not None and _is_llada(path):
-        from actsparse.models.llada import LLaDAModelLM
-
-        model_class = LLaDAModelLM  # ships as remote code: load with our definition instead
+    model_class = _diffusion_class(path) if kind == "folder" and path is not None else None
+    model_class = model_class or AutoModelForCausalLM
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model: Any = model_class.from_pretrained(source, dtype=dtype)
+        placement = {} if device_map is None else {"device_map": device_map}
+        model: Any = model_class.from_pretrained(source, dtype=dtype, **placement)
     except OSError as err:
         if kind != "hub":
             raise
@@ -132,5 +145,7 @@ def load_model(
     tokenizer.padding_side = "left"
     if getattr(model.config, "_experts_implementation", None) not in (None, "eager"):
         model.set_experts_implementation("eager")  # the sparsified experts run the eager loop too
-    model.to(device).eval()
+    if device_map is None:
+        model.to(device)
+    model.eval()
     return model, tokenizer

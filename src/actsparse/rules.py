@@ -13,10 +13,11 @@ from collections.abc import Callable
 import torch
 
 __all__ = [
-    "NonFiniteActivationError",
     "RULES",
+    "NonFiniteActivationError",
     "apply_mask",
     "check_finite",
+    "masked",
     "max_p",
     "max_p_mask",
     "reference_mask",
@@ -79,11 +80,19 @@ def top_p_mask_sort(v: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def top_k_mask(v: torch.Tensor, f: float) -> torch.Tensor:
-    """Keep the k = max(1, int(n·f)) largest |v| entries, plus ties with the k-th."""
+    """Keep the k = max(1, int(n·f)) largest |v| entries, plus ties with the k-th.
+
+    Uses the compiled radix select on CPU when available (see `actsparse.kernels.topp`).
+    """
     f = _check_fraction("f", f)
+    k = max(1, int(v.shape[-1] * f))
+    from actsparse.kernels.topp import top_k_mask_fast
+
+    keep = top_k_mask_fast(v, k)
+    if keep is not None:
+        return keep
     check_finite(v)
     a = v.abs()
-    k = max(1, int(a.shape[-1] * f))
     tau = a.topk(k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
     return a >= tau
 
@@ -109,8 +118,11 @@ def threshold_mask(v: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
 
 
 def top_p(v: torch.Tensor, p: float) -> torch.Tensor:
-    """Top-p sparsification of `v` along its last dimension (SPEC §2)."""
-    return apply_mask(v, top_p_mask(v, p))
+    """Top-p sparsification of `v` along its last dimension (SPEC §2); mask and zeroing fused where possible."""
+    p = _check_fraction("p", p)
+    from actsparse.kernels.topp import top_p_fast
+
+    return top_p_fast(v, p)[0]
 
 
 def top_k(v: torch.Tensor, f: float) -> torch.Tensor:
@@ -135,6 +147,16 @@ RULES: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
     "threshold": threshold_mask,
 }
 """Rule name → mask function (v, value) → bool keep-mask."""
+
+
+def masked(v: torch.Tensor, rule: str, value: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sparsified v, keep-mask) of `rule`; top-p fuses both into one pass where it can."""
+    if rule == "top_p":
+        from actsparse.kernels.topp import top_p_fast
+
+        return top_p_fast(v, _check_fraction("p", value))
+    keep = RULES[rule](v, value)
+    return apply_mask(v, keep), keep
 
 
 # --- references (slow, obviously correct) -------------------------------------------------------

@@ -14,12 +14,114 @@ Key = tuple[int, str, str, int | None]
 """(layer, vector, phase, expert) — expert is None for a dense FFN."""
 
 
+class StepStats:
+    """Per denoising step (diffusion models): sparsity per layer, and how stable keep-masks are.
+
+    Stability is the Jaccard index of each step's keep-mask with the previous step's and with the
+    first step's, computed online from intersection and union counts: only the previous and first
+    masks of each (layer, vector) are held, and `new_trajectory()` drops them. Dense FFNs only for
+    Jaccard (routed experts see different tokens at each step); sparsity counts every FFN.
+    """
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[int, int], torch.Tensor] = {}  # (step, layer) → [zeroed, seen]
+        self._jaccard: dict[tuple[int, int], torch.Tensor] = {}  # → [∩prev, ∪prev, ∩first, ∪first]
+        self._prev: dict[tuple[int, str], torch.Tensor] = {}
+        self._first: dict[tuple[int, str], torch.Tensor] = {}
+
+    def new_trajectory(self) -> None:
+        """Forget the held masks: the next step starts a new denoising trajectory."""
+        self._prev.clear()
+        self._first.clear()
+
+    def record(self, step: int, layer: int, vector: str, keep: torch.Tensor, expert: int | None) -> None:
+        """Count one keep-mask [..., n] (real tokens only) at `step`."""
+        with torch.no_grad():
+            counts = torch.stack([(~keep).sum(), torch.tensor(keep.numel(), device=keep.device)])
+            _add(self._counts, (step, layer), counts)
+            if expert is not None:
+                return
+            key = (layer, vector)
+            prev, first = self._prev.get(key), self._first.get(key)
+            if prev is None or prev.shape != keep.shape:
+                self._first[key] = keep
+            elif first is not None:
+                values = [*_overlap(keep, prev), *_overlap(keep, first)]
+                _add(self._jaccard, (step, layer), torch.stack(values))
+            self._prev[key] = keep
+
+    def reset(self) -> None:
+        self._counts.clear()
+        self._jaccard.clear()
+        self.new_trajectory()
+
+    def sparsity(self, per_layer: bool = False) -> dict[int, Any]:
+        """step → sparsity (pooled over layers), or step → {layer: sparsity}."""
+        return _ratios(self._counts, 0, 1, per_layer)
+
+    def jaccard(self, against: str = "previous", per_layer: bool = False) -> dict[int, Any]:
+        """step → Jaccard of its keep-masks with the `previous` or `first` step's (pooled ∩ / pooled ∪)."""
+        if against not in ("previous", "first"):
+            raise ValueError(f"against must be 'previous' or 'first', got {against!r}")
+        at = 0 if against == "previous" else 2
+        return _ratios(self._jaccard, at, at + 1, per_layer)
+
+    def to_dict(self) -> dict[str, Any]:
+        def keyed(d: dict[int, Any]) -> dict[str, Any]:
+            return {str(k): keyed(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+        return {
+            "sparsity": keyed(self.sparsity()),
+            "per_layer": keyed(self.sparsity(per_layer=True)),
+            "jaccard_prev": keyed(self.jaccard("previous")),
+            "jaccard_first": keyed(self.jaccard("first")),
+            "jaccard_prev_per_layer": keyed(self.jaccard("previous", per_layer=True)),
+            "jaccard_first_per_layer": keyed(self.jaccard("first", per_layer=True)),
+        }
+
+    def __bool__(self) -> bool:
+        return bool(self._counts)
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return (a & b).sum(), (a | b).sum()
+
+
+def _add(store: dict, key: Any, counts: torch.Tensor) -> None:
+    if key in store:
+        store[key] += counts
+    else:
+        store[key] = counts.clone()
+
+
+def _ratios(store: dict[tuple[int, int], torch.Tensor], num: int, den: int, per_layer: bool) -> dict[int, Any]:
+    if not store:
+        return {}
+    keys = sorted(store)
+    values = torch.stack([store[k].cpu() for k in keys]).tolist()
+    pooled: dict[int, list[int]] = defaultdict(lambda: [0, 0])
+    layers: dict[int, dict[int, float]] = defaultdict(dict)
+    for (step, layer), v in zip(keys, values, strict=True):
+        pooled[step][0] += int(v[num])
+        pooled[step][1] += int(v[den])
+        if v[den]:
+            layers[step][layer] = v[num] / v[den]
+    if per_layer:
+        return dict(layers)
+    return {step: n / d for step, (n, d) in pooled.items() if d}
+
+
 class SparsityStats:
-    """Accumulated counts of one instrumentation. `vectors` are those its spec sparsifies."""
+    """Accumulated counts of one instrumentation. `vectors` are those its spec sparsifies.
+
+    While `step` is set (by a diffusion scorer), each keep-mask is also counted in `steps`.
+    """
 
     def __init__(self, vectors: tuple[str, ...]):
         self.vectors = vectors
         self._counts: dict[Key, torch.Tensor] = {}
+        self.step: int | None = None
+        self.steps = StepStats()
 
     def record(self, key: Key, counts: torch.Tensor) -> None:
         """Add a [zeroed, natural_zeros, seen] count vector for `key`."""
@@ -30,6 +132,7 @@ class SparsityStats:
 
     def reset(self) -> None:
         self._counts.clear()
+        self.steps.reset()
 
     def counts(self) -> dict[Key, tuple[int, int, int]]:
         """All counts as Python ints: key → (zeroed, natural_zeros, seen)."""
@@ -96,4 +199,6 @@ class SparsityStats:
                     "per_layer": {str(k): v for k, v in self.per_layer(phase).items()},
                     "per_vector": self.per_vector(phase),
                 }
+        if self.steps:
+            out["steps"] = self.steps.to_dict()
         return out

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from actsparse.adapters.base import FFNAdapter, GatedWeights, Site
+from actsparse.adapters.diffusion_gemma import DIFFUSION_GEMMA_ADAPTERS
+from actsparse.adapters.llada import LLaDAFeedForwardAdapter
 from actsparse.adapters.llama import LlamaMLPAdapter
 from actsparse.adapters.moe import PackedExpertsAdapter
 from actsparse.adapters.phi3 import Phi3MLPAdapter
@@ -37,6 +39,8 @@ SUPPORTED_MODEL_TYPES: dict[str, tuple[FFNAdapter, ...]] = {
     "qwen3_moe": (_EXPERTS, _LLAMA),
     "mixtral": (_EXPERTS,),
     "olmoe": (_EXPERTS,),
+    "llada": (LLaDAFeedForwardAdapter(),),
+    "diffusion_gemma": DIFFUSION_GEMMA_ADAPTERS,
 }
 """model_type → adapters to try, in order, on each module of its decoder layers."""
 

@@ -1,0 +1,200 @@
+"""`accelerate(model, spec)`: `sparsify` whose decode steps skip the weights of zeroed activations.
+
+Prefill runs the `sparsify` simulation unchanged. In decode (one new token per sequence, at most
+`MAX_SPARSE_BATCH` sequences) each gated FFN runs sparse kernels: the rule keeps the same entries as
+in `sparsify` and they are counted the same way, but no zeroed copy is made: the products read only
+the weight rows of the entries kept. One float32 CPU token under the threshold rule on `input`,
+`intermediate` or `all_inputs` takes the fused C kernel (`kernels.sparse_ffn_cpu`, one call per
+FFN) when it compiled; everything else takes the PyTorch kernels of `kernels.sparse_ffn`. The
+transposed weight copies are made once on entry (so weights changed inside the block are not seen)
+and dropped on exit. FFNs without single gated
+weights (packed MoE experts) keep the simulation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+
+import torch
+from torch import nn
+
+from actsparse import instrument
+from actsparse.adapters import FFN
+from actsparse.adapters.base import GatedWeights
+from actsparse.instrument import TokenContext, _Site, replaced_forwards, select_ffns
+from actsparse.kernels import sparse_ffn_cpu
+from actsparse.kernels.sparse_ffn import SparseFFNWeights, layout, sparse_ffn
+from actsparse.kernels.sparse_ffn_cpu import FusedFFN
+from actsparse.rules import RULES, NonFiniteActivationError
+from actsparse.spec import SparsitySpec
+from actsparse.stats import SparsityStats
+
+__all__ = ["MAX_SPARSE_BATCH", "DecodeStep", "accelerate"]
+
+MAX_SPARSE_BATCH = 8
+"""Decode batches up to this size share one union mask; larger ones run the simulation."""
+
+
+def _below_or_equal(tau: float, dtype: torch.dtype) -> torch.Tensor:
+    """The largest value of `dtype` ≤ τ, so that `a > it` in `dtype` equals `a.double() > τ` (τ ≥ 0)."""
+    t = torch.tensor(tau, dtype=torch.float64).to(dtype)
+    if float(t) > tau:  # rounded up: step down one unit in the last place (t > 0)
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+        t = (t.view(bits) - 1).view(dtype)
+    return t
+
+
+class _DecodeMasks:
+    """Keep-masks of the spec's rule for decode tokens, counted exactly as `sparsify`'s `_Site` does.
+
+    The threshold rule, the one sparse kernels are for, takes a short path (τ was validated by the
+    spec and is compared in the activation's dtype); the other rules call `actsparse.rules`.
+    """
+
+    def __init__(self, spec: SparsitySpec, layer: int, tokens: TokenContext, stats: SparsityStats):
+        self.spec, self.layer, self.tokens, self.stats = spec, layer, tokens, stats
+        self.mask_fn = RULES[spec.rule]
+        self._cache: dict[tuple[str, torch.dtype, torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._real_seen: torch.Tensor | None = None
+        self._one_real = True
+
+    def _constants(self, vector: str, v: torch.Tensor, seen: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(τ in v's dtype, or 0 for other rules; `seen` as a tensor), made once per shape."""
+        key = (vector, v.dtype, v.device, seen)
+        if key not in self._cache:
+            value = self.spec.value_for(self.layer, vector) if self.spec.rule == "threshold" else 0.0
+            self._cache[key] = (_below_or_equal(value, v.dtype).to(v.device), torch.tensor(seen, device=v.device))
+        return self._cache[key]
+
+    def __call__(self, vector: str, v: torch.Tensor) -> torch.Tensor | None:
+        if vector not in self.spec.vectors:
+            return None
+        a = v.abs()
+        if not math.isfinite(float(a.max())):
+            raise NonFiniteActivationError(f"NaN or Inf in the {vector!r} activation of layer {self.layer}")
+        real = self.tokens.rows(v, None)
+        tau, seen = self._constants(vector, v, v.numel() if real is None else int(real.sum()) * v.shape[-1])
+        threshold = self.spec.rule == "threshold"  # `a > tau` equals rules.threshold_mask's a.double() > τ
+        keep = a > tau if threshold else self.mask_fn(v, self.spec.value_for(self.layer, vector))
+        kept, zero = (keep, a == 0) if real is None else (keep[real], a[real] == 0)
+        counts = torch.stack([seen - kept.count_nonzero(), zero.count_nonzero(), seen])
+        self.stats.record((self.layer, vector, self.tokens.phase, None), counts)
+        return keep
+
+    def one_real_token(self) -> bool:
+        """Whether the current forward is one token that counts (not padding)."""
+        real = self.tokens.real
+        if real is not self._real_seen:
+            self._real_seen, self._one_real = real, real is None or bool(real.all())
+        return self._one_real
+
+    def record_fused(self, fused: FusedFFN, bad: int) -> None:
+        """Count a call of the fused kernel (its counts of input and intermediate), or raise on NaN/Inf."""
+        for code, row, vector in ((1, 0, "input"), (2, 1, "intermediate")):
+            if vector in self.spec.vectors:
+                if bad & code:
+                    raise NonFiniteActivationError(f"NaN or Inf in the {vector!r} activation of layer {self.layer}")
+                self.stats.record((self.layer, vector, self.tokens.phase, None), fused.counts[row])
+
+
+def _fused(spec: SparsitySpec, layer: int, weights: GatedWeights) -> FusedFFN | None:
+    """The fused C kernel of one FFN, when the rule, vectors, weights and activation allow it."""
+    if spec.rule != "threshold" or not set(spec.vectors) <= {"input", "intermediate"}:
+        return None
+    if weights.gate.device.type != "cpu" or weights.gate.dtype != torch.float32 or not sparse_ffn_cpu.available():
+        return None
+    act = sparse_ffn_cpu.activation_code(weights.act)
+    if act is None:
+        return None
+    both = layout(weights, True, True)
+    assert both.gate_up_t is not None and both.down_t is not None
+    tau = {vector: spec.value_for(layer, vector) for vector in spec.vectors}
+    biases = (weights.gate_bias, weights.up_bias, weights.down_bias)
+    return FusedFFN(both.gate_up_t, both.down_t, act, tau.get("input"), tau.get("intermediate"), biases)
+
+
+class DecodeStep:
+    """The decode step of one gated FFN under `accelerate`: its fused C kernel or the PyTorch kernels.
+
+    `step(x)` takes decode tokens x [..., h] (at most `MAX_SPARSE_BATCH`), applies the rule and counts
+    into `stats` exactly as `sparsify` does; weights are laid out once, here.
+    """
+
+    def __init__(
+        self, spec: SparsitySpec, layer: int, weights: GatedWeights, tokens: TokenContext, stats: SparsityStats
+    ):
+        self.masks = _DecodeMasks(spec, layer, tokens, stats)
+        self.fused = _fused(spec, layer, weights)
+        vectors = set(spec.vectors)
+        sparse_input, sparse_intermediate = "input" in vectors, bool({"gate", "up", "intermediate"} & vectors)
+        if self.fused is None:
+            self.weights = layout(weights, sparse_input, sparse_intermediate)
+        else:  # the PyTorch kernels share the fused kernel's copies
+            gate_up_t, down_t = self.fused.weights
+            self.weights = SparseFFNWeights(
+                gate_up_t if sparse_input else None, down_t if sparse_intermediate else None, weights
+            )
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[:-1].numel()
+        if self.fused is not None and rows == 1 and x.dtype == torch.float32 and self.masks.one_real_token():
+            y, bad = self.fused(x)
+            self.masks.record_fused(self.fused, bad)
+            return y
+        y = sparse_ffn(x.reshape(rows, x.shape[-1]), self.weights, self.masks)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _decode_forward(ffn: FFN, step: DecodeStep, site: _Site, tokens: TokenContext, *args: torch.Tensor) -> torch.Tensor:
+    (x,) = args
+    if tokens.phase != "decode" or x.shape[:-1].numel() > MAX_SPARSE_BATCH:
+        return ffn.adapter.forward(ffn.module, site, x)
+    return step(x)
+
+
+@contextmanager
+def accelerate(model: nn.Module, spec: SparsitySpec, layers: list[int] | None = None) -> Iterator[SparsityStats]:
+    """Like `sparsify(model, spec, layers)`, with sparse kernels in decode; restores the model on exit."""
+    if not isinstance(spec, SparsitySpec):
+        raise TypeError(f"spec must be a SparsitySpec, got {type(spec).__name__}")
+    ffns = select_ffns(model, layers)
+    if spec.rule == "threshold":
+        missing = sorted({f.layer for f in ffns} - set(spec.thresholds))
+        if missing:
+            raise ValueError(f"no calibrated threshold for layers {missing}")
+    stats = SparsityStats(spec.vectors)
+    steps: list[DecodeStep] = []
+
+    def make_forward(ffn: FFN, tokens: TokenContext):
+        site = _Site(spec, ffn.layer, tokens, stats)
+        weights = ffn.adapter.gated_weights(ffn.module)
+        if weights is None:
+            return partial(ffn.adapter.forward, ffn.module, site)
+        steps.append(DecodeStep(spec, ffn.layer, weights, tokens, stats))
+        return partial(_decode_forward, ffn, steps[-1], site, tokens)
+
+    try:
+        with replaced_forwards(model, ffns, make_forward) as tokens:
+            handle = model.register_forward_pre_hook(partial(_cache_phase, tokens), with_kwargs=True)
+            active = getattr(instrument, "_ACTIVE", None)  # so that scorers reach us as they reach `sparsify`
+            running = active.setdefault(model, []) if active is not None else []
+            running.append((stats, tokens))
+            try:
+                yield stats
+            finally:
+                running.remove((stats, tokens))
+                handle.remove()
+    finally:
+        steps.clear()
+
+
+def _cache_phase(tokens: TokenContext, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Mark decode when the KV cache comes as `cache=` (transformers ≥ 5.2 `generate`), which
+    `TokenContext.hook` (run just before) does not read yet."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    past = getattr(kwargs.get("cache"), "get_seq_length", None)
+    if ids is not None and ids.shape[1] == 1 and past is not None and past() > 0:
+        tokens.phase = "decode"

@@ -1,0 +1,47 @@
+"""`actsparse calibrate`: per-layer thresholds reaching a sparsity on a calibration text."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from actsparse.loading import DEFAULT_MODEL
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("calibrate", help="calibrate per-layer thresholds (TEAL-style) for the threshold rule")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="alias, folder, .gguf file or hub id")
+    p.add_argument("--target", default="all_inputs", help="input, gate, up, intermediate or all_inputs")
+    p.add_argument("--sparsity", type=float, required=True, help="fraction of entries to zero, in [0, 1]")
+    p.add_argument("--data", type=Path, help="a plain-text file (default: built-in public-domain text)")
+    p.add_argument("--tokens", type=int, default=4096, help="calibration tokens to read")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence")
+    p.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from actsparse.calibrate import calibrate, calibration_batches, calibration_text, save_thresholds
+    from actsparse.loading import load_model
+    from actsparse.spec import TARGETS
+
+    if args.target not in TARGETS:
+        raise ValueError(f"unknown target {args.target!r}; choose one of {', '.join(TARGETS)}")
+    if not 0.0 <= args.sparsity <= 1.0:
+        raise ValueError(f"--sparsity must lie in [0, 1], got {args.sparsity}")
+    if args.tokens < 1 or args.seq_len < 1:
+        raise ValueError("--tokens and --seq-len must be positive")
+    text = calibration_text(args.data)
+    console = Console()
+    with console.status(f"loading {args.model}"):
+        model, tokenizer = load_model(args.model)
+    batches = calibration_batches(tokenizer, text, args.tokens, args.seq_len)
+    with console.status("calibrating"):
+        thresholds = calibrate(model, batches, args.target, args.sparsity)
+    save_thresholds(args.out, thresholds, args.model, args.target, args.sparsity)
+    console.print(
+        f"{len(thresholds)} layers of {args.model} calibrated to {args.sparsity:.0%} {args.target} → {args.out}"
+    )
+    return 0

@@ -1,0 +1,28 @@
+"""`actsparse report RUN_DIR`: summary.json, report.md, a self-contained report.html and PNG plots."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("report", help="analyse a sweep folder and write report.md, report.html and plots")
+    p.add_argument("run_dir", type=Path, help="the --out folder of `actsparse sweep`")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the intervals")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from actsparse.report import write_report
+
+    if args.resamples < 10:
+        raise ValueError(f"--resamples must be at least 10, got {args.resamples}")
+    paths = write_report(args.run_dir, resamples=args.resamples)
+    console = Console()
+    console.print(f"wrote {len(paths)} files in {args.run_dir}:", highlight=False)
+    for path in paths:
+        console.print(f"  {path.name}", highlight=False)
+    return 0

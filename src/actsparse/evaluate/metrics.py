@@ -1,0 +1,60 @@
+"""Pure metric functions, as lm-evaluation-harness 0.4.13 computes them."""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Sequence
+
+import torch
+
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def argmax_first(values: Sequence[float]) -> int:
+    """Index of the largest value, the first one on ties (as numpy.argmax)."""
+    best = 0
+    for i, v in enumerate(values):
+        if v > values[best]:
+            best = i
+    return best
+
+
+def choice_metrics(lls: Sequence[float], choices: Sequence[str], gold: int) -> tuple[dict[str, float], int, int]:
+    """acc and acc_norm (log-likelihood per character of the choice text); also both predictions."""
+    pred = argmax_first(lls)
+    pred_norm = argmax_first([ll / len(c) if c else float("-inf") for ll, c in zip(lls, choices, strict=True)])
+    return {"acc": float(pred == gold), "acc_norm": float(pred_norm == gold)}, pred, pred_norm
+
+
+def cut_at_stop(text: str, until: Sequence[str]) -> str:
+    """The generation up to the first stop string, then stripped (lm-eval: until + remove_whitespace)."""
+    for stop in until:
+        if stop:
+            text = text.split(stop)[0]
+    return text.strip()
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, punctuation removed: lm-eval's exact_match(ignore_case, ignore_punctuation)."""
+    return text.lower().translate(_PUNCTUATION)
+
+
+def exact_match(prediction: str, answers: Sequence[str]) -> float:
+    """1.0 when the normalised prediction equals any normalised answer."""
+    norm = normalize_answer(prediction)
+    return float(any(norm == normalize_answer(a) for a in answers))
+
+
+def topk_kl(ref_logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(P ‖ Q) per row, from P's top-k log-probs and Q's log-probs at the same tokens.
+
+    The rest of the vocabulary is one bucket on each side, so this is the exact KL of the coarsened
+    distributions: a lower bound of the full KL, equal to it when P's tail mass is zero.
+    """
+    logp, logq = ref_logp.double(), logq.double()
+    p, q = logp.exp(), logq.exp()
+    head = (p * (logp - logq)).sum(-1)
+    p_tail = (1 - p.sum(-1)).clamp(min=0)
+    q_tail = (1 - q.sum(-1)).clamp(min=1e-300)
+    tail = torch.where(p_tail > 0, p_tail * (p_tail.clamp(min=1e-300).log() - q_tail.log()), 0.0)
+    return (head + tail).clamp(min=0)

@@ -1,0 +1,213 @@
+"""`write_report(run_dir)`: report.md, a self-contained report.html (plots embedded) and PNG plots.
+
+Tables and figures come from the summary (`actsparse.analysis.summarize`), recomputed from the
+run's results.sqlite so that a report of an unfinished sweep shows what is stored so far.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from actsparse.store import atomic_path
+
+Table = tuple[list[str], list[list[str]]]
+
+TITLES = {
+    "performance.png": "Normalised performance vs achieved sparsity",
+    "critical_per_task.png": "Critical sparsity per task",
+    "top_p_vs_max_p.png": "Top-p against max-p",
+}
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f} %"
+
+
+def _num(x: float | None, digits: int = 3) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def tables(summary: dict[str, Any]) -> dict[str, Table]:
+    """The report's tables by title: dense scores, critical sparsity (overall, per task), every point."""
+    tasks = summary["tasks"]
+    dense_rows = [
+        [
+            t,
+            summary["splits"].get(t, "?"),
+            summary["metrics"].get(t, "?"),
+            str(summary["n_docs"].get(t, "?")),
+            _pct(summary["dense"][t]),
+        ]
+        for t in tasks
+    ]
+    out: dict[str, Table] = {"Dense scores": (["task", "split used", "metric", "documents", "score"], dense_rows)}
+
+    def crit_row(label: str, c: dict[str, Any]) -> list[str]:
+        value = ("≥ " if c["lower_bound"] else "") + _pct(c["value"])
+        grid = _pct(c["grid_value"]) + ("" if c.get("grid_param") is None else f" (at {c['grid_param']:g})")
+        return [label, value, f"{_pct(c['ci_low'])} – {_pct(c['ci_high'])}", grid, "yes" if c["lower_bound"] else ""]
+
+    head = ["target/rule", "critical sparsity", "95 % CI (paired bootstrap)", "last grid point ≥ 99 %", "lower bound"]
+    out["Critical sparsity (average over tasks)"] = (
+        head,
+        [crit_row(label, c) for label, c in sorted(summary["critical_sparsity"].items())],
+    )
+    per_task = summary.get("critical_sparsity_per_task", {})
+    if per_task and len(tasks) > 1:
+        rows = []
+        for label in sorted(per_task):
+            cells = []
+            for t in tasks:
+                c = per_task[label].get(t)
+                cells.append(
+                    "–"
+                    if not c
+                    else ("≥ " if c["lower_bound"] else "")
+                    + f"{_pct(c['value'])} [{_pct(c['ci_low'])}, {_pct(c['ci_high'])}]"
+                )
+            rows.append([label, *cells])
+        out["Critical sparsity per task (95 % CI)"] = (["target/rule", *tasks], rows)
+    point_rows = [
+        [
+            p["target"],
+            p["rule"],
+            f"{p['value']:g}",
+            _pct(p["sparsity"]),
+            _num(p["normalized"]),
+            *[_pct(p["scores"].get(t)) for t in tasks],
+            _num(p["kl"], 4),
+            _pct(p["agreement"]),
+            f"{len(p['scores'])}/{len(tasks)}",
+        ]
+        for p in summary["points"]
+    ]
+    out["Every point"] = (
+        ["target", "rule", "value", "sparsity", "normalised", *tasks, "mean KL", "agreement", "tasks done"],
+        point_rows,
+    )
+    return out
+
+
+def _md_table(table: Table) -> str:
+    head, rows = table
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _html_table(table: Table) -> str:
+    head, rows = table
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _title(name: str) -> str:
+    if name.startswith("heatmap_"):
+        return f"Per-layer sparsity: {name[len('heatmap_') : -4]}"
+    return TITLES.get(name, name)
+
+
+def _intro(summary: dict[str, Any]) -> list[str]:
+    settings = summary.get("settings", {})
+    limit = settings.get("limit")
+    boot = summary.get("bootstrap", {})
+    splits = ", ".join(f"{t}: {s}" for t, s in summary.get("splits", {}).items())
+    return [
+        f"Model: {summary.get('model')}. Tasks: {', '.join(summary['tasks'])} "
+        f"({'every document' if limit is None else f'a seeded sample of {limit} documents'} per task, "
+        f"seed {settings.get('seed')}; splits used: {splits}).",
+        "Normalised performance = mean over tasks of sparse score / dense score on the same documents. "
+        f"Critical sparsity = highest achieved sparsity at which it stays ≥ {summary.get('threshold', 0.99):.0%} "
+        "(linear interpolation at the first crossing; the last grid point before it is the paper's reading). "
+        f"Intervals: {boot.get('level', 0.95):.0%} paired bootstrap over documents, {boot.get('resamples')} "
+        "resamples, the same resample for dense and sparse. Mean KL(dense ‖ sparse) over scored tokens and "
+        "the agreement of chosen answers with the dense model are paired, low-noise signals of damage.",
+        *_search(summary.get("search", {})),
+    ]
+
+
+def _search(search: dict[str, Any]) -> list[str]:
+    """A paragraph naming the values a bisection evaluated (nothing for a grid)."""
+    if search.get("method") != "bisect":
+        return []
+    curves = "; ".join(
+        f"{label}: {len(points)} values ({', '.join(f'{v:g}' for v, _, _ in points)})"
+        for label, points in search.get("evaluated", {}).items()
+    )
+    return [
+        f"Search: bisection (`--search bisect`), precision {search.get('precision', 0):g} in achieved sparsity, "
+        f"instead of the {len(search.get('grid', []))}-value grid; the points evaluated, in order: {curves}."
+    ]
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1200px;margin:2em auto;
+padding:0 1em;color:#222;line-height:1.45}
+h1{font-size:1.6em}h2{font-size:1.25em;margin-top:1.8em;border-bottom:1px solid #ddd;padding-bottom:.2em}
+table{border-collapse:collapse;font-size:.88em;margin:.6em 0}th,td{border:1px solid #ccc;padding:.25em .6em;
+text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
+img{max-width:100%;height:auto;border:1px solid #eee;margin:.4em 0}figure{margin:0}
+"""
+
+
+def render(summary: dict[str, Any], images: Sequence[Path]) -> tuple[str, str]:
+    """(markdown, self-contained html) of a summary and its PNG figures."""
+    title = f"actsparse sweep report: {summary.get('model')}"
+    table_map = tables(summary)
+    md = [f"# {title}", "", *_intro(summary), ""]
+    body = [f"<h1>{html.escape(title)}</h1>", *(f"<p>{html.escape(p)}</p>" for p in _intro(summary))]
+    order = ["Dense scores", "Critical sparsity (average over tasks)", "Critical sparsity per task (95 % CI)"]
+    for name in order:
+        if name in table_map:
+            md += [f"## {name}", "", _md_table(table_map[name]), ""]
+            body += [f"<h2>{html.escape(name)}</h2>", _html_table(table_map[name])]
+    for path in images:
+        md += [f"## {_title(path.name)}", "", f"![{_title(path.name)}]({path.name})", ""]
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        body += [
+            f"<h2>{html.escape(_title(path.name))}</h2>",
+            f'<figure><img alt="{html.escape(_title(path.name))}" src="data:image/png;base64,{data}"></figure>',
+        ]
+    md += ["## Every point", "", _md_table(table_map["Every point"]), ""]
+    body += ["<h2>Every point</h2>", _html_table(table_map["Every point"])]
+    page = (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
+    return "\n".join(md), page
+
+
+def write_report(run_dir: str | Path, resamples: int | None = None) -> list[Path]:
+    """Summarise `run_dir` (summary.json) and write report.md, report.html and the PNGs; return their paths."""
+    from actsparse.analysis import RESAMPLES, write_summary
+    from actsparse.report.plots import save_figures
+    from actsparse.store import RunStore
+
+    run_dir = Path(run_dir)
+    with RunStore.open(run_dir, create=False) as store:
+        settings = store.get_meta("settings") or {}
+    summary = write_summary(run_dir, resamples=resamples or RESAMPLES, seed=int(settings.get("seed") or 0))
+    if not summary["dense"]:
+        raise ValueError(f"{run_dir} has no dense baseline yet: run `actsparse sweep --out {run_dir}` first")
+    images = save_figures(summary, run_dir)
+    from actsparse.report.diffusion import save_step_figures
+
+    images += save_step_figures(run_dir)  # diffusion models: per-step sparsity and keep-mask stability
+    md, page = render(summary, images)
+    written = []
+    for name, text in (("report.md", md), ("report.html", page)):
+        path = run_dir / name
+        tmp = atomic_path(path)
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+        written.append(path)
+    return [*written, *images]
+
+
+__all__ = ["render", "tables", "write_report"]

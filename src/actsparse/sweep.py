@@ -1,0 +1,406 @@
+"""The sweep: the dense baseline of every task, then each (target, rule, value, task) point, on the same
+documents, each point stored as soon as it finishes so that a rerun resumes where a sweep stopped.
+
+    RUN_DIR/results.sqlite   points and per-document scores (`actsparse.store`)
+    RUN_DIR/dense/TASK.ref   the dense reference behind each sparse point's KL
+    RUN_DIR/summary.json     the analysis (`actsparse.analysis`), rewritten at the end of every run
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from actsparse.executors import EXECUTORS, Executor, LocalExecutor, PointContext, make_executor
+from actsparse.loading import DEFAULT_MODEL
+from actsparse.search import DEFAULT_PRECISION
+from actsparse.spec import RULE_NAMES, TARGETS, SparsitySpec
+from actsparse.store import PointKey, RunStore, StoreError, atomic_path, check_writable
+
+PAPER_VALUES: tuple[float, ...] = (
+    1.0, 0.995, 0.99, 0.985, 0.98, 0.975, 0.97, 0.96, 0.95, 0.94, 0.93, 0.92, 0.91,
+    0.90, 0.85, 0.80, 0.75, 0.70, 0.65, 0.60, 0.50, 0.40, 0.30, 0.20, 0.10, 0.0,
+)  # fmt: skip
+"""The paper's grid of p (SPEC §4), 26 points."""
+
+DEFAULT_VALUES: tuple[float, ...] = (0.99, 0.95, 0.85)
+"""p values around the 99 % crossing of a small model (smollm2-135m loses about 2 % at p = 0.99 and
+18 % at p = 0.85 on `input`), few enough for a 2-core machine; `--values paper` for the full grid."""
+
+DEFAULT_TARGETS: tuple[str, ...] = ("input", "gate", "up", "intermediate")
+DEFAULT_TASKS: tuple[str, ...] = ("arc_easy", "piqa")
+DEFAULT_LIMIT = 80
+"""Defaults are the main job: all four targets × 3 values × 2 tasks × 80 documents on smollm2-135m,
+under 15 minutes on 2 CPU cores. For a study use `--limit all --values paper` and more tasks: paired
+statistics help, but 80 documents still leave intervals of several points of sparsity."""
+
+SWEEP_RULES: tuple[str, ...] = tuple(r for r in RULE_NAMES if r != "threshold")
+"""Rules a sweep can grid over (threshold needs a calibration file per point: use `profile`)."""
+
+BACKENDS = ("native", "lm-eval")
+SEARCHES = ("grid", "bisect")
+
+
+@dataclass
+class SweepConfig:
+    """Everything a sweep needs; `tasks` holds names or `Task` objects (tests, custom data)."""
+
+    model: str = DEFAULT_MODEL
+    targets: Sequence[str] = DEFAULT_TARGETS
+    rules: Sequence[str] = ("top_p",)
+    values: Sequence[float] = DEFAULT_VALUES
+    tasks: Sequence[Any] = DEFAULT_TASKS
+    limit: int | None = DEFAULT_LIMIT
+    seed: int = 0
+    out: Path = Path("runs/sweep")
+    accelerate: bool = False
+    backend: str = "native"
+    batch_size: int = 16
+    resamples: int = 1000
+    executor: str = "local"  # 'local' (in this process) or 'ray' (a Ray task per point)
+    address: str | None = None  # Ray cluster address (None: a local Ray instance)
+    gpus_per_point: float = 0.0
+    cpus_per_point: float = 1.0
+    device_map: str | None = None  # e.g. 'auto': a model larger than one GPU, through accelerate
+    search: str = "grid"  # 'grid' (every value) or 'bisect' (`actsparse.search`, values = the scan grid)
+    precision: float = DEFAULT_PRECISION  # bisect: width of the final bracket, in achieved sparsity
+    _tasks: list[Any] = field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+
+    def validate(self) -> None:
+        """Check every setting (and resolve task names) before any model work; ValueError if one is bad."""
+        for name, allowed, given in (("target", TARGETS, self.targets), ("rule", SWEEP_RULES, self.rules)):
+            if not given:
+                raise ValueError(f"no {name}s given; choose from {', '.join(allowed)}")
+            unknown = [g for g in given if g not in allowed]
+            if unknown:
+                raise ValueError(f"unknown {name} {unknown[0]!r}; choose from {', '.join(allowed)}")
+        if not self.values:
+            raise ValueError("no values given")
+        for rule in self.rules:
+            for value in self.values:
+                SparsitySpec(self.targets[0], rule, value)  # raises on a value outside [0, 1]
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; choose from {', '.join(BACKENDS)}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit must be at least 1 (or 'all'), got {self.limit}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if not self.tasks:
+            raise ValueError("no tasks given")
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"unknown executor {self.executor!r}; choose from {', '.join(EXECUTORS)}")
+        if self.executor == "local" and (self.address is not None or self.gpus_per_point):
+            raise ValueError("--address and --gpus-per-point need --executor ray")
+        if self.gpus_per_point < 0 or self.cpus_per_point <= 0:
+            raise ValueError("--gpus-per-point must be ≥ 0 and --cpus-per-point > 0")
+        if self.search not in SEARCHES:
+            raise ValueError(f"unknown search {self.search!r}; choose from {', '.join(SEARCHES)}")
+        if not 0 < self.precision < 1:
+            raise ValueError(f"--precision is a fraction of sparsity in (0, 1), got {self.precision}")
+        if self.accelerate:
+            try:
+                import actsparse.accelerate  # noqa: F401
+            except ImportError as err:
+                raise ValueError(f"--accelerate is not available here: {err}") from None
+        self._tasks = [self._resolve(t) for t in self.tasks]
+        names = [_name(t) for t in self._tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"a task is listed twice: {', '.join(names)}")
+
+    def _resolve(self, task: Any) -> Any:
+        if not isinstance(task, str):
+            return task
+        if self.backend == "lm-eval":
+            from actsparse.evaluate.lm_eval_bridge import lm_eval_task_exists
+
+            if not lm_eval_task_exists(task):
+                raise ValueError(f"lm-evaluation-harness has no task {task!r}")
+            return task
+        from actsparse.tasks import get_task
+
+        return get_task(task)
+
+    @property
+    def resolved_tasks(self) -> list[Any]:
+        if not self._tasks:
+            self.validate()
+        return self._tasks
+
+    def settings(self) -> dict[str, Any]:
+        """What must stay the same for every run stored in one folder (so that points compare)."""
+        return {
+            "model": self.model,
+            "limit": self.limit,
+            "seed": self.seed,
+            "backend": self.backend,
+            "accelerate": self.accelerate,
+        }
+
+
+def _name(task: Any) -> str:
+    return task if isinstance(task, str) else task.name
+
+
+def parse_values(text: str) -> tuple[float, ...]:
+    """'paper' → the paper's 26 points; '1,0.9,0.7' → those values (checked later against the rule)."""
+    if text.strip().lower() == "paper":
+        return PAPER_VALUES
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"--values must be 'paper' or numbers separated by commas, got {text!r}") from None
+    if len(set(values)) != len(values):
+        raise ValueError(f"--values lists a value twice: {text}")
+    return values
+
+
+def plan(config: SweepConfig) -> list[PointKey]:
+    """Every point of the sweep in the order it runs: dense baselines first."""
+    names = [_name(t) for t in config.resolved_tasks]
+    dense = [PointKey.dense(t) for t in names]
+    sparse = [
+        PointKey(target, rule, float(value), task)
+        for target in config.targets
+        for rule in config.rules
+        for value in config.values
+        for task in names
+    ]
+    return dense + sparse
+
+
+def reference_path(run_dir: Path, task: str) -> Path:
+    return run_dir / "dense" / f"{task}.ref"
+
+
+def prepare(config: SweepConfig) -> tuple[RunStore, dict[str, list[int] | None]]:
+    """Validate, open the store and fix each task's documents (all before loading a model)."""
+    config.validate()
+    check_writable(config.out)
+    store = RunStore.open(config.out)
+    try:
+        for key, value in config.settings().items():
+            store.bind(key, value)
+        doc_ids: dict[str, list[int] | None] = {}
+        for task in config.resolved_tasks:
+            from actsparse.tasks import TASK_NAMES, get_task, select_docs
+
+            if isinstance(task, str) and task not in TASK_NAMES:  # another lm-eval task: its first documents
+                ids = None if config.limit is None else list(range(config.limit))
+            else:  # the same seeded sample with either backend
+                ids = select_docs(get_task(task) if isinstance(task, str) else task, config.limit, config.seed)
+            name = _name(task)
+            store.bind(f"docs/{name}", ids)
+            doc_ids[name] = ids
+        known = (store.get_meta("settings") or {}).get("tasks", [])
+        tasks = known + [t for t in doc_ids if t not in known]
+        store.set_meta("settings", {**config.settings(), "tasks": tasks})
+    except BaseException:
+        store.close()
+        raise
+    return store, doc_ids
+
+
+def run_sweep(
+    config: SweepConfig,
+    model: Any = None,
+    tokenizer: Any = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Run (or resume) the sweep into `config.out`; return the summary that is also written there.
+
+    Points run on `config.executor` (in this process, or as Ray tasks); this process alone stores them.
+    """
+    from actsparse.analysis import write_summary
+
+    store, doc_ids = prepare(config)
+    executor = make_executor(config.executor, config.address, config.gpus_per_point, config.cpus_per_point)
+    try:
+        with store:
+            driver = _Driver(config, store, doc_ids, executor, model, tokenizer)
+            if config.search == "bisect":
+                driver.bisect(show_progress)
+            else:
+                store.set_meta("search", {"method": "grid"})
+                driver.grid(show_progress)
+    finally:
+        executor.close()
+    return write_summary(config.out, resamples=config.resamples, seed=config.seed)
+
+
+class _Driver:
+    """Sends pending points to the executor and stores each one as it comes back."""
+
+    def __init__(
+        self,
+        config: SweepConfig,
+        store: RunStore,
+        doc_ids: dict[str, list[int] | None],
+        executor: Executor,
+        model: Any,
+        tokenizer: Any,
+    ):
+        self.config, self.store, self.doc_ids, self.executor = config, store, doc_ids, executor
+        self.given = None if model is None else (model, tokenizer)
+        self.context: PointContext | None = None
+
+    def grid(self, show_progress: bool) -> None:
+        pending = self.pending(plan(self.config))
+        with _progress(show_progress, sum(self.n_docs(k) for k in pending)) as advance:
+            self.run(pending, advance)
+
+    def bisect(self, show_progress: bool) -> None:
+        """Search each (target, rule) by bisection; record which values were evaluated, in order."""
+        from actsparse.search import bisect_curves
+
+        config = self.config
+        names = list(self.doc_ids)
+        curves = [(target, rule) for target in config.targets for rule in config.rules]
+        with _progress(show_progress, 0) as advance:
+            self.run(self.pending([PointKey.dense(t) for t in names]), advance)
+            dense = {t: self.store.get(PointKey.dense(t)) for t in names}
+
+            def measure(points: Sequence[tuple[str, str, float]]) -> dict[tuple[str, str, float], tuple[float, float]]:
+                keys = [PointKey(target, rule, value, t) for target, rule, value in points for t in names]
+                self.run(self.pending(keys), advance)
+                return {p: _measured(self.store, p, dense) for p in points}
+
+            found = bisect_curves(curves, measure, config.precision, config.values)
+        self.store.set_meta(
+            "search",
+            {
+                "method": "bisect",
+                "precision": config.precision,
+                "unit": "achieved sparsity",
+                "grid": [float(v) for v in config.values],
+                "evaluated": {
+                    f"{target}/{rule}": [[v, s, p] for v, (s, p) in b.points.items()]
+                    for (target, rule), b in found.items()
+                },
+            },
+        )
+
+    def pending(self, keys: Sequence[PointKey]) -> list[PointKey]:
+        """The keys not stored yet, plus the dense ones whose reference file is missing (rerun, not restored)."""
+        done = self.store.keys()
+        native = self.config.backend == "native"
+        sparse_tasks = {k.task for k in keys if not k.is_dense and k not in done}
+        missing = {t for t in sparse_tasks if native and not reference_path(self.config.out, t).exists()}
+        dense = [PointKey.dense(t) for t in sorted(missing) if PointKey.dense(t) not in keys]
+        return dense + [k for k in keys if k not in done or (k.is_dense and k.task in missing)]
+
+    def n_docs(self, key: PointKey) -> int:
+        ids = self.doc_ids[key.task]
+        return len(ids) if ids is not None else 0
+
+    def run(self, keys: Sequence[PointKey], advance: Callable[[int], None]) -> None:
+        """Evaluate `keys` (dense ones first: their references feed the sparse ones) and store them."""
+        from actsparse.executors import evaluate_point
+
+        for phase in ([k for k in keys if k.is_dense], [k for k in keys if not k.is_dense]):
+            if not phase:
+                continue
+            context = self.point_context(needs_references=not phase[0].is_dense)
+            for key, outcome in self.executor.map(evaluate_point, phase, context, advance):
+                if outcome.reference is not None:
+                    path = reference_path(self.config.out, key.task)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = atomic_path(path)
+                    outcome.reference.save(tmp)
+                    os.replace(tmp, path)
+                    context.references[key.task] = outcome.reference
+                self.store.put(key, outcome.result, outcome.seconds)  # no-op if the dense point was stored
+                if not self.executor.reports_documents:
+                    advance(self.n_docs(key))
+
+    def point_context(self, needs_references: bool) -> PointContext:
+        """What the workers share: the model (in-process for the local executor), tasks, references."""
+
+        config = self.config
+        if self.context is None:
+            model: Any = self.given
+            remote = not isinstance(self.executor, LocalExecutor)
+            if model is None and not remote:
+                from actsparse.loading import load_model
+
+                model = load_model(config.model, device_map=config.device_map)
+            gpus = remote and config.gpus_per_point > 0
+            self.context = PointContext(
+                model=config.model if model is None else model,
+                tasks={_name(t): t for t in config.resolved_tasks},
+                doc_ids=self.doc_ids,
+                backend=config.backend,
+                batch_size=config.batch_size,
+                accelerate=config.accelerate,
+                device="cuda" if gpus and config.device_map is None else "cpu",
+                device_map=config.device_map,
+            )
+        if needs_references and config.backend == "native":
+            from actsparse.evaluate import DenseReference
+
+            for task in self.doc_ids:
+                if task not in self.context.references and reference_path(config.out, task).exists():
+                    self.context.references[task] = DenseReference.load(reference_path(config.out, task))
+        return self.context
+
+
+def _measured(store: RunStore, point: tuple[str, str, float], dense: dict[str, Any]) -> tuple[float, float]:
+    """(achieved sparsity, normalised performance) of a stored (target, rule, value) over every task."""
+    from actsparse.analysis import achieved_sparsity, normalized_performance
+
+    target, rule, value = point
+    results = {task: store.get(PointKey(target, rule, value, task)) for task in dense}
+    sparsity = [x for r in results.values() if r is not None and not math.isnan(x := achieved_sparsity(r))]
+    scores = {task: r.score for task, r in results.items() if r is not None}
+    performance = normalized_performance(scores, {task: dense[task].score for task in scores})
+    return (sum(sparsity) / len(sparsity) if sparsity else math.nan), performance
+
+
+@contextlib.contextmanager
+def _progress(show: bool, total: int) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar over documents with ETA; yields `advance(n)`."""
+    if not show:
+        yield lambda n: None
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (
+        TextColumn("[bold]sweep"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("docs"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns) as progress:
+        bar = progress.add_task("sweep", total=total or None)
+        yield lambda n: progress.advance(bar, n)
+
+
+__all__ = [
+    "DEFAULT_LIMIT",
+    "DEFAULT_TASKS",
+    "DEFAULT_VALUES",
+    "PAPER_VALUES",
+    "StoreError",
+    "SweepConfig",
+    "parse_values",
+    "plan",
+    "prepare",
+    "run_sweep",
+]

@@ -1,0 +1,206 @@
+"""`accelerate` against the `sparsify` simulation on tiny random models of the gated families."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import FAMILIES, MOE_FAMILIES, tiny_model
+
+from actsparse import NonFiniteActivationError, SparsitySpec, accelerate, sparsify
+from actsparse.accelerate import MAX_SPARSE_BATCH
+from actsparse.kernels import sparse_ffn_cpu
+from actsparse.kernels.sparse_ffn_cpu import FusedFFN
+
+GATED = [f for f in FAMILIES if f not in MOE_FAMILIES]
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+TAUS = {"input": 0.15, "gate": 0.05, "up": 0.1, "intermediate": 0.02}
+
+
+def spec_for(rule: str, target: str = "all_inputs") -> SparsitySpec:
+    if rule == "threshold":
+        vectors = ("input", "intermediate") if target == "all_inputs" else (target,)
+        return SparsitySpec(target, rule, {layer: {v: TAUS[v] * (1 + layer) for v in vectors} for layer in (0, 1)})
+    return SparsitySpec(target, rule, {"top_p": 0.8, "top_k": 0.5, "max_p": 0.1}[rule])
+
+
+def run_decode(model, ctx, steps: int = 3, batch: int = 2, seed: int = 0):
+    """Logits of a left-padded prefill and `steps` teacher-forced decode steps, and the stats."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 97, (batch, 6), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1:, :2] = 0  # left padding on the other rows
+    forced = torch.randint(1, 97, (batch, steps), generator=gen)
+    logits = []
+    with torch.no_grad(), ctx as stats:
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        logits.append(out.logits[:, -1])
+        for step in range(steps):
+            mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], dim=1)
+            out = model(
+                input_ids=forced[:, step : step + 1],
+                attention_mask=mask,
+                past_key_values=out.past_key_values,
+                use_cache=True,
+            )
+            logits.append(out.logits[:, -1])
+    return torch.stack(logits), stats
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, tol: float) -> None:
+    for step in range(a.shape[0]):
+        err = float((a[step].double() - b[step].double()).norm() / b[step].double().norm())
+        assert err < tol, f"step {step}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", GATED)
+def test_accelerate_matches_sparsify(family, dtype):
+    model = tiny_model(family, dtype=dtype)
+    spec = spec_for("top_p")
+    for batch in (1, 3):
+        ref, ref_stats = run_decode(model, sparsify(model, spec), batch=batch)
+        fast, fast_stats = run_decode(model, accelerate(model, spec), batch=batch)
+        assert_close(fast, ref, TOL[dtype])
+        assert fast_stats.overall("decode") == fast_stats.overall("decode")  # decode steps were seen
+        if dtype == torch.float32:  # same masks, so the same counts
+            assert fast_stats.counts() == ref_stats.counts()
+
+
+@pytest.mark.parametrize("rule", ["threshold", "top_p", "top_k", "max_p"])
+@pytest.mark.parametrize("target", ["input", "gate", "up", "intermediate", "all_inputs"])
+def test_rules_and_targets(rule, target):
+    model = tiny_model("llama")
+    spec = spec_for(rule, target)
+    ref, ref_stats = run_decode(model, sparsify(model, spec), batch=1)
+    fast, fast_stats = run_decode(model, accelerate(model, spec), batch=1)
+    assert_close(fast, ref, 1e-5)
+    assert fast_stats.counts() == ref_stats.counts()
+    assert 0.0 < fast_stats.overall("decode") < 1.0
+
+
+def test_large_batches_and_moe_fall_back_to_the_simulation():
+    model = tiny_model("qwen2_moe")  # packed experts: simulated; shared expert: sparse kernels
+    spec = spec_for("top_k")
+    ref, ref_stats = run_decode(model, sparsify(model, spec), batch=2)
+    fast, fast_stats = run_decode(model, accelerate(model, spec), batch=2)
+    assert_close(fast, ref, 1e-5)
+    assert fast_stats.counts() == ref_stats.counts()
+    model = tiny_model("llama")
+    batch = MAX_SPARSE_BATCH + 1
+    ref, _ = run_decode(model, sparsify(model, spec), batch=batch)
+    fast, _ = run_decode(model, accelerate(model, spec), batch=batch)
+    assert_close(fast, ref, 1e-5)
+
+
+def test_greedy_generation_is_unchanged():
+    model = tiny_model("qwen3")
+    spec = spec_for("threshold")
+    prompt = torch.randint(1, 97, (1, 5), generator=torch.Generator().manual_seed(3))
+    kwargs = dict(
+        attention_mask=torch.ones_like(prompt), max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0
+    )
+    with torch.no_grad(), sparsify(model, spec):
+        ref = model.generate(prompt, **kwargs)
+    with torch.no_grad(), accelerate(model, spec) as stats:
+        fast = model.generate(prompt, **kwargs)
+    assert torch.equal(fast, ref)
+    assert stats.tokens_seen("decode") > 0
+
+
+def test_model_is_restored_and_copies_dropped():
+    model = tiny_model("phi3")
+    ids = torch.randint(1, 97, (1, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        before = model(ids).logits
+        with pytest.raises(RuntimeError, match="boom"), accelerate(model, spec_for("top_k")):
+            raise RuntimeError("boom")
+        after = model(ids).logits
+    assert torch.equal(before, after)
+    assert all("forward" not in vars(m) for m in model.modules())
+
+
+def test_errors_before_and_during_work():
+    model = tiny_model("llama")
+    with pytest.raises(TypeError), accelerate(model, "top_p"):
+        pass
+    with pytest.raises(ValueError, match="layers"), accelerate(model, SparsitySpec("input", "threshold", {0: 0.1})):
+        pass
+    ids = torch.randint(1, 97, (1, 4))
+    with torch.no_grad():
+        model.model.layers[1].mlp.gate_proj.weight[0] = float("nan")  # before entry: weights are copied there
+        out = model(ids, use_cache=True)  # dense prefill: NaN flows silently
+        with accelerate(model, spec_for("threshold")), pytest.raises(NonFiniteActivationError, match="layer 1"):
+            model(ids[:, :1], attention_mask=torch.ones(1, 5, dtype=torch.long), past_key_values=out.past_key_values)
+
+
+def test_scorers_see_accelerate_like_sparsify():
+    from actsparse.instrument import active_stats
+
+    model = tiny_model("llama")
+    with accelerate(model, spec_for("top_k")) as stats:
+        assert active_stats(model) == [stats]
+    assert active_stats(model) == []
+
+
+def count_fused_calls(monkeypatch) -> list[int]:
+    calls = [0]
+    call = FusedFFN.__call__
+
+    def counted(self, x, out=None):
+        calls[0] += 1
+        return call(self, x, out)
+
+    monkeypatch.setattr(FusedFFN, "__call__", counted)
+    return calls
+
+
+@pytest.mark.skipif(not sparse_ffn_cpu.available(), reason="no C compiler for the fused kernel")
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "phi3"])  # SiLU, tanh-GELU, fused gate/up
+@pytest.mark.parametrize("target", ["input", "intermediate", "all_inputs"])
+def test_fused_kernel_runs_batch_one_threshold_decode(family, target, monkeypatch):
+    model = tiny_model(family)
+    spec = spec_for("threshold", target)
+    ref, ref_stats = run_decode(model, sparsify(model, spec), batch=1, seed=7)
+    calls = count_fused_calls(monkeypatch)
+    fast, fast_stats = run_decode(model, accelerate(model, spec), batch=1, seed=7)
+    assert calls[0] == 3 * 2  # every decode step of both layers
+    assert_close(fast, ref, 1e-5)
+    assert fast_stats.counts() == ref_stats.counts()
+    ref, ref_stats = run_decode(model, sparsify(model, spec), batch=3, seed=8)
+    fast, fast_stats = run_decode(model, accelerate(model, spec), batch=3, seed=8)  # PyTorch kernels, same copies
+    assert calls[0] == 3 * 2
+    assert_close(fast, ref, 1e-5)
+    assert fast_stats.counts() == ref_stats.counts()
+
+
+def test_pytorch_kernels_when_the_c_kernel_is_missing(monkeypatch):
+    monkeypatch.setattr(sparse_ffn_cpu, "available", lambda: False)
+    calls = count_fused_calls(monkeypatch)
+    model = tiny_model("llama")
+    spec = spec_for("threshold")
+    ref, ref_stats = run_decode(model, sparsify(model, spec), batch=1)
+    fast, fast_stats = run_decode(model, accelerate(model, spec), batch=1)
+    assert calls[0] == 0
+    assert_close(fast, ref, 1e-5)
+    assert fast_stats.counts() == ref_stats.counts()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sparse_ffn_cpu.available(), reason="no C compiler for the fused kernel")
+def test_smollm2_greedy_decode_equals_the_simulation():
+    from actsparse.calibrate import calibrate, calibration_batches, calibration_text
+    from actsparse.loading import load_model
+
+    model, tokenizer = load_model("smollm2-135m")
+    batches = list(calibration_batches(tokenizer, calibration_text(), tokens=128, seq_len=128))
+    spec = SparsitySpec("all_inputs", "threshold", calibrate(model, batches, "all_inputs", 0.5))
+    prompt = tokenizer("The capital of France is", return_tensors="pt")
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad(), sparsify(model, spec) as ref_stats:
+        ref = model.generate(**prompt, **kwargs)
+    with torch.no_grad(), accelerate(model, spec) as fast_stats:
+        fast = model.generate(**prompt, **kwargs)
+    assert torch.equal(fast.sequences, ref.sequences)
+    assert_close(torch.stack(fast.logits), torch.stack(ref.logits), 1e-5)
+    assert fast_stats.counts() == ref_stats.counts()
+    assert 0.3 < fast_stats.overall("decode") < 0.7

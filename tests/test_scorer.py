@@ -1,0 +1,209 @@
+"""The fast scorer against naive full-sequence scoring, on tiny models of every family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tiny import FAMILIES, tiny_lm, tiny_task
+
+from actsparse import sparsify
+from actsparse.evaluate import DenseReference, evaluate_task
+from actsparse.evaluate.metrics import choice_metrics, cut_at_stop, exact_match, topk_kl
+from actsparse.evaluate.scorer import Encoder, Group, greedy_generate, score_groups
+from actsparse.spec import SparsitySpec
+from actsparse.tasks import Completion, Generation, MultipleChoice, task_from_requests
+
+
+@torch.no_grad()
+def naive_ll(model, context: list[int], continuation: list[int]) -> tuple[float, bool]:
+    """Log-likelihood of `continuation` after `context`: one unpadded full-sequence forward."""
+    ids = torch.tensor([context + continuation])
+    logp = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].float().log_softmax(-1)
+    pred = logp[len(context) - 1 : -1]
+    target = torch.tensor(continuation)
+    return float(pred.gather(-1, target[:, None]).sum()), bool((pred.argmax(-1) == target).all())
+
+
+def groups_of(tokenizer, task) -> list[Group]:
+    encoder = Encoder(tokenizer)
+    return [g for d in range(len(task)) for g in encoder.groups(task.request(d).pairs())]
+
+
+def check_against_naive(model, groups: list[Group], pad: int) -> None:
+    scores = score_groups(model, groups, pad)
+    for group, score in zip(groups, scores, strict=True):
+        for cont, ll, greedy in zip(group.continuations, score.lls, score.greedy, strict=True):
+            want, want_greedy = naive_ll(model, group.context, cont)
+            assert ll == pytest.approx(want, abs=2e-4, rel=1e-4)
+            assert greedy == want_greedy
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_cache_reuse_equals_naive_scoring(family):
+    model, tokenizer = tiny_lm(family)
+    groups = groups_of(tokenizer, tiny_task(n_docs=5, seed=1))
+    # long contexts cross gemma's sliding window (16) so its ring cache is exercised
+    groups.append(Group(tokenizer.encode("Question: " + "the red sun is hot " * 3 + "?\nAnswer:"), [[5, 6], [7]]))
+    check_against_naive(model, groups, Encoder(tokenizer).pad)
+
+
+def test_small_chunks_and_single_continuations_equal_naive_scoring():
+    model, tokenizer = tiny_lm("qwen2")
+    groups = groups_of(tokenizer, tiny_task(n_docs=6, seed=6))
+    groups += [Group(tokenizer.encode("the cat"), [tokenizer.encode(" sat on")]), Group([5], [[7], [7, 8], []])]
+    scores = score_groups(model, groups, 0, chunk_tokens=8)
+    for group, score in zip(groups, scores, strict=True):
+        for cont, ll, greedy in zip(group.continuations, score.lls, score.greedy, strict=True):
+            want = naive_ll(model, group.context, cont) if cont else (0.0, True)
+            assert (ll, greedy) == (pytest.approx(want[0], abs=2e-4, rel=1e-4), want[1])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe", "gemma3_text", "phi3"])
+def test_cache_reuse_equals_naive_scoring_when_sparse(family):
+    model, tokenizer = tiny_lm(family)
+    groups = groups_of(tokenizer, tiny_task(n_docs=4, seed=2))
+    with sparsify(model, SparsitySpec("intermediate", "top_p", 0.7)):
+        check_against_naive(model, groups, Encoder(tokenizer).pad)
+
+
+def test_padding_invariance():
+    model, tokenizer = tiny_lm("llama")
+    task = tiny_task(n_docs=9, seed=3)
+    one, _ = evaluate_task(model, tokenizer, task, batch_size=1)
+    many, _ = evaluate_task(model, tokenizer, task, batch_size=9)
+    assert [d.metrics for d in one.docs] == [d.metrics for d in many.docs]
+    groups = groups_of(tokenizer, task)
+    pad = Encoder(tokenizer).pad
+    alone = [ll for g in groups for s in score_groups(model, [g], pad) for ll in s.lls]
+    together = [ll for s in score_groups(model, groups, pad) for ll in s.lls]
+    assert alone == pytest.approx(together, abs=1e-4)
+
+
+def test_metrics_follow_the_log_likelihoods():
+    model, tokenizer = tiny_lm("llama")
+    task = tiny_task(n_docs=6, seed=4)
+    result, _ = evaluate_task(model, tokenizer, task)
+    for doc, group in zip(result.docs, groups_of(tokenizer, task), strict=True):
+        request = task.request(doc.doc_id)
+        lls = [naive_ll(model, group.context, c)[0] for c in group.continuations]
+        pred = max(range(len(lls)), key=lambda i: (lls[i], -i))
+        norm = [ll / len(c) for ll, c in zip(lls, request.choices, strict=True)]
+        pred_norm = max(range(len(norm)), key=lambda i: (norm[i], -i))
+        assert doc.metrics == {"acc": float(pred == request.gold), "acc_norm": float(pred_norm == request.gold)}
+        assert doc.answer == str(pred) and doc.score == doc.metrics["acc"]
+
+
+def test_separate_contexts_per_choice_are_scored_like_winogrande():
+    model, tokenizer = tiny_lm("llama")
+    contexts = ("the cat sat on the", "the dog sat on the")
+    task = task_from_requests("wino", [MultipleChoice(contexts, (" mat",), 1, contexts)])
+    result, _ = evaluate_task(model, tokenizer, task)
+    encoder = Encoder(tokenizer)
+    lls = [naive_ll(model, *encoder.pair(c, " mat"))[0] for c in contexts]
+    assert result.docs[0].metrics["acc"] == float(lls[1] > lls[0])
+
+
+@pytest.mark.parametrize("kind", ["multiple_choice", "lambada", "generate"])
+def test_kl_is_zero_dense_and_positive_sparse(kind, tmp_path):
+    model, tokenizer = tiny_lm("llama")
+    task = tiny_task(n_docs=6, kind=kind, seed=5)
+    dense, reference = evaluate_task(model, tokenizer, task, batch_size=4)
+    assert all(d.kl is None and d.tokens > 0 for d in dense.docs)
+    reference.save(tmp_path / "ref.pt")
+    reference = DenseReference.load(tmp_path / "ref.pt")
+    again, _ = evaluate_task(model, tokenizer, task, reference=reference, batch_size=3)
+    assert all(abs(d.kl) < 1e-6 for d in again.docs)
+    assert [d.answer for d in again.docs] == [d.answer for d in dense.docs]
+    with sparsify(model, SparsitySpec("intermediate", "top_p", 0.5)) as stats:
+        sparse, _ = evaluate_task(model, tokenizer, task, reference=reference)
+    assert all(d.kl > 1e-4 for d in sparse.docs)
+    assert 0.2 < stats.overall() < 0.9
+
+
+def test_generation_equals_stepwise_greedy_without_cache():
+    model, tokenizer = tiny_lm("llama", seed=1)
+    prompts = [tokenizer.encode(p) for p in ["Question: the cat?\nAnswer:", "Hi", "the big red sun is"]]
+    got = greedy_generate(model, tokenizer, prompts, until=(), max_tokens=5, pad=0)
+    for prompt, tokens in zip(prompts, got, strict=True):
+        ids = list(prompt)
+        for _ in range(len(tokens)):
+            with torch.no_grad():
+                ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+        assert tokens == ids[len(prompt) :]
+        assert len(tokens) == 5 or tokens[-1] == 1
+
+
+def test_generation_stops_at_stop_strings():
+    model, tokenizer = tiny_lm("llama", seed=1)
+    free = greedy_generate(model, tokenizer, [tokenizer.encode("Hi")], until=(), max_tokens=8, pad=0)[0]
+    stop = tokenizer.decode(free[2:3])
+    cut = greedy_generate(model, tokenizer, [tokenizer.encode("Hi")], until=(stop,), max_tokens=8, pad=0)[0]
+    assert stop in tokenizer.decode(cut) and len(cut) <= 3 and cut == free[: len(cut)]
+
+
+def test_exact_match_on_generated_text():
+    model, tokenizer = tiny_lm("llama", seed=1)
+    free = greedy_generate(model, tokenizer, [tokenizer.encode("Hi")], until=(), max_tokens=4, pad=0)[0]
+    text = tokenizer.decode(free).strip()
+    assert text
+    requests = [
+        Generation("Hi", (text.upper() + "!",), until=(), max_tokens=4),  # case and punctuation ignored
+        Generation("Hi", ("nope", text + "x"), until=(), max_tokens=4),
+    ]
+    result, _ = evaluate_task(model, tokenizer, task_from_requests("gen", requests))
+    assert [d.score for d in result.docs] == [1.0, 0.0]
+    assert result.docs[0].answer == text
+
+
+def test_reference_of_another_task_is_refused():
+    model, tokenizer = tiny_lm("llama")
+    _, reference = evaluate_task(model, tokenizer, tiny_task("a", n_docs=2))
+    with pytest.raises(ValueError, match="reference is for task 'a'"):
+        evaluate_task(model, tokenizer, tiny_task("b", n_docs=2), reference=reference)
+    with pytest.raises(ValueError, match="document ids"):
+        evaluate_task(model, tokenizer, tiny_task("a", n_docs=2), [5])
+
+
+def test_progress_counts_every_document():
+    model, tokenizer = tiny_lm("llama")
+    seen: list[int] = []
+    evaluate_task(model, tokenizer, tiny_task(n_docs=7), batch_size=3, progress=seen.append)
+    assert seen == [3, 3, 1]
+
+
+def test_lambada_accuracy_is_one_exactly_when_every_target_token_is_greedy():
+    model, tokenizer = tiny_lm("llama", seed=2)
+    context = "the big red sun is"
+    greedy = greedy_generate(model, tokenizer, [tokenizer.encode(context)], until=(), max_tokens=3, pad=0)[0]
+    target = tokenizer.decode(greedy)
+    wrong = tokenizer.decode([*greedy[:2], 3 if greedy[2] != 3 else 4])
+    task = task_from_requests("lamb", [Completion(context, target), Completion(context, wrong)])
+    result, _ = evaluate_task(model, tokenizer, task)
+    assert [d.score for d in result.docs] == [1.0, 0.0]
+    assert result.docs[0].answer == target
+
+
+@given(st.integers(0, 10_000), st.integers(1, 12))
+@settings(max_examples=30, deadline=None)
+def test_topk_kl_is_exact_with_the_whole_vocabulary_and_a_lower_bound_otherwise(seed, k):
+    g = torch.Generator().manual_seed(seed)
+    logp = (torch.randn(3, 12, generator=g) * 3).log_softmax(-1)
+    logq = (torch.randn(3, 12, generator=g) * 3).log_softmax(-1)
+    exact = (logp.double().exp() * (logp.double() - logq.double())).sum(-1)
+    tol = 1e-5 * (1 + exact)  # float32 log-probs: tails from 1 - sum(p) are this precise
+    values, ids = logp.topk(k, dim=-1)
+    approx = topk_kl(values, logq.gather(-1, ids))
+    assert torch.all(approx <= exact + tol) and torch.all(approx >= 0)
+    if k == 12:
+        assert torch.all((approx - exact).abs() <= tol)
+    assert torch.allclose(topk_kl(values, values), torch.zeros(3, dtype=torch.float64))
+
+
+def test_generation_metrics_as_lm_eval():
+    assert cut_at_stop(" Paris, France.\nNext", ("\n", ".", ",")) == "Paris"
+    assert cut_at_stop("  The Beatles\n", ("\n",)) == "The Beatles"
+    assert exact_match("the beatles!", ("The Beatles",)) == 1.0
+    assert exact_match("Beatles", ("The Beatles", "Fab Four")) == 0.0
+    assert choice_metrics([-4.0, -6.0], ["ab", "abcdef"], 1)[0] == {"acc": 0.0, "acc_norm": 1.0}
