@@ -14,17 +14,16 @@ weights (packed MoE experts) keep the simulation.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 
 import torch
 from torch import nn
 
-from actsparse import instrument
 from actsparse.adapters import FFN
 from actsparse.adapters.base import GatedWeights
-from actsparse.instrument import TokenContext, _Site, replaced_forwards, select_ffns
+from actsparse.instrument import RuleSite, TokenContext, instrumented
 from actsparse.kernels import sparse_ffn_cpu
 from actsparse.kernels.sparse_ffn import SparseFFNWeights, layout, sparse_ffn
 from actsparse.kernels.sparse_ffn_cpu import FusedFFN
@@ -48,7 +47,7 @@ def _below_or_equal(tau: float, dtype: torch.dtype) -> torch.Tensor:
 
 
 class _DecodeMasks:
-    """Keep-masks of the spec's rule for decode tokens, counted exactly as `sparsify`'s `_Site` does.
+    """Keep-masks of the spec's rule for decode tokens, counted exactly as `sparsify`'s `RuleSite` does.
 
     The threshold rule, the one sparse kernels are for, takes a short path (τ was validated by the
     spec and is compared in the activation's dtype); the other rules call `actsparse.rules`.
@@ -148,7 +147,9 @@ class DecodeStep:
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-def _decode_forward(ffn: FFN, step: DecodeStep, site: _Site, tokens: TokenContext, *args: torch.Tensor) -> torch.Tensor:
+def _decode_forward(
+    ffn: FFN, step: DecodeStep, site: RuleSite, tokens: TokenContext, *args: torch.Tensor
+) -> torch.Tensor:
     (x,) = args
     if tokens.phase != "decode" or x.shape[:-1].numel() > MAX_SPARSE_BATCH:
         return ffn.adapter.forward(ffn.module, site, x)
@@ -158,18 +159,10 @@ def _decode_forward(ffn: FFN, step: DecodeStep, site: _Site, tokens: TokenContex
 @contextmanager
 def accelerate(model: nn.Module, spec: SparsitySpec, layers: list[int] | None = None) -> Iterator[SparsityStats]:
     """Like `sparsify(model, spec, layers)`, with sparse kernels in decode; restores the model on exit."""
-    if not isinstance(spec, SparsitySpec):
-        raise TypeError(f"spec must be a SparsitySpec, got {type(spec).__name__}")
-    ffns = select_ffns(model, layers)
-    if spec.rule == "threshold":
-        missing = sorted({f.layer for f in ffns} - set(spec.thresholds))
-        if missing:
-            raise ValueError(f"no calibrated threshold for layers {missing}")
-    stats = SparsityStats(spec.vectors)
     steps: list[DecodeStep] = []
 
-    def make_forward(ffn: FFN, tokens: TokenContext):
-        site = _Site(spec, ffn.layer, tokens, stats)
+    def make_forward(ffn: FFN, tokens: TokenContext, stats: SparsityStats) -> Callable[..., torch.Tensor]:
+        site = RuleSite(spec, ffn.layer, tokens, stats)
         weights = ffn.adapter.gated_weights(ffn.module)
         if weights is None:
             return partial(ffn.adapter.forward, ffn.module, site)
@@ -177,24 +170,7 @@ def accelerate(model: nn.Module, spec: SparsitySpec, layers: list[int] | None = 
         return partial(_decode_forward, ffn, steps[-1], site, tokens)
 
     try:
-        with replaced_forwards(model, ffns, make_forward) as tokens:
-            handle = model.register_forward_pre_hook(partial(_cache_phase, tokens), with_kwargs=True)
-            active = getattr(instrument, "_ACTIVE", None)  # so that scorers reach us as they reach `sparsify`
-            running = active.setdefault(model, []) if active is not None else []
-            running.append((stats, tokens))
-            try:
-                yield stats
-            finally:
-                running.remove((stats, tokens))
-                handle.remove()
+        with instrumented(model, spec, layers, make_forward) as stats:
+            yield stats
     finally:
-        steps.clear()
-
-
-def _cache_phase(tokens: TokenContext, module: nn.Module, args: tuple, kwargs: dict) -> None:
-    """Mark decode when the KV cache comes as `cache=` (transformers ≥ 5.2 `generate`), which
-    `TokenContext.hook` (run just before) does not read yet."""
-    ids = kwargs.get("input_ids", args[0] if args else None)
-    past = getattr(kwargs.get("cache"), "get_seq_length", None)
-    if ids is not None and ids.shape[1] == 1 and past is not None and past() > 0:
-        tokens.phase = "decode"
+        steps.clear()  # drop the weight copies

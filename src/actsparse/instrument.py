@@ -1,14 +1,14 @@
 """`sparsify(model, spec)`: run a model with a rule applied to one target of every FFN.
 
 Each FFN's forward is replaced, through its adapter, by one that passes every activation vector
-through a `_Site`; a pre-hook on the model records which tokens are real (attention mask) and
+through a `RuleSite`; a pre-hook on the model records which tokens are real (attention mask) and
 whether the call is prefill or decode. Leaving the context always restores the model.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from typing import Any
@@ -58,7 +58,7 @@ class TokenContext:
         return real.reshape(v.shape[:-1]) if real.numel() == rows else None
 
 
-class _Site:
+class RuleSite:
     """Applies the spec's rule to the vectors it targets in one FFN layer, and counts."""
 
     def __init__(self, spec: SparsitySpec, layer: int, tokens: TokenContext, stats: SparsityStats):
@@ -141,11 +141,14 @@ def replaced_forwards(model: nn.Module, ffns: list[FFN], make_forward) -> Iterat
 
 
 @contextmanager
-def sparsify(model: nn.Module, spec: SparsitySpec, layers: list[int] | None = None) -> Iterator[SparsityStats]:
-    """Sparsify `spec.target` of every FFN (or of `layers`) while the block runs.
-
-    Yields a `SparsityStats` that fills as the model runs; the model is restored on exit.
-    """
+def instrumented(
+    model: nn.Module,
+    spec: SparsitySpec,
+    layers: list[int] | None,
+    make_forward: Callable[[FFN, TokenContext, SparsityStats], Callable[..., torch.Tensor]],
+) -> Iterator[SparsityStats]:
+    """Check `spec` against the model, swap each FFN's forward for `make_forward(ffn, tokens, stats)`
+    and make the stats reachable by scorers (`active_stats`) while the block runs; always restore."""
     if not isinstance(spec, SparsitySpec):
         raise TypeError(f"spec must be a SparsitySpec, got {type(spec).__name__}")
     ffns = select_ffns(model, layers)
@@ -154,17 +157,27 @@ def sparsify(model: nn.Module, spec: SparsitySpec, layers: list[int] | None = No
         if missing:
             raise ValueError(f"no calibrated threshold for layers {missing}")
     stats = SparsityStats(spec.vectors)
-
-    def make_forward(ffn: FFN, tokens: TokenContext):
-        return partial(ffn.adapter.forward, ffn.module, _Site(spec, ffn.layer, tokens, stats))
-
-    with replaced_forwards(model, ffns, make_forward) as tokens:
+    with replaced_forwards(model, ffns, lambda ffn, tokens: make_forward(ffn, tokens, stats)) as tokens:
         active = _ACTIVE.setdefault(model, [])
         active.append((stats, tokens))
         try:
             yield stats
         finally:
             active.remove((stats, tokens))
+
+
+@contextmanager
+def sparsify(model: nn.Module, spec: SparsitySpec, layers: list[int] | None = None) -> Iterator[SparsityStats]:
+    """Sparsify `spec.target` of every FFN (or of `layers`) while the block runs.
+
+    Yields a `SparsityStats` that fills as the model runs; the model is restored on exit.
+    """
+
+    def make_forward(ffn: FFN, tokens: TokenContext, stats: SparsityStats) -> Callable[..., torch.Tensor]:
+        return partial(ffn.adapter.forward, ffn.module, RuleSite(spec, ffn.layer, tokens, stats))
+
+    with instrumented(model, spec, layers, make_forward) as stats:
+        yield stats
 
 
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, list[tuple[SparsityStats, TokenContext]]] = weakref.WeakKeyDictionary()
