@@ -45,6 +45,10 @@ def exact_match(prediction: str, answers: Sequence[str]) -> float:
     return float(any(norm == normalize_answer(a) for a in answers))
 
 
+TAIL_RESOLUTION = 1e-6
+"""Probability mass below which a tail computed as 1 − Σ p of float32 log-probs is rounding error."""
+
+
 def topk_kl(ref_logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     """KL(P ‖ Q) per row, from P's top-k log-probs and Q's log-probs at the same tokens.
 
@@ -54,7 +58,8 @@ def topk_kl(ref_logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     logp, logq = ref_logp.double(), logq.double()
     p, q = logp.exp(), logq.exp()
     head = (p * (logp - logq)).sum(-1)
-    p_tail = (1 - p.sum(-1)).clamp(min=0)
-    q_tail = (1 - q.sum(-1)).clamp(min=1e-300)
-    tail = torch.where(p_tail > 0, p_tail * (p_tail.clamp(min=1e-300).log() - q_tail.log()), 0.0)
+    # tails are 1 − Σ of float32 probabilities: below TAIL_RESOLUTION they are rounding, not mass
+    p_tail = 1 - p.sum(-1)
+    q_tail = (1 - q.sum(-1)).clamp(min=TAIL_RESOLUTION)
+    tail = torch.where(p_tail > TAIL_RESOLUTION, p_tail * (p_tail.clamp(min=TAIL_RESOLUTION).log() - q_tail.log()), 0.0)
     return (head + tail).clamp(min=0)
