@@ -3,7 +3,9 @@
 Every document becomes groups of token ids: a context and the continuations scored after it. One
 forward runs the batch's contexts, each extended by the prefix its continuations share (left-padded,
 explicit positions); the KV cache is then expanded over the continuations' own tokens, which run in
-chunks of similar length (right-padded, full-length attention mask). Documents are batched by length.
+chunks of similar length (right-padded, full-length attention mask). Documents are batched by length
+(at most `batch_size`, cut where padding would cost more than a forward), and the vocabulary projection
+runs only at scored positions.
 This is exact for causal models, and under `sparsify` too, because rules act on each token's own vector.
 """
 
@@ -110,15 +112,17 @@ FORWARD_COST = 64
 """A forward's fixed cost (streaming the weights, Python) in tokens of compute, for `plan_chunks`."""
 
 
-def plan_chunks(widths: Sequence[int], budget: int, overhead: int = FORWARD_COST) -> list[tuple[int, int]]:
+def plan_chunks(
+    widths: Sequence[int], budget: int, overhead: int = FORWARD_COST, max_rows: int | None = None
+) -> list[tuple[int, int]]:
     """Split rows sorted by decreasing width into [start, stop) chunks padded to their first row:
-    the fewest padded tokens plus `overhead` per forward, each chunk within `budget` tokens."""
+    the fewest padded tokens plus `overhead` per forward, each chunk within `budget` tokens and `max_rows`."""
     n = len(widths)
     best = [0.0] + [float("inf")] * n  # best[j]: cost of rows [0, j)
     cut = [0] * (n + 1)
     for stop in range(1, n + 1):
         for start in range(stop - 1, -1, -1):
-            if (stop - start) * widths[start] > budget and stop - start > 1:
+            if stop - start > 1 and ((stop - start) * widths[start] > budget or stop - start > (max_rows or n)):
                 break
             cost = best[start] + overhead + (stop - start) * widths[start]
             if cost < best[stop]:
@@ -178,14 +182,20 @@ def score_groups(
         return reference[b][start : start + size]
 
     contexts = [g.context + g.continuations[0][:n] for g, n in zip(groups, prefixes, strict=True)]
-    keep = max(prefixes) + 1
     ids, mask = _left_pad(contexts, pad, device)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True, logits_to_keep=keep)
+    # the vocabulary projection runs only at scored positions: each row's last n + 1 (a flat [N, V])
+    width = ids.shape[1]
+    scored = torch.arange(width, device=device) >= width - 1 - torch.tensor(prefixes, device=device)[:, None]
+    out = model(
+        input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True, logits_to_keep=scored
+    )
     cache = out.cache
     reads: list[dict[int, tuple]] = []
+    at = 0
     for b, (g, n) in enumerate(zip(groups, prefixes, strict=True)):
         targets = [[t] for t in g.continuations[0][:n]] + [[c[n] for c in g.continuations if c]]
-        reads.append({0: _read(out.logits[b, keep - n - 1 :], targets, k, ref_slice(b, 0, n + 1))})
+        reads.append({0: _read(out.logits[at : at + n + 1], targets, k, ref_slice(b, 0, n + 1))})
+        at += n + 1
     del out
     rows = [(b, i, o) for b, conts in enumerate(owns) for i, o in enumerate(conts) if len(o) > 1]
     rows.sort(key=lambda r: -len(r[2]))
@@ -208,10 +218,13 @@ def score_groups(
             position_ids=lengths[index, None] + torch.arange(width, device=device),
             cache=part,
             use_cache=True,
+            logits_to_keep=cmask.bool(),  # real positions only, flat [N, V]
         ).logits
-        for r, (b, i, tokens) in enumerate(chunk):
+        at = 0
+        for b, i, tokens in chunk:
             m = len(tokens) - 1
-            reads[b][1 + i] = _read(logits[r, :m], [[t] for t in tokens[1:]], k, ref_slice(b, 1 + i, m))
+            reads[b][1 + i] = _read(logits[at : at + m], [[t] for t in tokens[1:]], k, ref_slice(b, 1 + i, m))
+            at += m
         del part, logits
     return [_combine(g, n, r) for g, n, r in zip(groups, prefixes, reads, strict=True)]
 
@@ -329,7 +342,8 @@ def evaluate_task(
     progress: Callable[[int], None] | None = None,
 ) -> tuple[TaskResult, DenseReference]:
     """Score `doc_ids` of `task` (all when None). Dense run: returns the reference to keep; sparse
-    run (pass the dense reference): every DocResult.kl is the mean KL(dense ‖ this run)."""
+    run (pass the dense reference): every DocResult.kl is the mean KL(dense ‖ this run).
+    `batch_size`: the most documents scored together."""
     from actsparse.diffusion import evaluate_diffusion_task, is_diffusion_model  # lazy: it imports this module
 
     if is_diffusion_model(model):  # LLaDA, diffusion_gemma: Monte-Carlo masked likelihood, iterative unmasking
@@ -349,8 +363,12 @@ def evaluate_task(
     encoded = {d: _encode(encoder, requests[d]) for d in ids}
     results: dict[int, DocResult] = {}
     order = sorted(ids, key=lambda d: -_width(encoded[d]))  # batches of similar length: little padding
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
+    widths = [_width(encoded[d]) for d in order]
+    steps = max((r.max_tokens for r in requests.values() if isinstance(r, Generation)), default=0)
+    # at most batch_size documents a batch, cut where the padding would cost more than another batch's forwards
+    cost = FORWARD_COST * (1 + steps)
+    for start, stop in plan_chunks(widths, batch_size * max(widths, default=1), cost, max_rows=batch_size):
+        batch = order[start:stop]
         for doc_id, result in _score_batch(model, tokenizer, task, batch, requests, encoded, reference, keep):
             results[doc_id] = result
         if progress is not None:
