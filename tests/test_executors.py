@@ -11,12 +11,12 @@ from pathlib import Path
 
 import psutil
 import pytest
-from tiny import tiny_lm, tiny_task
+from tiny import tiny_lm, tiny_sweep_config
 
 from actsparse import cli
 from actsparse.executors import LocalExecutor, PointLostError, RayExecutor, make_executor
 from actsparse.store import RunStore
-from actsparse.sweep import SweepConfig, plan, run_sweep
+from actsparse.sweep import plan, run_sweep
 
 ray = pytest.importorskip("ray")
 TESTS = Path(__file__).parent
@@ -38,19 +38,7 @@ def ray_instance():
             os.environ["PYTHONPATH"] = saved
 
 
-def config(out: Path, **overrides) -> SweepConfig:
-    settings = dict(
-        model="tiny",
-        targets=["input", "intermediate"],
-        rules=["top_p"],
-        values=[0.9, 0.6],
-        tasks=[tiny_task("mc", 12), tiny_task("lam", 8, kind="lambada", seed=1)],
-        limit=10,
-        out=out,
-        resamples=50,
-        batch_size=4,
-    )
-    return SweepConfig(**(settings | overrides))
+config = tiny_sweep_config
 
 
 def slow(*args) -> None:

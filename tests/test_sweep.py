@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny import tiny_lm, tiny_task
+from tiny import tiny_lm, tiny_sweep_config, tiny_task
 
 from actsparse import cli
 from actsparse.store import PointKey, RunStore
@@ -24,19 +24,7 @@ from actsparse.sweep import PAPER_VALUES, SweepConfig, parse_values, plan, run_s
 TESTS = Path(__file__).parent
 
 
-def _config(out: Path, **overrides) -> SweepConfig:
-    settings = dict(
-        model="tiny",
-        targets=["input", "intermediate"],
-        rules=["top_p"],
-        values=[0.9, 0.6],
-        tasks=[tiny_task("mc", 12), tiny_task("lam", 8, kind="lambada", seed=1)],
-        limit=10,
-        out=out,
-        resamples=50,
-        batch_size=4,
-    )
-    return SweepConfig(**(settings | overrides))
+_config = tiny_sweep_config
 
 
 SCRIPT = """

@@ -98,3 +98,21 @@ def tiny_task(name: str = "tiny_mc", n_docs: int = 8, kind: str = "multiple_choi
         else:
             requests.append(Generation(context, (rng.choice(WORDS),), max_tokens=6))
     return task_from_requests(name, requests)
+
+
+def tiny_sweep_config(out, **overrides):
+    """A small sweep of a tiny LM over two tiny tasks (multiple choice and lambada), for sweep tests."""
+    from actsparse.sweep import SweepConfig
+
+    settings = dict(
+        model="tiny",
+        targets=["input", "intermediate"],
+        rules=["top_p"],
+        values=[0.9, 0.6],
+        tasks=[tiny_task("mc", 12), tiny_task("lam", 8, kind="lambada", seed=1)],
+        limit=10,
+        out=out,
+        resamples=50,
+        batch_size=4,
+    )
+    return SweepConfig(**(settings | overrides))
