@@ -23,11 +23,11 @@ from torch import nn
 
 from actsparse.adapters import FFN
 from actsparse.adapters.base import GatedWeights
-from actsparse.instrument import RuleSite, TokenContext, instrumented
+from actsparse.instrument import RuleSite, TokenContext, count_entries, instrumented, non_finite
 from actsparse.kernels import sparse_ffn_cpu
 from actsparse.kernels.sparse_ffn import SparseFFNWeights, layout, sparse_ffn
 from actsparse.kernels.sparse_ffn_cpu import FusedFFN
-from actsparse.rules import RULES, NonFiniteActivationError
+from actsparse.rules import RULES
 from actsparse.spec import SparsitySpec
 from actsparse.stats import SparsityStats
 
@@ -56,16 +56,15 @@ class _DecodeMasks:
     def __init__(self, spec: SparsitySpec, layer: int, tokens: TokenContext, stats: SparsityStats):
         self.spec, self.layer, self.tokens, self.stats = spec, layer, tokens, stats
         self.mask_fn = RULES[spec.rule]
-        self._cache: dict[tuple[str, torch.dtype, torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cache: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
         self._real_seen: torch.Tensor | None = None
         self._one_real = True
 
-    def _constants(self, vector: str, v: torch.Tensor, seen: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(τ in v's dtype, or 0 for other rules; `seen` as a tensor), made once per shape."""
-        key = (vector, v.dtype, v.device, seen)
+    def _tau(self, vector: str, v: torch.Tensor) -> torch.Tensor:
+        """τ of the threshold rule in v's dtype and device, made once per (vector, dtype, device)."""
+        key = (vector, v.dtype, v.device)
         if key not in self._cache:
-            value = self.spec.value_for(self.layer, vector) if self.spec.rule == "threshold" else 0.0
-            self._cache[key] = (_below_or_equal(value, v.dtype).to(v.device), torch.tensor(seen, device=v.device))
+            self._cache[key] = _below_or_equal(self.spec.value_for(self.layer, vector), v.dtype).to(v.device)
         return self._cache[key]
 
     def __call__(self, vector: str, v: torch.Tensor) -> torch.Tensor | None:
@@ -73,13 +72,10 @@ class _DecodeMasks:
             return None
         a = v.abs()
         if not math.isfinite(float(a.max())):
-            raise NonFiniteActivationError(f"NaN or Inf in the {vector!r} activation of layer {self.layer}")
-        real = self.tokens.rows(v, None)
-        tau, seen = self._constants(vector, v, v.numel() if real is None else int(real.sum()) * v.shape[-1])
+            raise non_finite(vector, self.layer)
         threshold = self.spec.rule == "threshold"  # `a > tau` equals rules.threshold_mask's a.double() > τ
-        keep = a > tau if threshold else self.mask_fn(v, self.spec.value_for(self.layer, vector))
-        kept, zero = (keep, a == 0) if real is None else (keep[real], a[real] == 0)
-        counts = torch.stack([seen - kept.count_nonzero(), zero.count_nonzero(), seen])
+        keep = a > self._tau(vector, v) if threshold else self.mask_fn(v, self.spec.value_for(self.layer, vector))
+        counts = count_entries(v, keep, self.tokens.rows(v, None))
         self.stats.record((self.layer, vector, self.tokens.phase, None), counts)
         return keep
 
@@ -95,7 +91,7 @@ class _DecodeMasks:
         for code, row, vector in ((1, 0, "input"), (2, 1, "intermediate")):
             if vector in self.spec.vectors:
                 if bad & code:
-                    raise NonFiniteActivationError(f"NaN or Inf in the {vector!r} activation of layer {self.layer}")
+                    raise non_finite(vector, self.layer)
                 self.stats.record((self.layer, vector, self.tokens.phase, None), fused.counts[row])
 
 

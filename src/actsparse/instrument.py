@@ -58,6 +58,27 @@ class TokenContext:
         return real.reshape(v.shape[:-1]) if real.numel() == rows else None
 
 
+def non_finite(vector: str, layer: int, expert: int | None = None) -> NonFiniteActivationError:
+    """The error for NaN or ±Inf in an activation, naming where it was found."""
+    where = f", expert {expert}" if expert is not None else ""
+    return NonFiniteActivationError(f"NaN or Inf in the {vector!r} activation of layer {layer}{where}")
+
+
+def count_entries(v: torch.Tensor, keep: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+    """[zeroed, natural zeros, seen] of one activation over its real rows (all rows when `real` is None).
+
+    zeroed = seen − kept, natural zeros = seen − nonzero: cheap reductions only, no host sync.
+    """
+    with torch.no_grad():
+        if real is None:
+            seen = torch.tensor(keep.numel(), device=v.device)
+            return torch.stack([seen - keep.sum(), seen - torch.count_nonzero(v), seen])
+        seen = real.sum() * v.shape[-1]
+        kept = keep.sum(dim=-1)[real].sum()
+        nonzero = torch.count_nonzero(v, dim=-1)[real].sum()
+        return torch.stack([seen - kept, seen - nonzero, seen])
+
+
 class RuleSite:
     """Applies the spec's rule to the vectors it targets in one FFN layer, and counts."""
 
@@ -76,21 +97,9 @@ class RuleSite:
         try:
             sparse, keep = masked(v, self.spec.rule, self.spec.value_for(self.layer, vector))
         except NonFiniteActivationError:
-            raise NonFiniteActivationError(
-                f"NaN or Inf in the {vector!r} activation of layer {self.layer}"
-                + (f", expert {expert}" if expert is not None else "")
-            ) from None
+            raise non_finite(vector, self.layer, expert) from None
         real = self.tokens.rows(v, token_index)
-        with torch.no_grad():  # zeroed = seen − kept, natural zeros = seen − nonzero; cheap reductions only
-            if real is None:
-                seen = torch.tensor(keep.numel(), device=v.device)
-                counts = torch.stack([seen - keep.sum(), seen - torch.count_nonzero(v), seen])
-            else:
-                seen = real.sum() * v.shape[-1]
-                kept = keep.sum(dim=-1)[real].sum()
-                nonzero = torch.count_nonzero(v, dim=-1)[real].sum()
-                counts = torch.stack([seen - kept, seen - nonzero, seen])
-        self.stats.record((self.layer, vector, self.tokens.phase, expert), counts)
+        self.stats.record((self.layer, vector, self.tokens.phase, expert), count_entries(v, keep, real))
         if self.stats.step is not None:  # a diffusion scorer is counting per denoising step
             self.stats.steps.record(self.stats.step, self.layer, vector, keep if real is None else keep[real], expert)
         return sparse
