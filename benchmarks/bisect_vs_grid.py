@@ -1,7 +1,7 @@
 """`--search bisect` against the full paper grid on the embedded model: critical sparsity and evaluations.
 
     python benchmarks/bisect_vs_grid.py [--targets input,intermediate] [--tasks arc_easy] [--limit 50]
-                                        [--precision 0.02] [--out runs/bisect_vs_grid]
+                                        [--precision 0.02] [--refine] [--out runs/bisect_vs_grid]
 
 Runs (or resumes) two sweeps with the same settings, one over the paper's 26 values of p and one by
 bisection, in OUT/grid and OUT/bisect, then prints each (target, rule)'s critical sparsity from both,
@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", default="arc_easy")
     parser.add_argument("--limit", type=int, default=50)
     parser.add_argument("--precision", type=float, default=DEFAULT_PRECISION, help="in achieved sparsity")
+    parser.add_argument("--refine", action="store_true", help="bisect on the value between grid neighbours too")
     parser.add_argument("--out", type=Path, default=Path("runs/bisect_vs_grid"))
     args = parser.parse_args(argv)
     common = dict(
@@ -40,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     seconds, summaries = {}, {}
     for search in ("grid", "bisect"):
         start = time.perf_counter()
-        config = SweepConfig(out=args.out / search, search=search, precision=args.precision, **common)
+        name = "bisect-refine" if search == "bisect" and args.refine else search
+        config = SweepConfig(out=args.out / name, search=search, precision=args.precision, refine=args.refine, **common)
         summaries[search] = run_sweep(config, show_progress=False)
         seconds[search] = time.perf_counter() - start
     grid, bisect = summaries["grid"], summaries["bisect"]

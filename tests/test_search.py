@@ -44,16 +44,38 @@ def run(bisection: Bisection, measure) -> Bisection:
     power=st.floats(0.5, 4.0),
     precision=st.sampled_from([0.005, 0.01, 0.02, 0.05]),
 )
-def test_bisection_lands_within_precision_of_the_true_crossing(shape, crossing, power, precision) -> None:
+def test_refined_bisection_lands_within_precision_of_the_true_crossing(shape, crossing, power, precision) -> None:
     assume(crossing ** (1 / shape) > 1e-3)  # the crossing is at p < 0.999 (values have 6 decimals)
     measure = top_p_curve(shape, crossing, power)
-    bisection = run(Bisection("top_p", precision), measure)
+    bisection = run(Bisection("top_p", precision, refine=True), measure)
     found = bisection.critical()
     assert not found.lower_bound
     assert abs(found.value - crossing) <= precision + 1e-9
     (_, ok), (_, bad) = bisection.bracket()
     assert ok - 1e-9 <= crossing <= bad + 1e-9 and bad - ok <= precision
     assert len(bisection.points) <= len(bisection.scan) + 16
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    shape=st.floats(0.15, 1.0),
+    crossing=st.floats(0.02, 0.95),
+    power=st.floats(0.5, 4.0),
+    precision=st.sampled_from([0.005, 0.01, 0.02, 0.05, 0.2]),
+)
+def test_bisection_gives_the_full_grid_value_with_at_most_half_its_points(shape, crossing, power, precision) -> None:
+    measure = top_p_curve(shape, crossing, power)
+    grid = critical_sparsity(*zip(*(measure(p) for p in PAPER), strict=True))
+    bisection = run(Bisection("top_p", precision, grid=PAPER), measure)
+    assert len(bisection.points) + 1 <= len(PAPER) // 2  # the dense point counted too
+    assert all(v in PAPER for v in bisection.points)
+    found = bisection.critical()
+    assert found.lower_bound == grid.lower_bound
+    assert abs(found.value - grid.value) <= precision + 1e-12
+    (ok_value, _), bad = bisection.bracket()
+    if bad is not None and abs(PAPER.index(ok_value) - PAPER.index(bad[0])) == 1:
+        assert found.value == pytest.approx(grid.value, abs=1e-12)  # closed on grid neighbours: the grid's reading
+        assert found.grid_value == pytest.approx(grid.grid_value, abs=1e-12)
 
 
 def test_half_the_paper_grid_and_the_grid_value_on_a_realistic_curve() -> None:
@@ -72,8 +94,10 @@ def test_the_first_crossing_is_found_when_the_curve_climbs_back() -> None:
 
     grid = critical_sparsity(*zip(*(measure(p) for p in PAPER), strict=True))
     bisection = run(Bisection("top_p", 0.01), measure)
-    assert abs(bisection.critical().value - 0.3) <= 0.01 and abs(grid.value - 0.3) <= 0.02
+    assert bisection.critical().value == pytest.approx(grid.value) and abs(grid.value - 0.3) <= 0.02
     assert len(bisection.points) <= len(PAPER) // 2
+    refined = run(Bisection("top_p", 0.01, refine=True), measure)
+    assert abs(refined.critical().value - 0.3) <= 0.01
 
 
 def test_max_p_bisects_the_other_way() -> None:
@@ -94,7 +118,10 @@ def test_a_curve_that_never_crosses_is_a_lower_bound_after_the_scan() -> None:
 
 def test_nan_performance_counts_as_below_and_sparsity_jumps_stop() -> None:
     # sparsity jumps from 0 to 0.8 at p = 0.5: no precision is reachable, the step limit stops it
-    bisection = run(Bisection("top_p", 0.01), lambda p: (0.8 if p < 0.5 else 0.0, math.nan if p < 0.5 else 1.0))
+    curve = lambda p: (0.8 if p < 0.5 else 0.0, math.nan if p < 0.5 else 1.0)  # noqa: E731
+    on_grid = run(Bisection("top_p", 0.01), curve)
+    assert list(on_grid.points) == [0.98, 0.95, 0.91, 0.75, 0.5, 0.1, 0.3, 0.4]  # the scan, then grid neighbours
+    bisection = run(Bisection("top_p", 0.01, refine=True), curve)
     assert len(bisection.points) == 6 + 16  # the scan up to p = 0.1, then the step limit
     (ok_value, _), (bad_value, _) = bisection.bracket()
     assert bad_value < 0.5 <= ok_value and ok_value - bad_value < 1e-4 and bad_value == round(bad_value, 6)

@@ -2,12 +2,15 @@
 points than a grid, by bisection on the rule's value.
 
 A coarse scan from the dense end (every fourth value of the grid) stops at the first value whose
-normalised performance falls below 99 %; bisection on the value between it and the last value above
-then halves the bracket until the two bracketing points differ by at most `precision` in achieved
-sparsity (an absolute fraction: 0.02 is two points). The crossing then lies between them, and the
-critical sparsity is computed from the evaluated points exactly as for a grid
-(`analysis.critical_sparsity`). The values depend only on the results, so a rerun replays the
-search from the stored points.
+normalised performance falls below 99 %; bisection over the grid values between it and the last
+value above then halves the bracket until the two bracketing points differ by at most `precision` in
+achieved sparsity (an absolute fraction: 0.02 is two points), or are neighbours on the grid. For a
+monotone curve the full grid's crossing lies inside that bracket, so the critical sparsity, computed
+from the evaluated points exactly as for a grid (`analysis.critical_sparsity`), is within
+`precision` of the full grid's, and equal to it when the bracket closes on grid neighbours. With
+`refine`, bisection goes on between grid neighbours, on the value itself, down to `precision`: closer
+to the true crossing than the grid can resolve, so it may differ from the grid's reading. The values
+depend only on the results, so a rerun replays the search from the stored points.
 """
 
 from __future__ import annotations
@@ -44,10 +47,10 @@ class Bisection:
     """The search on one (target, rule) curve; `points` maps each evaluated value to (sparsity, performance).
 
     A coarse scan from the dense end (every `stride`-th value of `grid`, then the sparsest) stops at
-    the first value whose normalised performance falls below the threshold; bisection on the value
-    between it and the last value above then narrows the crossing to `precision` in achieved
-    sparsity. Scanning from the dense side finds the *first* crossing, as the grid's definition
-    does, even when a noisy curve climbs back above the threshold further on.
+    the first value whose normalised performance falls below the threshold; bisection over the grid
+    values between it and the last value above (then, with `refine`, on the value itself) narrows the
+    crossing to `precision` in achieved sparsity. Scanning from the dense side finds the *first*
+    crossing, as the grid's definition does, even when a noisy curve climbs back above the threshold further on.
     """
 
     rule: str
@@ -55,6 +58,7 @@ class Bisection:
     grid: Sequence[float] = PAPER_GRID
     stride: int = STRIDE
     threshold: float = THRESHOLD
+    refine: bool = False
     points: dict[float, tuple[float, float]] = field(default_factory=dict)  # in evaluation order
 
     def __post_init__(self) -> None:
@@ -70,13 +74,18 @@ class Bisection:
         return DENSE_VALUE[self.rule]
 
     @property
-    def scan(self) -> list[float]:
-        """The scanned values, from the densest to the sparsest."""
+    def ordered(self) -> list[float]:
+        """The grid's values and the sparsest value, from the densest to the sparsest, dense excluded."""
         sparsest = 1.0 - self.dense_value
         values = ({float(v) for v in self.grid} | {sparsest}) - {self.dense_value}
-        ordered = sorted(values, reverse=self.dense_value == 1.0)
+        return sorted(values, reverse=self.dense_value == 1.0)
+
+    @property
+    def scan(self) -> list[float]:
+        """The scanned values, from the densest to the sparsest."""
+        ordered = self.ordered
         picked = ordered[self.stride - 1 :: self.stride]
-        return picked if picked and picked[-1] == sparsest else [*picked, sparsest]
+        return picked if picked and picked[-1] == ordered[-1] else [*picked, ordered[-1]]
 
     def bracket(self) -> tuple[tuple[float, float], tuple[float, float] | None]:
         """((value, sparsity) of the sparsest point still ≥ threshold, and of the densest below it, or None)."""
@@ -115,6 +124,12 @@ class Bisection:
         steps = len(self.points.keys() - set(self.scan))
         if bad[1] - ok_sparsity <= self.precision or steps >= MAX_STEPS:
             return None
+        low, high = sorted((ok_value, bad[0]))
+        between = [v for v in self.ordered if low < v < high]
+        if between:
+            return between[len(between) // 2]
+        if not self.refine:
+            return None  # grid neighbours: the full grid's bracket
         value = round((ok_value + bad[0]) / 2, DIGITS)
         return None if value in self.points else value
 
@@ -142,9 +157,10 @@ def bisect_curves(
     measure: Measure,
     precision: float = DEFAULT_PRECISION,
     grid: Sequence[float] = PAPER_GRID,
+    refine: bool = False,
 ) -> dict[tuple[str, str], Bisection]:
     """Search every (target, rule) curve; each round asks `measure` for the next value of all open curves."""
-    searches = {(target, rule): Bisection(rule, precision, grid) for target, rule in curves}
+    searches = {(target, rule): Bisection(rule, precision, grid, refine=refine) for target, rule in curves}
     while True:
         wanted = {c: v for c, s in searches.items() if (v := s.next_value()) is not None}
         if not wanted:

@@ -69,6 +69,7 @@ class SweepConfig:
     device_map: str | None = None  # e.g. 'auto': a model larger than one GPU, through accelerate
     search: str = "grid"  # 'grid' (every value) or 'bisect' (`actsparse.search`, values = the scan grid)
     precision: float = DEFAULT_PRECISION  # bisect: width of the final bracket, in achieved sparsity
+    refine: bool = False  # bisect: go on between grid neighbours, on the value itself
     _tasks: list[Any] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -272,12 +273,13 @@ class _Driver:
                 self.run(self.pending(keys), advance)
                 return {p: _measured(self.store, p, dense) for p in points}
 
-            found = bisect_curves(curves, measure, config.precision, config.values)
+            found = bisect_curves(curves, measure, config.precision, config.values, config.refine)
         self.store.set_meta(
             "search",
             {
                 "method": "bisect",
                 "precision": config.precision,
+                "refine": config.refine,
                 "unit": "achieved sparsity",
                 "grid": [float(v) for v in config.values],
                 "evaluated": {

@@ -66,13 +66,20 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--search",
         choices=SEARCHES,
         default="grid",
-        help="grid: every value; bisect: scan every 4th value from the dense end, then bisect to --precision",
+        help="grid: every value; bisect: scan every 4th value from the dense end, then bisect over the values "
+        "between to --precision (the full grid's answer, for a fraction of its points)",
     )
     scale.add_argument(
         "--precision",
         type=float,
         default=DEFAULT_PRECISION,
-        help="bisect: stop when the bracketing points differ by at most this much achieved sparsity (0.02 = 2 points)",
+        help="bisect: stop when the bracketing points differ by at most this much achieved sparsity (0.02 = 2 points)"
+        " or are neighbours on the grid",
+    )
+    scale.add_argument(
+        "--refine",
+        action="store_true",
+        help="bisect: go on between grid neighbours, on the value itself, down to --precision",
     )
     return p
 
@@ -107,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
         device_map=args.device_map,
         search=args.search,
         precision=args.precision,
+        refine=args.refine,
     )
     console = Console(stderr=True)
     try:

@@ -141,7 +141,8 @@ def _search(search: dict[str, Any]) -> list[str]:
         for label, points in search.get("evaluated", {}).items()
     )
     return [
-        f"Search: bisection (`--search bisect`), precision {search.get('precision', 0):g} in achieved sparsity, "
+        f"Search: bisection (`--search bisect`{' --refine' if search.get('refine') else ''}), "
+        f"precision {search.get('precision', 0):g} in achieved sparsity, "
         f"instead of the {len(search.get('grid', []))}-value grid; the points evaluated, in order: {curves}."
     ]
 
