@@ -23,19 +23,20 @@ def spec_for(rule: str, target: str = "all_inputs") -> SparsitySpec:
     return SparsitySpec(target, rule, {"top_p": 0.8, "top_k": 0.5, "max_p": 0.1}[rule])
 
 
-def run_decode(model, ctx, steps: int = 3, batch: int = 2, seed: int = 0):
+def run_decode(model, ctx, steps: int = 3, batch: int = 2, seed: int = 0, device: str = "cpu"):
     """Logits of a left-padded prefill and `steps` teacher-forced decode steps, and the stats."""
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, 97, (batch, 6), generator=gen)
     mask = torch.ones_like(ids)
     mask[1:, :2] = 0  # left padding on the other rows
     forced = torch.randint(1, 97, (batch, steps), generator=gen)
+    ids, mask, forced = ids.to(device), mask.to(device), forced.to(device)
     logits = []
     with torch.no_grad(), ctx as stats:
         out = model(input_ids=ids, attention_mask=mask, use_cache=True)
         logits.append(out.logits[:, -1])
         for step in range(steps):
-            mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], dim=1)
+            mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=device)], dim=1)
             out = model(
                 input_ids=forced[:, step : step + 1],
                 attention_mask=mask,
@@ -64,6 +65,35 @@ def test_accelerate_matches_sparsify(family, dtype):
         assert fast_stats.overall("decode") == fast_stats.overall("decode")  # decode steps were seen
         if dtype == torch.float32:  # same masks, so the same counts
             assert fast_stats.counts() == ref_stats.counts()
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the Triton decode kernels)")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rule", ["threshold", "top_p", "top_k"])
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+def test_accelerate_on_cuda_matches_sparsify(family, rule, dtype):
+    model = tiny_model(family, dtype=dtype).to("cuda")
+    for batch in (1, 3, 8):
+        ref, _ = run_decode(model, sparsify(model, spec_for(rule)), batch=batch, device="cuda")
+        fast, stats = run_decode(model, accelerate(model, spec_for(rule)), batch=batch, device="cuda")
+        assert_close(fast, ref, 1e-2)
+        assert 0.0 < stats.overall("decode") < 1.0
+
+
+@needs_cuda
+def test_cuda_nan_in_decode_raises_at_the_block_exit():
+    model = tiny_model("llama", dtype=torch.bfloat16).to("cuda")
+    ids = torch.randint(1, 97, (1, 4), device="cuda")
+    mask = torch.ones(1, 5, dtype=torch.long, device="cuda")
+    with torch.no_grad():
+        model.model.layers[1].mlp.gate_proj.weight[0] = float("nan")
+        out = model(ids, use_cache=True)
+        with pytest.raises(NonFiniteActivationError, match="layer 1"), accelerate(model, spec_for("threshold")):
+            model(ids[:, :1], attention_mask=mask, past_key_values=out.past_key_values)
+    assert all("forward" not in vars(m) for m in model.modules())
 
 
 @pytest.mark.parametrize("rule", ["threshold", "top_p", "top_k", "max_p"])

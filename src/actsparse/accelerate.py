@@ -7,8 +7,9 @@ the weight rows of the entries kept. One float32 CPU token under the threshold r
 `intermediate` or `all_inputs` takes the fused C kernel (`kernels.sparse_ffn_cpu`, one call per
 FFN) when it compiled; everything else takes the PyTorch kernels of `kernels.sparse_ffn`. The
 transposed weight copies are made once on entry (so weights changed inside the block are not seen)
-and dropped on exit. FFNs without single gated
-weights (packed MoE experts) keep the simulation.
+and dropped on exit. FFNs without single gated weights (packed MoE experts) keep the simulation.
+On CUDA, decode never waits for the GPU: NaN or Inf in a decode activation raises at the block's
+exit instead of at the step (on CPU, at the step).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class _DecodeMasks:
         self._cache: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
         self._real_seen: torch.Tensor | None = None
         self._one_real = True
+        self._non_finite: dict[str, torch.Tensor] = {}  # CUDA: per vector, whether NaN/Inf was seen
 
     def _tau(self, vector: str, v: torch.Tensor) -> torch.Tensor:
         """τ of the threshold rule in v's dtype and device, made once per (vector, dtype, device)."""
@@ -71,13 +73,23 @@ class _DecodeMasks:
         if vector not in self.spec.vectors:
             return None
         a = v.abs()
-        if not math.isfinite(float(a.max())):
+        if v.is_cuda:  # no host sync in decode: the check is read at the end of the `accelerate` block
+            seen = ~torch.isfinite(a.amax())
+            self._non_finite[vector] = seen | self._non_finite[vector] if vector in self._non_finite else seen
+        elif not math.isfinite(float(a.max())):
             raise non_finite(vector, self.layer)
         threshold = self.spec.rule == "threshold"  # `a > tau` equals rules.threshold_mask's a.double() > τ
         keep = a > self._tau(vector, v) if threshold else self.mask_fn(v, self.spec.value_for(self.layer, vector))
         counts = count_entries(v, keep, self.tokens.rows(v, None))
         self.stats.record((self.layer, vector, self.tokens.phase, None), counts)
         return keep
+
+    def check(self) -> None:
+        """Raise if a CUDA decode step saw NaN or Inf (the deferred check of `__call__`)."""
+        for vector, seen in self._non_finite.items():
+            if bool(seen):
+                raise non_finite(vector, self.layer)
+        self._non_finite.clear()
 
     def one_real_token(self) -> bool:
         """Whether the current forward is one token that counts (not padding)."""
@@ -168,5 +180,7 @@ def accelerate(model: nn.Module, spec: SparsitySpec, layers: list[int] | None = 
     try:
         with instrumented(model, spec, layers, make_forward) as stats:
             yield stats
+            for step in steps:
+                step.masks.check()
     finally:
         steps.clear()  # drop the weight copies

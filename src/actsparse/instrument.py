@@ -71,7 +71,7 @@ def count_entries(v: torch.Tensor, keep: torch.Tensor, real: torch.Tensor | None
     """
     with torch.no_grad():
         if real is None:
-            seen = torch.tensor(keep.numel(), device=v.device)
+            seen = torch.full((), keep.numel(), device=v.device)  # a fill, not a host-to-device copy
             return torch.stack([seen - keep.sum(), seen - torch.count_nonzero(v), seen])
         seen = real.sum() * v.shape[-1]
         kept = keep.sum(dim=-1)[real].sum()

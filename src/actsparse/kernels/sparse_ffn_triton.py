@@ -9,6 +9,9 @@ against `x @ w_t` on CPU tensors under TRITON_INTERPRET=1.
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import torch
 
 try:
@@ -17,7 +20,7 @@ try:
 except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton = None
 
-__all__ = ["MAX_BATCH", "available", "sparse_rows_matmul"]
+__all__ = ["MAX_BATCH", "GemvConfig", "available", "default_config", "sparse_rows_matmul"]
 
 MAX_BATCH = 8
 """Largest number of tokens the kernel serves; the union of their masks decides the rows read."""
@@ -68,17 +71,36 @@ if triton is not None:
         tl.atomic_add(y_ptr + offs_b[:, None] * stride_y + offs_n[None, :], acc, mask=b_ok[:, None] & n_ok[None, :])
 
 
-def _config(batch: int, k_size: int, n_size: int, processors: int) -> tuple[int, int, int]:
-    """(BLOCK_K, BLOCK_N, K per program): about four programs per streaming multiprocessor."""
-    block_n = 128 if batch <= 2 else 64
-    block_k = 16 if batch <= 2 else 8
-    programs_n = triton.cdiv(n_size, block_n)
-    split_k = max(1, min(triton.cdiv(k_size, 8 * block_k), triton.cdiv(4 * processors, programs_n)))
-    k_per_program = triton.cdiv(triton.cdiv(k_size, split_k), block_k) * block_k
-    return block_k, block_n, k_per_program
+class GemvConfig(NamedTuple):
+    """Launch settings: rows of K and columns of N per block, programs per multiprocessor, warps."""
+
+    block_k: int
+    block_n: int
+    programs_per_sm: int = 4
+    num_warps: int = 4
 
 
-def sparse_rows_matmul(x: torch.Tensor, weight_t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def default_config(batch: int) -> GemvConfig:
+    """The launch settings used unless a caller passes others (`benchmarks/gemv_configs.py` compares them)."""
+    return GemvConfig(16, 128) if batch <= 2 else GemvConfig(8, 64)
+
+
+@functools.cache
+def _processors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def _split(config: GemvConfig, k_size: int, n_size: int, processors: int) -> int:
+    """K per program: enough programs for `programs_per_sm` per multiprocessor, at least 8 blocks of K each."""
+    programs_n = triton.cdiv(n_size, config.block_n)
+    target = triton.cdiv(config.programs_per_sm * processors, programs_n)
+    split_k = max(1, min(triton.cdiv(k_size, 8 * config.block_k), target))
+    return triton.cdiv(triton.cdiv(k_size, split_k), config.block_k) * config.block_k
+
+
+def sparse_rows_matmul(
+    x: torch.Tensor, weight_t: torch.Tensor, out: torch.Tensor | None = None, config: GemvConfig | None = None
+) -> torch.Tensor:
     """`x @ weight_t` for x [B ≤ MAX_BATCH, K] reading only the rows of `weight_t` [K, N] in use.
 
     Written into `out` [B, N] (x's dtype) when given; every entry is overwritten.
@@ -91,10 +113,10 @@ def sparse_rows_matmul(x: torch.Tensor, weight_t: torch.Tensor, out: torch.Tenso
         raise ValueError(f"batch {batch} exceeds MAX_BATCH={MAX_BATCH}")
     x = x.contiguous()
     weight_t = weight_t.contiguous()
+    config = config or default_config(batch)
     y = torch.zeros(batch, n_size, dtype=torch.float32, device=x.device)
-    processors = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-    block_k, block_n, k_per_program = _config(batch, k_size, n_size, processors)
-    grid = (triton.cdiv(n_size, block_n), triton.cdiv(k_size, k_per_program))
+    k_per_program = _split(config, k_size, n_size, _processors(x.device))
+    grid = (triton.cdiv(n_size, config.block_n), triton.cdiv(k_size, k_per_program))
     _sparse_rows_gemv[grid](
         x,
         weight_t,
@@ -107,7 +129,8 @@ def sparse_rows_matmul(x: torch.Tensor, weight_t: torch.Tensor, out: torch.Tenso
         y.stride(0),
         k_per_program,
         BLOCK_B=max(1, triton.next_power_of_2(batch)),
-        BLOCK_K=block_k,
-        BLOCK_N=block_n,
+        BLOCK_K=config.block_k,
+        BLOCK_N=config.block_n,
+        num_warps=config.num_warps,
     )
     return y.to(x.dtype) if out is None else out.copy_(y)

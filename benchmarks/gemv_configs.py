@@ -1,0 +1,99 @@
+"""Launch settings of the Triton sparse GEMV, compared on CUDA: µs and speed-up over dense per setting.
+
+    python benchmarks/gemv_configs.py [--shapes 14336x4096,4096x14336,28672x8192] [--sparsities 0,0.5,0.9]
+                                      [--json PATH]
+
+For each out × in shape and sparsity, times dense `F.linear` and `sparse_rows_matmul` under every
+`GemvConfig` of a small grid (block of K rows, block of N columns, programs per multiprocessor,
+warps), all in CUDA graphs and back to back as `actsparse bench` does, and prints each setting's
+speed-ups, the default's, and the best one per shape. Needs a CUDA GPU and triton.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from actsparse.commands.bench import _copies, _parse_shape, _sparse_input, time_pair
+from actsparse.kernels.sparse_ffn_triton import GemvConfig, default_config, sparse_rows_matmul
+
+GRID = [
+    GemvConfig(block_k, block_n, programs, warps)
+    for block_k, block_n, programs, warps in itertools.product((8, 16, 32), (64, 128, 256), (2, 4, 8), (4, 8))
+    if block_k * block_n <= 4096
+]
+
+
+def compare(shape: str, sparsities: list[float], dtype, args) -> list[dict]:
+    """One record per launch setting: dense and sparse µs at each sparsity, printed as they come."""
+    out_f, in_f = _parse_shape(shape)
+    n = _copies(out_f * in_f * dtype.itemsize, args.working_set)
+    weights = [torch.randn(out_f, in_f, device="cuda", dtype=dtype) / math.sqrt(in_f) for _ in range(n)]
+    weights_t = [w.t().contiguous() for w in weights]
+    x = torch.randn(1, in_f, device="cuda", dtype=dtype)
+    iters = max(2 * n, 8)
+
+    def dense(i: int):
+        return F.linear(x, weights[i % n])
+
+    records = []
+    for config in GRID:
+        row: dict = {"shape": shape, "config": list(config), "default": config == default_config(1)}
+        for s in sparsities:
+            xs = _sparse_input(x, s)
+
+            def sparse(i: int, xs=xs, config=config):
+                return sparse_rows_matmul(xs, weights_t[i % n], config=config)
+
+            dense_us, sparse_us, _ = time_pair(dense, sparse, "cuda", args.repeats, iters)
+            row[f"{s:g}"] = {"dense_us": round(dense_us, 2), "sparse_us": round(sparse_us, 2)}
+        records.append(row)
+        cells = "  ".join(f"s={s:g}: {row[f'{s:g}']['sparse_us']:7.1f} µs {_speedup(row, s):5.2f}×" for s in sparsities)
+        print(f"{shape:<12} {tuple(config)!s:<18}{' *' if row['default'] else '  '} {cells}", flush=True)
+    return records
+
+
+def _speedup(row: dict, s: float) -> float:
+    cell = row[f"{s:g}"]
+    return cell["dense_us"] / cell["sparse_us"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="14336x4096,4096x14336,28672x8192")
+    parser.add_argument("--sparsities", default="0,0.5,0.9")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--working-set", type=float, default=512.0, help="MB of weight copies to rotate over")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to compare")
+        return 1
+    dtype = getattr(torch, args.dtype)
+    sparsities = [float(s) for s in args.sparsities.split(",")]
+    key = 0.5 if 0.5 in sparsities else sparsities[-1]
+    records = []
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for shape in args.shapes.split(","):
+            rows = compare(shape, sparsities, dtype, args)
+            records += rows
+            torch.cuda.empty_cache()
+            best = max(rows, key=lambda r: _speedup(r, key))
+            others = ", ".join(f"s={s:g} {_speedup(best, s):.2f}×" for s in sparsities)
+            print(f"best at s={key:g} for {shape}: {tuple(best['config'])}: {others}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(records, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
