@@ -1,7 +1,7 @@
 """Launch settings of the Triton sparse GEMV, compared on CUDA: µs and speed-up over dense per setting.
 
     python benchmarks/gemv_configs.py [--shapes 14336x4096,4096x14336,28672x8192] [--sparsities 0,0.5,0.9]
-                                      [--json PATH]
+                                      [--batch 1] [--json PATH]
 
 For each out × in shape and sparsity, times dense `F.linear` and `sparse_rows_matmul` under every
 `GemvConfig` of a small grid (block of K rows, block of N columns, programs per multiprocessor,
@@ -26,9 +26,15 @@ from actsparse.kernels.sparse_ffn_triton import GemvConfig, default_config, spar
 
 GRID = [
     GemvConfig(block_k, block_n, programs, warps)
-    for block_k, block_n, programs, warps in itertools.product((8, 16, 32), (64, 128, 256), (2, 4, 8), (4, 8))
-    if block_k * block_n <= 4096
+    for block_k, block_n, programs, warps in itertools.product((8, 16, 32), (128, 256, 512), (4, 8, 16), (4, 8))
+    if block_k * block_n <= 8192
 ]
+STAGES = [
+    GemvConfig(*base, num_stages=stages)
+    for base in ((16, 256, 8, 4), (16, 512, 16, 4), (8, 512, 8, 4), (32, 256, 4, 4), (32, 128, 8, 4))
+    for stages in (1, 2, 3, 4, 6)
+]
+"""`--grid stages`: the best block shapes of GRID on an H200, under each number of pipeline stages."""
 
 
 def compare(shape: str, sparsities: list[float], dtype, args) -> list[dict]:
@@ -37,15 +43,20 @@ def compare(shape: str, sparsities: list[float], dtype, args) -> list[dict]:
     n = _copies(out_f * in_f * dtype.itemsize, args.working_set)
     weights = [torch.randn(out_f, in_f, device="cuda", dtype=dtype) / math.sqrt(in_f) for _ in range(n)]
     weights_t = [w.t().contiguous() for w in weights]
-    x = torch.randn(1, in_f, device="cuda", dtype=dtype)
+    x = torch.randn(args.batch, in_f, device="cuda", dtype=dtype)
     iters = max(2 * n, 8)
 
     def dense(i: int):
         return F.linear(x, weights[i % n])
 
     records = []
-    for config in GRID:
-        row: dict = {"shape": shape, "config": list(config), "default": config == default_config(1)}
+    for config in STAGES if args.grid == "stages" else GRID:
+        row: dict = {
+            "shape": shape,
+            "batch": args.batch,
+            "config": list(config),
+            "default": config == default_config(args.batch),
+        }
         for s in sparsities:
             xs = _sparse_input(x, s)
 
@@ -56,8 +67,31 @@ def compare(shape: str, sparsities: list[float], dtype, args) -> list[dict]:
             row[f"{s:g}"] = {"dense_us": round(dense_us, 2), "sparse_us": round(sparse_us, 2)}
         records.append(row)
         cells = "  ".join(f"s={s:g}: {row[f'{s:g}']['sparse_us']:7.1f} µs {_speedup(row, s):5.2f}×" for s in sparsities)
-        print(f"{shape:<12} {tuple(config)!s:<18}{' *' if row['default'] else '  '} {cells}", flush=True)
+        print(f"{shape:<12} {tuple(config)!s:<22}{' *' if row['default'] else '  '} {cells}", flush=True)
     return records
+
+
+def masked_input(shape: str, s: float, config: GemvConfig, mode: str, dtype, args) -> float:
+    """Speed-up over dense when x arrives unzeroed with a keep-mask, as in `accelerate`: the mask applied
+    inside the kernel ('keep') or by `torch.where` before it ('where')."""
+    out_f, in_f = _parse_shape(shape)
+    n = _copies(out_f * in_f * dtype.itemsize, args.working_set)
+    weights = [torch.randn(out_f, in_f, device="cuda", dtype=dtype) / math.sqrt(in_f) for _ in range(n)]
+    weights_t = [w.t().contiguous() for w in weights]
+    x = torch.randn(args.batch, in_f, device="cuda", dtype=dtype)
+    keep = _sparse_input(x, s) != 0
+    iters = max(2 * n, 8)
+
+    def dense(i: int):
+        return F.linear(x, weights[i % n])
+
+    def sparse(i: int):
+        if mode == "keep":
+            return sparse_rows_matmul(x, weights_t[i % n], config=config, keep=keep)
+        return sparse_rows_matmul(torch.where(keep, x, 0), weights_t[i % n], config=config)
+
+    dense_us, sparse_us, _ = time_pair(dense, sparse, "cuda", args.repeats, iters)
+    return dense_us / sparse_us
 
 
 def _speedup(row: dict, s: float) -> float:
@@ -71,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sparsities", default="0,0.5,0.9")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--grid", choices=("blocks", "stages"), default="blocks", help="the settings compared")
+    parser.add_argument("--batch", type=int, default=1, help="decode tokens (rows of x) per call, at most 8")
     parser.add_argument("--working-set", type=float, default=512.0, help="MB of weight copies to rotate over")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
@@ -89,7 +125,10 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
             best = max(rows, key=lambda r: _speedup(r, key))
             others = ", ".join(f"s={s:g} {_speedup(best, s):.2f}×" for s in sparsities)
-            print(f"best at s={key:g} for {shape}: {tuple(best['config'])}: {others}", flush=True)
+            print(f"best at s={key:g} for {shape}, batch {args.batch}: {tuple(best['config'])}: {others}", flush=True)
+            for mode in ("keep", "where"):
+                timed = masked_input(shape, key, GemvConfig(*best["config"]), mode, dtype, args)
+                print(f"  the same at s={key:g}, x not zeroed, {mode}: {timed:.2f}×", flush=True)
     if args.json:
         args.json.write_text(json.dumps(records, indent=2) + "\n")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -114,17 +115,23 @@ def test_sparse_ffn_matches_simulation(target, dtype):
 def test_triton_kernel_matches_dense(dtype):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator().manual_seed(2)
-    for batch, k, n, sparsity in ((1, 200, 130, 0.5), (1, 37, 300, 0.0), (5, 150, 70, 0.7), (8, 64, 64, 1.0)):
-        x, keep, weight_t = random_case(gen, batch, k, n, sparsity, dtype)  # fresh inputs per check
-        xs = torch.where(keep, x, 0)
-        ref = xs.double() @ weight_t.double()
-        out = torch.full((batch, n), float("nan"), dtype=dtype, device=device)
-        y = sparse_ffn_triton.sparse_rows_matmul(xs.to(device), weight_t.to(device), out=out)
-        assert y.data_ptr() == out.data_ptr()
-        if ref.norm() == 0:
-            assert bool((y == 0).all())
-        else:
-            assert rel_err(y.cpu(), ref) < TOL[dtype]
+    configs = [None, sparse_ffn_triton.GemvConfig(8, 64, 2, 4), sparse_ffn_triton.GemvConfig(32, 128, 16, 8)]
+    cases = ((1, 200, 130, 0.5), (1, 37, 300, 0.0), (5, 150, 70, 0.7), (8, 64, 64, 1.0), (2, 700, 40, 0.3))
+    for (batch, k, n, sparsity), config in itertools.product(cases, configs):
+        for masked_inside in (False, True):  # x zeroed beforehand, or the kernel applies keep
+            x, keep, weight_t = random_case(gen, batch, k, n, sparsity, dtype)  # fresh inputs per check
+            xs = torch.where(keep, x, 0)
+            ref = xs.double() @ weight_t.double()
+            out = torch.full((batch, n), float("nan"), dtype=dtype, device=device)
+            args = (x, keep.to(device)) if masked_inside else (xs, None)
+            y = sparse_ffn_triton.sparse_rows_matmul(
+                args[0].to(device), weight_t.to(device), out=out, config=config, keep=args[1]
+            )
+            assert y.data_ptr() == out.data_ptr()
+            if ref.norm() == 0:
+                assert bool((y == 0).all())
+            else:
+                assert rel_err(y.cpu(), ref) < TOL[dtype]
 
 
 def test_bench_command_writes_records(tmp_path):

@@ -121,7 +121,7 @@ def _cuda_graph(fn: Callable[[int], Any], iters: int):
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for i in range(3):
+        for i in range(iters):  # every call once: lazy set-up (kernel builds, cached constants) stays out of the graph
             fn(i)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()

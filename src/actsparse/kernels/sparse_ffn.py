@@ -81,7 +81,7 @@ def masked_rows_matmul(
         from actsparse.kernels import sparse_ffn_triton
 
         if sparse_ffn_triton.available() and x.shape[0] <= sparse_ffn_triton.MAX_BATCH:
-            y = sparse_ffn_triton.sparse_rows_matmul(torch.where(keep, x, 0), weight_t, out=out)
+            y = sparse_ffn_triton.sparse_rows_matmul(torch.where(keep, x, 0), weight_t, out=out)  # faster than keep=
     if y is None:
         y = _cpu_rows_matmul(x, keep, weight_t)
     return y if out is None else out.copy_(y)
