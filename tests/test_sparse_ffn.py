@@ -54,8 +54,9 @@ def test_masked_rows_matmul_matches_dense(batch, k, n, sparsity, dtype, seed):
     assert y.data_ptr() == out.data_ptr() and y.shape == (batch, n)
     if ref.norm() == 0:
         assert bool((y == 0).all())
-    else:
-        assert rel_err(y, ref) < TOL[dtype]
+    else:  # error relative to the size of the products, not of their sum (which may cancel)
+        scale = masked_rows_matmul_reference(x.double().abs(), keep, weight_t.double().abs())
+        assert float((y.double() - ref).norm() / scale.norm()) < TOL[dtype]
     fresh = masked_rows_matmul(x, keep, weight_t)  # and without out, the same values
     assert torch.equal(fresh, y)
 

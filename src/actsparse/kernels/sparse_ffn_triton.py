@@ -170,8 +170,7 @@ def sparse_rows_matmul(
         raise ValueError(f"batch {batch} exceeds MAX_BATCH={MAX_BATCH}")
     x = x.contiguous()
     weight_t = weight_t.contiguous()
-    fresh = out is None or not out.is_contiguous()
-    y = torch.empty(batch, n_size, dtype=x.dtype, device=x.device) if fresh else out
+    y = out if out is not None and out.is_contiguous() else torch.empty(batch, n_size, dtype=x.dtype, device=x.device)
     config = config or default_config(batch)
     block_b = max(1, triton.next_power_of_2(batch))
     k_per_program, split_k = _split(config, k_size, n_size, _processors(x.device))
@@ -202,4 +201,4 @@ def sparse_rows_matmul(
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
-    return y if out is None or y is out else out.copy_(y)
+    return y if out is None or y is out else out.copy_(y)  # a non-contiguous `out` is filled from y
