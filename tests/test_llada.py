@@ -167,6 +167,19 @@ def test_real_layout_checkpoint_loads_and_matches_the_reference(tmp_path: Path, 
     torch.testing.assert_close(again, ours, atol=1e-5, rtol=1e-5)
 
 
+def test_profile_cli_generates_with_a_diffusion_model(tmp_path: Path) -> None:
+    from actsparse.cli import main
+
+    (tmp_path / "config.json").write_text(json.dumps(_real_config(False)))
+    save_file(_real_weights(False), tmp_path / "model.safetensors", metadata={"format": "pt"})
+    tiny_tokenizer().save_pretrained(tmp_path)
+    out = tmp_path / "profile.json"
+    argv = ["profile", "--model", str(tmp_path), "--target", "intermediate", "--generate", "3", "--json", str(out)]
+    assert main(argv) == 0
+    record = json.loads(out.read_text())
+    assert 0.0 < record["stats"]["prefill"]["sparsity"] < 1.0 and isinstance(record["continuation"], str)
+
+
 def test_llada_is_recognised_and_unsupported_options_refused() -> None:
     assert is_llada_config({"model_type": "llada"})
     assert is_llada_config({"auto_map": {"AutoModel": "modeling_llada.LLaDAModelLM"}})

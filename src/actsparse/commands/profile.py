@@ -47,8 +47,8 @@ def run(args: argparse.Namespace) -> int:
         model(**batch)
         prefill = stats.to_dict()
         stats.reset()
-        out = model.generate(**prompt, max_new_tokens=args.generate, do_sample=False)
-    continuation = tokenizer.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
+        tokens = _generate(model, tokenizer, prompt["input_ids"], args.generate)
+    continuation = tokenizer.decode(tokens, skip_special_tokens=True)
 
     table = Table(title=f"{args.model}: {spec.label} on {batch['input_ids'].shape[1]} tokens")
     table.add_column("layer", justify="right")
@@ -70,3 +70,24 @@ def run(args: argparse.Namespace) -> int:
         }
         args.json.write_text(json.dumps(record, indent=2))
     return 0
+
+
+def _generate(model, tokenizer, prompt, length: int) -> list[int]:
+    """`length` greedy tokens after `prompt` [1, T]: `generate` for causal models; for diffusion models
+    (LLaDA, diffusion_gemma) iterative unmasking, one token per step, seeded."""
+    import torch
+
+    from actsparse.diffusion import denoiser_for
+    from actsparse.diffusion.scoring import generate
+
+    denoiser = denoiser_for(model)
+    if denoiser is None:
+        out = model.generate(
+            input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=length, do_sample=False
+        )
+        return out[0, prompt.shape[1] :].tolist()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    tokens, _ = generate(
+        denoiser, [prompt[0].tolist()], [torch.Generator().manual_seed(0)], length, length, length, pad
+    )
+    return tokens[0]
