@@ -7,6 +7,9 @@ falls on both alike; lm-eval's time is that of its model calls (HFLM.loglikeliho
 excluded on both sides.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/eval_throughput.py --limit 200 --json out.json
+
+HFLM runs at each of `--hf-batch-sizes` (1 is lm-eval's default). Beside time, each side's matmul work
+(GFLOP of the linear layers, padding included) and GFLOP/s are printed: work ratio × GFLOP/s ratio = speed-up.
 """
 
 from __future__ import annotations
@@ -72,17 +75,24 @@ class Work:
     def _count_tokens(self, module, args, kwargs) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         mask = kwargs.get("attention_mask")
-        if ids is not None:
-            self.tokens += ids.numel()
-            self.real += int(mask[:, -ids.shape[1] :].sum()) if mask is not None else ids.numel()
+        if ids is None:
+            return
+        self.tokens += ids.numel()
+        if mask is None:
+            self.real += ids.numel()
+        elif mask.dim() == 4:  # a packed tree mask: padding attends to nothing, not even itself
+            diagonal = mask[:, 0].diagonal(dim1=-2, dim2=-1)
+            self.real += int(diagonal.sum() if mask.dtype == torch.bool else (diagonal == 0).sum())
+        else:
+            self.real += int(mask[:, -ids.shape[1] :].sum())
 
     def _count_rows(self, module, args) -> None:
         self.head_rows += args[0].shape[:-1].numel()
 
-    def take(self) -> tuple[int, int, int, float]:
+    def take(self) -> list[float]:
         """Tokens, real tokens, vocabulary rows and GFLOPs of the linear layers since the last call."""
         gflop = 2e-9 * (self.body_params * self.tokens + self.head_params * self.head_rows)
-        out = self.tokens, self.real, self.head_rows, gflop
+        out = [self.tokens, self.real, self.head_rows, gflop]
         self.tokens = self.real = self.head_rows = 0
         return out
 
@@ -94,94 +104,128 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--slices", type=int, default=4, help="alternate ours and lm-eval over this many slices")
-    parser.add_argument("--batch-size", type=int, default=16, help="documents per batch of our scorer")
-    parser.add_argument("--hf-batch-size", type=int, default=16, help="requests per batch of lm-eval's HFLM")
+    parser.add_argument("--batch-size", type=int, default=64, help="documents per batch of our scorer")
+    parser.add_argument("--no-packing", action="store_true", help="our cached path instead of packed trees")
+    parser.add_argument(
+        "--hf-batch-sizes",
+        default="1,16",
+        help="requests per batch of lm-eval's HFLM, each timed (1: lm-eval's default)",
+    )
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
+    hf_sizes = [int(b) for b in args.hf_batch_sizes.split(",")]
     offline()
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     model, tokenizer = load_model(args.model)
     print(
-        f"{args.model}, torch threads {torch.get_num_threads()}, ours batch {args.batch_size} documents, "
-        f"lm-eval HFLM batch {args.hf_batch_size} requests",
+        f"{args.model}, torch threads {torch.get_num_threads()}, ours: batch {args.batch_size} documents, "
+        f"{'cached' if args.no_packing else 'packed'} path; lm-eval HFLM batch {hf_sizes} requests",
         flush=True,
     )
     work = Work(model)
+    sides = ["ours"] + [f"hf{b}" for b in hf_sizes]
     rows = []
     for name in args.tasks.split(","):
         task = get_task(name)
         ids = select_docs(task, args.limit, args.seed)
-        theirs_fn = LmEval(model, tokenizer, name, args.hf_batch_size)
-        evaluate_task(model, tokenizer, task, ids[:2])  # warm-up, both sides
-        theirs_fn(ids[:2])
-        theirs_fn.timer.seconds = 0.0
-        ours: list[DocResult] = []
-        theirs: list[DocResult] = []
-        ours_s = 0.0
-        ours_work, theirs_work = [0, 0, 0, 0.0], [0, 0, 0, 0.0]
+        hf = {f"hf{b}": LmEval(model, tokenizer, name, b) for b in hf_sizes}
+
+        def ours_fn(part: list[int], task=task) -> list[DocResult]:
+            kwargs = dict(batch_size=args.batch_size, packing=not args.no_packing)
+            return evaluate_task(model, tokenizer, task, part, **kwargs)[0].docs  # type: ignore[arg-type]
+
+        ours_fn(ids[:2])  # warm-up, every side
+        for side in hf.values():
+            side(ids[:2])
+            side.timer.seconds = 0.0
+        docs: dict[str, list[DocResult]] = {s: [] for s in sides}
+        seconds = dict.fromkeys(sides, 0.0)
+        done = {s: [0, 0, 0, 0.0] for s in sides}
         work.take()
         for k in range(args.slices):
             part = ids[k :: args.slices]
             start = time.perf_counter()
-            ours += evaluate_task(model, tokenizer, task, part, batch_size=args.batch_size)[0].docs
-            ours_s += time.perf_counter() - start
-            ours_work = [a + b for a, b in zip(ours_work, work.take(), strict=True)]
-            theirs += theirs_fn(part)
-            theirs_work = [a + b for a, b in zip(theirs_work, work.take(), strict=True)]
-        ours.sort(key=lambda d: d.doc_id)
-        theirs.sort(key=lambda d: d.doc_id)
-        theirs_s = theirs_fn.timer.seconds
-        row = {"task": name, "split": task.split, "docs": len(ids), "ours_s": ours_s, "lm_eval_s": theirs_s}
-        for metric in ("acc", "acc_norm"):
-            a = sum(d.metrics[metric] for d in ours) / len(ours)
-            b = sum(d.metrics[metric] for d in theirs) / len(theirs)
-            row |= {f"ours_{metric}": a, f"lm_eval_{metric}": b, f"diff_{metric}_points": 100 * (a - b)}
-        same = sum(x.metrics == y.metrics for x, y in zip(ours, theirs, strict=True))
-        row["same_doc_metrics"] = same / len(ids)
-        row["speedup"] = theirs_s / ours_s
-        for side, (tokens, real, head_rows, gflop) in (("ours", ours_work), ("lm_eval", theirs_work)):
-            row |= {f"{side}_tokens": tokens, f"{side}_real_tokens": real, f"{side}_head_rows": head_rows}
-            row[f"{side}_gflop"] = gflop
-            row[f"{side}_gflops"] = gflop / (ours_s if side == "ours" else theirs_s)
-        row["work_ratio"] = theirs_work[3] / ours_work[3]
+            docs["ours"] += ours_fn(part)
+            seconds["ours"] += time.perf_counter() - start
+            done["ours"] = [a + b for a, b in zip(done["ours"], work.take(), strict=True)]
+            for s, side in hf.items():
+                docs[s] += side(part)
+                done[s] = [a + b for a, b in zip(done[s], work.take(), strict=True)]
+        for s, side in hf.items():
+            seconds[s] = side.timer.seconds
+        row: dict = {"task": name, "split": task.split, "docs": len(ids)}
+        for s in sides:
+            docs[s].sort(key=lambda d: d.doc_id)
+            tokens, real, head_rows, gflop = done[s]
+            row[s] = {
+                "seconds": seconds[s],
+                "docs_per_s": len(ids) / seconds[s],
+                "acc": sum(d.metrics["acc"] for d in docs[s]) / len(ids),
+                "acc_norm": sum(d.metrics["acc_norm"] for d in docs[s]) / len(ids),
+                "tokens": tokens,
+                "real_tokens": real,
+                "head_rows": head_rows,
+                "gflop": gflop,
+                "gflops": gflop / seconds[s],
+            }
+            if s != "ours":
+                row[s]["speedup"] = seconds[s] / seconds["ours"]
+                row[s]["work_ratio"] = gflop / done["ours"][3]
+                row[s]["same_doc_metrics"] = sum(
+                    x.metrics == y.metrics for x, y in zip(docs["ours"], docs[s], strict=True)
+                ) / len(ids)
+                row[s]["diff_points"] = max(abs(100 * (row["ours"][m] - row[s][m])) for m in ("acc", "acc_norm"))
         # an exact scorer needs at least every real token once and the vocabulary at every scored position
-        row["ours_floor_gflop"] = 2e-9 * (work.body_params * ours_work[1] + work.head_params * ours_work[2])
+        row["ours"]["floor_gflop"] = 2e-9 * (work.body_params * done["ours"][1] + work.head_params * done["ours"][2])
         rows.append(row)
+        for s in sides:
+            r = row[s]
+            real = f" ({r['real_tokens']} real)" if s == "ours" else ""  # HFLM passes no mask: all count as real
+            line = (
+                f"{name:10s} {s:5s} {len(ids)} docs {r['seconds']:7.1f} s {r['docs_per_s']:6.2f} docs/s | "
+                f"acc {r['acc']:.4f} acc_norm {r['acc_norm']:.4f} | {r['tokens']:7d} tokens{real} "
+                f"{r['head_rows']:7d} vocab rows {r['gflop']:7.0f} GFLOP {r['gflops']:4.0f} GFLOP/s"
+            )
+            if s != "ours":
+                line += (
+                    f" | ours {r['speedup']:.2f}x faster, {r['work_ratio']:.2f}x less work, per-doc metrics equal "
+                    f"{r['same_doc_metrics']:.3f}, gap {r['diff_points']:.2f} pt"
+                )
+            print(line, flush=True)
+    summary: dict = {"model": args.model, "batch_size": args.batch_size, "packing": not args.no_packing}
+    ours_s = sum(r["ours"]["seconds"] for r in rows)
+    ours_gflop = sum(r["ours"]["gflop"] for r in rows)
+    floor = sum(r["ours"]["floor_gflop"] for r in rows)
+    print(
+        f"overall ours: {ours_s:.1f} s, {ours_gflop:.0f} GFLOP ({floor:.0f} without padding), "
+        f"{ours_gflop / ours_s:.0f} GFLOP/s"
+    )
+    for s in sides[1:]:
+        theirs_s = sum(r[s]["seconds"] for r in rows)
+        theirs_gflop = sum(r[s]["gflop"] for r in rows)
+        worst = max(r[s]["diff_points"] for r in rows)
+        same = min(r[s]["same_doc_metrics"] for r in rows)
+        summary[s] = {
+            "speedup": theirs_s / ours_s,
+            "work_ratio": theirs_gflop / ours_gflop,
+            "work_ratio_unpadded": theirs_gflop / floor,
+            "gflops": theirs_gflop / theirs_s,
+            "max_gap_points": worst,
+            "min_same_doc_metrics": same,
+        }
         print(
-            f"{name:10s} {len(ids)} docs | acc {row['ours_acc']:.4f} vs {row['lm_eval_acc']:.4f} "
-            f"({row['diff_acc_points']:+.2f} pt) | acc_norm {row['ours_acc_norm']:.4f} vs "
-            f"{row['lm_eval_acc_norm']:.4f} ({row['diff_acc_norm_points']:+.2f} pt) | per-doc metrics equal "
-            f"{row['same_doc_metrics']:.3f} | {len(ids) / ours_s:.2f} vs {len(ids) / theirs_s:.2f} docs/s "
-            f"({row['speedup']:.2f}x)",
+            f"overall vs HFLM batch {s[2:]}: ours {theirs_s / ours_s:.2f}x faster "
+            f"({theirs_s:.1f} s vs {ours_s:.1f} s); "
+            f"work {theirs_gflop:.0f} vs {ours_gflop:.0f} GFLOP ({theirs_gflop / ours_gflop:.2f}x less, "
+            f"{theirs_gflop / floor:.2f}x at zero padding); {theirs_gflop / theirs_s:.0f} vs {ours_gflop / ours_s:.0f} "
+            f"GFLOP/s; largest accuracy gap {worst:.2f} pt, per-doc metrics equal >= {same:.3f}",
             flush=True,
         )
-        print(
-            f"{'':10s} work: tokens {ours_work[0]} ({ours_work[1]} real) vs {theirs_work[0]} ({theirs_work[1]} real), "
-            f"vocabulary rows {ours_work[2]} vs {theirs_work[2]}, {ours_work[3]:.0f} vs {theirs_work[3]:.0f} GFLOP "
-            f"({row['work_ratio']:.2f}x less), {row['ours_gflops']:.0f} vs {row['lm_eval_gflops']:.0f} GFLOP/s",
-            flush=True,
-        )
-    total = sum(r["lm_eval_s"] for r in rows) / sum(r["ours_s"] for r in rows)
-    worst = max(max(abs(r["diff_acc_points"]), abs(r["diff_acc_norm_points"])) for r in rows)
-    print(f"overall speed-up {total:.2f}x (total lm-eval time / total ours); largest accuracy gap {worst:.2f} points")
-    less = sum(r["lm_eval_gflop"] for r in rows) / sum(r["ours_gflop"] for r in rows)
-    floor = sum(r["lm_eval_gflop"] for r in rows) / sum(r["ours_floor_gflop"] for r in rows)
-    print(f"overall work ratio {less:.2f}x (lm-eval GFLOP / ours): the speed-up at equal GFLOP/s")
-    print(f"work ratio without our padding {floor:.2f}x: the most any exact scorer gets at lm-eval's GFLOP/s")
+    summary["ours_gflops"] = ours_gflop / ours_s
+    summary["tasks"] = rows
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(
-                {
-                    "model": args.model,
-                    "tasks": rows,
-                    "speedup": total,
-                    "work_ratio": less,
-                    "work_ratio_unpadded": floor,
-                    "max_gap_points": worst,
-                },
-                f,
-                indent=2,
-            )
+            json.dump(summary, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiny import FAMILIES, tiny_lm, tiny_task
 
-from actsparse import sparsify
-from actsparse.evaluate import DenseReference, evaluate_task
+from actsparse import accelerate, sparsify
+from actsparse.evaluate import DenseReference, evaluate_task, scorer
 from actsparse.evaluate.metrics import choice_metrics, cut_at_stop, exact_match, topk_kl
-from actsparse.evaluate.scorer import Encoder, Group, greedy_generate, plan_chunks, score_groups
+from actsparse.evaluate.packing import make_tree, pack, plan_rows
+from actsparse.evaluate.scorer import (
+    Encoder,
+    Group,
+    greedy_generate,
+    packing_depth,
+    plan_chunks,
+    score_groups,
+    scored_positions,
+)
 from actsparse.spec import SparsitySpec
 from actsparse.tasks import Completion, Generation, MultipleChoice, task_from_requests
 
@@ -217,3 +226,146 @@ def test_generation_metrics_as_lm_eval():
     assert exact_match("the beatles!", ("The Beatles",)) == 1.0
     assert exact_match("Beatles", ("The Beatles", "Fab Four")) == 0.0
     assert choice_metrics([-4.0, -6.0], ["ab", "abcdef"], 1)[0] == {"acc": 0.0, "acc_norm": 1.0}
+
+
+# --- tree packing: packed and cached paths agree, on every kind of model the packed path accepts ---
+
+
+class MaskKinds:
+    """Counts the model's forwards by the rank of their attention mask (4: packed trees, 2: cached path)."""
+
+    def __init__(self, model) -> None:
+        self.seen: list[int] = []
+        model.register_forward_pre_hook(self.hook, with_kwargs=True)
+
+    def hook(self, module, args, kwargs) -> None:
+        self.seen.append(kwargs["attention_mask"].dim())
+
+
+def varied_groups(tokenizer) -> list[Group]:
+    """Shared choice prefixes, single-token and empty choices, lengths from 1 token to one long tree."""
+    long = Group(tokenizer.encode("the big red sun is hot and the sky is " * 2), [tokenizer.encode(" big and red")] * 2)
+    return [
+        *groups_of(tokenizer, tiny_task(n_docs=6, seed=7)),
+        Group([5], [[7], [8], [9]]),  # one-token context and one-token choices: no branches at all
+        Group([5, 6], [[7, 9, 10], [7, 9, 11, 12], [7, 9]]),  # two tokens shared, one choice ends there
+        Group([5], [[7], [7, 8], []]),  # an empty choice: nothing shared
+        long,  # the deepest tree, wider than a forward's budget below
+    ]
+
+
+def assert_same_scores(packed, cached, tol: float = 1e-5) -> None:
+    for a, b in zip(packed, cached, strict=True):
+        assert a.lls == pytest.approx(b.lls, abs=tol, rel=tol)
+        assert (a.greedy, a.argmax) == (b.greedy, b.argmax)
+        assert torch.equal(a.ids, b.ids)
+        assert torch.allclose(a.logp, b.logp, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize(
+    "family, attention",
+    [(f, "eager") for f in ("llama", "qwen2", "gemma2", "gemma3_text", "phi3", "olmo2", "qwen3_moe")]
+    + [(f, "sdpa") for f in ("llama", "gemma3_text", "qwen3_moe")],
+)
+def test_packed_trees_equal_the_cached_path(family, attention, monkeypatch):
+    model, tokenizer = tiny_lm(family)
+    model.set_attn_implementation(attention)
+    groups = varied_groups(tokenizer)
+    if family == "gemma3_text":  # a window of 16 sends most of these trees to the cached path (next test)
+        model.config.sliding_window = 128
+    kinds = MaskKinds(model)
+    cached = score_groups(model, groups, 0, packing=False)
+    assert set(kinds.seen) == {2}
+    kinds.seen.clear()
+    monkeypatch.setattr(scorer, "FORWARD_TOKENS", 48)  # several forwards, the long tree alone beyond the budget
+    monkeypatch.setattr(scorer, "LOGITS", 24 * 97)  # 24 scored positions of the tiny vocabulary
+    packed = score_groups(model, groups, 0)
+    assert set(kinds.seen) == {4} and len(kinds.seen) > 2
+    assert_same_scores(packed, cached)
+    # the dense top-k ids of one path read back by the other: the reads a sparse run makes for KL
+    reread = score_groups(model, groups, 0, reference=[s.ids for s in cached])
+    assert all(torch.allclose(a.logp, b.logp, atol=1e-5) for a, b in zip(reread, cached, strict=True))
+
+
+def test_trees_beyond_the_sliding_window_take_the_cached_path():
+    model, tokenizer = tiny_lm("gemma3_text")  # sliding window 16 on every layer
+    assert packing_depth(model) == 16
+    groups = varied_groups(tokenizer)  # the last tree is 40 tokens deep, the others within 16
+    kinds = MaskKinds(model)
+    packed = score_groups(model, groups, 0)
+    assert set(kinds.seen) == {2, 4}
+    assert_same_scores(packed, score_groups(model, groups, 0, packing=False))
+    model.config._attn_implementation = "flash_attention_2"  # no custom masks there: nothing is packed
+    assert packing_depth(model) == 0
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_packed_trees_count_real_tokens_only_when_sparse(family):
+    model, tokenizer = tiny_lm(family)
+    groups = varied_groups(tokenizer)
+    counts = {}
+    for packing in (True, False):
+        with sparsify(model, SparsitySpec("all_inputs", "top_p", 0.7)) as stats:
+            scores = score_groups(model, groups, 0, packing=packing)
+        pooled: dict = {}
+        for (layer, vector, _phase, expert), row in stats.counts().items():  # decode or prefill: as it comes
+            before = pooled.get((layer, vector, expert), (0, 0, 0))
+            pooled[layer, vector, expert] = [a + b for a, b in zip(before, row, strict=True)]
+        counts[packing] = (scores, pooled)
+    (packed, ours), (cached, theirs) = counts[True], counts[False]
+    assert_same_scores(packed, cached, tol=1e-4)
+    assert ours.keys() == theirs.keys()
+    for key, (zeroed, natural, seen) in ours.items():
+        assert seen == theirs[key][2]  # every real token once, padding never
+        assert abs(zeroed - theirs[key][0]) <= 1e-3 * seen and natural == theirs[key][1]
+    real = sum(len(g.context) - 1 + scored_positions(g) for g in groups)  # trunks and branches
+    routed = getattr(model.config, "num_experts_per_tok", 1)  # an MoE layer counts each token in its experts
+    seen = sum(row[2] for (layer, vector, _), row in ours.items() if (layer, vector) == (0, "input"))
+    assert seen == real * routed * model.config.hidden_size
+
+
+def test_evaluate_task_packed_equals_cached_with_reference_and_accelerate(tmp_path):
+    model, tokenizer = tiny_lm("llama")
+    task = tiny_task(n_docs=10, seed=8)
+    packed, reference = evaluate_task(model, tokenizer, task, batch_size=4)
+    cached, cached_reference = evaluate_task(model, tokenizer, task, batch_size=4, packing=False)
+    assert [d.metrics for d in packed.docs] == [d.metrics for d in cached.docs]
+    for doc in reference.topk:
+        assert torch.equal(reference.topk[doc][0], cached_reference.topk[doc][0])
+        assert torch.allclose(reference.topk[doc][1], cached_reference.topk[doc][1], atol=1e-5)
+    spec = SparsitySpec("intermediate", "top_p", 0.6)
+    runs = []
+    for packing in (True, False):
+        for context in (sparsify, accelerate):
+            with context(model, spec) as stats:
+                result, _ = evaluate_task(model, tokenizer, task, reference=reference, batch_size=4, packing=packing)
+            runs.append(([d.kl for d in result.docs], stats.tokens_seen(), stats.overall()))
+    for kl, seen, sparsity in runs[1:]:
+        assert kl == pytest.approx(runs[0][0], abs=1e-4, rel=1e-3)
+        assert seen == runs[0][1] and sparsity == pytest.approx(runs[0][2], abs=1e-3)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 4), min_size=0, max_size=4), min_size=1, max_size=4), st.integers(1, 5))
+def test_tree_mask_lets_each_token_see_its_own_sequence(branch_lengths, trunk):
+    """Brute force: a token sees exactly the earlier tokens of its own trunk + branch, in another tree nothing."""
+    trees = [make_tree(range(trunk), [[0] * n for n in lengths if n]) for lengths in branch_lengths]
+    width, rows = plan_rows([len(t) for t in trees])
+    assert sorted(i for row in rows for i in row) == list(range(len(trees)))
+    assert all(sum(len(trees[i]) for i in row) <= width for row in rows)
+    batch = pack(trees, rows, 0, torch.float32, "cpu")
+    sees = batch.attention_mask[:, 0] == 0
+    owner = {}  # (row, column) → (tree, branch, position)
+    for i, (r, at) in batch.where.items():
+        for j, (b, p) in enumerate(zip(trees[i].branch, trees[i].positions, strict=True)):
+            owner[r, at + j] = (i, b, p)
+            assert batch.position_ids[r, at + j] == p and batch.real[r, at + j]
+    for r in range(sees.shape[0]):
+        for q in range(sees.shape[1]):
+            for kv in range(sees.shape[2]):
+                want = (r, q) in owner and (r, kv) in owner
+                if want:
+                    (tq, bq, pq), (tk, bk, pk) = owner[r, q], owner[r, kv]
+                    want = tq == tk and bk in (0, bq) and pk <= pq
+                assert bool(sees[r, q, kv]) == want
+    assert int(batch.real.sum()) == len(owner)

@@ -60,7 +60,7 @@ class SweepConfig:
     out: Path = Path("runs/sweep")
     accelerate: bool = False
     backend: str = "native"
-    batch_size: int = 16
+    batch_size: int = 64  # documents scored together (multiple choice: packed into trees, a few forwards)
     resamples: int = 1000
     executor: str = "local"  # 'local' (in this process) or 'ray' (a Ray task per point)
     address: str | None = None  # Ray cluster address (None: a local Ray instance)

@@ -49,7 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/sweep"), help="run folder (results.sqlite, summary.json)")
     p.add_argument("--accelerate", action="store_true", help="run sparse kernels (actsparse.accelerate)")
     p.add_argument("--backend", default="native", help="native (fast, with KL) or lm-eval (any lm-eval task)")
-    p.add_argument("--batch-size", type=int, default=16, help="documents per forward batch")
+    p.add_argument("--batch-size", type=int, default=64, help="documents scored together")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the intervals")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     scale = p.add_argument_group("scale out")

@@ -1,18 +1,22 @@
-"""The fast scorer: batched, padded, and for multiple choice the shared context runs once per document.
+"""The fast scorer: multiple choice as token trees packed into rows, one forward per batch.
 
-Every document becomes groups of token ids: a context and the continuations scored after it. One
-forward runs the batch's contexts, each extended by the prefix its continuations share (left-padded,
-explicit positions); the KV cache is then expanded over the continuations' own tokens, which run in
-chunks of similar length (right-padded, full-length attention mask). Documents are batched by length
-(at most `batch_size`, cut where padding would cost more than a forward), and the vocabulary projection
-runs only at scored positions.
-This is exact for causal models, and under `sparsify` too, because rules act on each token's own vector.
+Every document becomes groups of token ids: a context and the continuations scored after it. A group is
+a tree (packing.py): the context, extended by the prefix its continuations share, then each continuation's
+own tokens as a branch that sees the trunk and itself only. Trees are packed several to a row and rows
+batched into forwards with a 4D mask and explicit positions: no padding between documents, every real
+token runs once, no KV cache, and the vocabulary projection runs only at scored positions.
+Models where a custom mask is not exact (attention other than eager/sdpa, chunked or bidirectional
+attention, trees deeper than a sliding window) take the cached path: one forward runs the contexts
+(left-padded), the KV cache is then expanded over the continuations' own tokens, in chunks of similar
+length. Greedy generation always takes it.
+Both are exact for causal models, and under `sparsify` too, because rules act on each token's own vector.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +24,10 @@ import torch
 from torch import nn
 
 from actsparse.evaluate.metrics import choice_metrics, cut_at_stop, exact_match, topk_kl
+from actsparse.evaluate.packing import PackedRows, Tree, make_tree, pack, plan_rows
 from actsparse.evaluate.reference import DenseReference
 from actsparse.evaluate.results import DocResult, TaskResult
+from actsparse.instrument import set_real_tokens
 from actsparse.tasks import Completion, Generation, MultipleChoice, Request, Task, get_task, select_docs
 
 TOPK = 32
@@ -145,6 +151,33 @@ def _read(logits: torch.Tensor, targets: list[list[int]], k: int, ref_ids: torch
     return lls, greedy, (ref_ids, logp.gather(-1, ref_ids.to(logp.device).long()).cpu())
 
 
+PACKED_ATTENTION = ("eager", "sdpa")
+FORWARD_TOKENS = 4096
+"""Tokens (padding included) of one packed forward."""
+LOGITS = 1 << 26
+"""Logits (floats) of one packed forward: 256 MB, 1365 scored positions of a 49k vocabulary."""
+
+
+def packing_depth(model: nn.Module) -> int | None:
+    """The deepest tree that packing scores exactly on `model`: None for any, 0 for none (attention other
+    than eager/sdpa, bidirectional or chunked attention, another layer type, a multimodal wrapper), else
+    the sliding window, which the tree mask does not encode (a tree within it never reaches its edge)."""
+    config = getattr(model, "config", None)
+    if config is None or config.get_text_config() is not config:
+        return 0
+    if getattr(config, "_attn_implementation", None) not in PACKED_ATTENTION or not getattr(config, "is_causal", True):
+        return 0
+    if getattr(config, "use_bidirectional_attention", False) or getattr(config, "attention_chunk_size", None):
+        return 0
+    types = getattr(config, "layer_types", None)
+    if types is not None and not set(types) <= {"full_attention", "sliding_attention"}:
+        return 0
+    window = getattr(config, "sliding_window", None)
+    if window is None or (types is not None and "sliding_attention" not in types):
+        return None
+    return int(window)
+
+
 @torch.no_grad()
 def score_groups(
     model: nn.Module,
@@ -154,13 +187,165 @@ def score_groups(
     k: int = TOPK,
     reference: Sequence[torch.Tensor] | None = None,
     chunk_tokens: int = 1024,
+    packing: bool = True,
 ) -> list[GroupScore]:
     """Log-likelihoods of every continuation of every group.
 
-    One forward runs the contexts, each extended by the prefix its continuations share; the KV
-    cache is then expanded over the continuations' own tokens, which run in chunks of similar length.
-    `reference`: per group, the dense top-k ids [P, k] at which to read this run's log-probs.
+    `packing`: score groups as packed trees where that is exact on this model, the rest (all when
+    False) by the cached path. `reference`: per group, the dense top-k ids [P, k] at which to read
+    this run's log-probs. `chunk_tokens`: the most tokens of a cached-path continuation forward.
     """
+    if reference is not None:
+        for group, ref in zip(groups, reference, strict=True):
+            if ref.shape[0] != scored_positions(group):
+                raise ValueError(f"{scored_positions(group)} scored positions, the dense reference has {ref.shape[0]}")
+    depth = packing_depth(model) if packing else 0
+    trees = [_tree(g) for g in groups]
+    packed = [i for i, t in enumerate(trees) if depth is None or t.depth <= depth]
+    cached = sorted(set(range(len(groups))) - set(packed))
+    scores: list[GroupScore | None] = [None] * len(groups)
+
+    def pick(items: Sequence[Any], index: list[int]) -> list[Any]:
+        return [items[i] for i in index]
+
+    if packed:
+        refs = None if reference is None else pick(reference, packed)
+        part = _score_packed(model, pick(groups, packed), pick(trees, packed), pad, k, refs)
+        for i, score in zip(packed, part, strict=True):
+            scores[i] = score
+    if cached:
+        refs = None if reference is None else pick(reference, cached)
+        part = _score_cached(model, pick(groups, cached), pad, k, refs, chunk_tokens)
+        for i, score in zip(cached, part, strict=True):
+            scores[i] = score
+    return scores  # type: ignore[return-value]
+
+
+def _tree(group: Group) -> Tree:
+    """The group as a tree: context and shared prefix, then each continuation's own tokens but its last."""
+    n = shared_prefix(group.continuations)
+    return make_tree(group.context + group.continuations[0][:n], [c[n:-1] for c in group.continuations if c[n:-1]])
+
+
+@contextmanager
+def _real_tokens(model: nn.Module, real: torch.Tensor) -> Iterator[None]:
+    """Tell running `sparsify` blocks which tokens are real: their model pre-hook, which runs before
+    this one, reads real tokens from a 2D mask and sees the packed forward's 4D mask instead."""
+    handle = model.register_forward_pre_hook(lambda module, args: set_real_tokens(model, real))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _score_packed(
+    model: nn.Module,
+    groups: Sequence[Group],
+    trees: Sequence[Tree],
+    pad: int,
+    k: int,
+    reference: Sequence[torch.Tensor] | None,
+) -> list[GroupScore]:
+    """Score groups as trees packed into rows, the rows batched into forwards within the budgets."""
+    device = next(model.parameters()).device
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    most = max(1, LOGITS // int(getattr(model.config, "vocab_size", 1)))  # scored positions a forward
+    width, rows = plan_rows([len(t) for t in trees])
+    sizes = [scored_positions(g) for g in groups]
+    forwards: list[list[list[int]]] = []
+    scored = 0
+    for row in rows:
+        size = sum(sizes[i] for i in row)
+        if not forwards or (len(forwards[-1]) + 1) * width > FORWARD_TOKENS or scored + size > most:
+            forwards.append([])
+            scored = 0
+        forwards[-1].append(row)
+        scored += size
+    scores: list[GroupScore | None] = [None] * len(groups)
+    for forward in forwards:
+        batch = pack(trees, forward, pad, dtype, device)
+        for i, score in _read_packed(model, groups, batch, k, reference):
+            scores[i] = score
+    return scores  # type: ignore[return-value]
+
+
+def _read_packed(
+    model: nn.Module, groups: Sequence[Group], batch: PackedRows, k: int, reference: Sequence[torch.Tensor] | None
+) -> Iterator[tuple[int, GroupScore]]:
+    """One packed forward, then every group's reads at its scored positions."""
+    keep = torch.zeros(batch.real.shape, dtype=torch.bool)
+    first_column: dict[int, tuple[int, int]] = {}  # group → its first scored position: row, column
+    for i, (r, at) in batch.where.items():
+        column = at + len(groups[i].context) - 1  # the context's last token, the shared prefix, the branches
+        keep[r, column : column + scored_positions(groups[i])] = True
+        first_column[i] = (r, column)
+    with _real_tokens(model, batch.real):
+        logits = model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+            logits_to_keep=keep.to(batch.real.device),
+        ).logits
+    logp = logits.float()
+    for start in range(0, logp.shape[0], 256):  # in place, a slice at a time: one [N, V] tensor at most
+        logp[start : start + 256] = logp[start : start + 256].log_softmax(-1)
+    rank = (keep.flatten().cumsum(0) - 1).tolist()
+    first = {i: rank[r * keep.shape[1] + c] for i, (r, c) in first_column.items()}  # its first row of `logp`
+    rows: list[int] = []
+    tokens: list[int] = []
+    for i, at in first.items():
+        for j, scored in enumerate(_targets(groups[i])):
+            rows += [at + j] * len(scored)
+            tokens += scored
+    lls = logp[torch.tensor(rows, device=logp.device), torch.tensor(tokens, device=logp.device)].tolist()
+    greedy = logp.argmax(-1).tolist()
+    if reference is None:
+        values, ids = logp.topk(min(k, logp.shape[-1]), dim=-1)
+        ids, values = ids.to(torch.int32).cpu(), values.cpu()
+    else:
+        ids = torch.empty((logp.shape[0], reference[0].shape[1]), dtype=torch.int32)
+        for i, at in first.items():
+            ids[at : at + reference[i].shape[0]] = reference[i]
+        values = logp.gather(-1, ids.to(logp.device).long()).cpu()
+    read = 0
+    for i, at in first.items():
+        group = groups[i]
+        n, size = shared_prefix(group.continuations), scored_positions(group)
+        per_row = []
+        for scored in _targets(group):
+            per_row.append(lls[read : read + len(scored)])
+            read += len(scored)
+        reads = {0: (per_row[: n + 1], greedy[at : at + n + 1])}
+        own = n + 1  # a continuation's own positions follow the shared ones, in order
+        for c, cont in enumerate(group.continuations):
+            m = len(cont) - n - 1
+            if m > 0:
+                reads[1 + c] = (per_row[own : own + m], greedy[at + own : at + own + m])
+                own += m
+        yield i, _combine(group, n, reads, ids[at : at + size], values[at : at + size])
+
+
+def _targets(group: Group) -> Iterator[list[int]]:
+    """The token ids scored at each scored position of a group, in order: the shared prefix's, the
+    continuations' first own tokens (one position for all), then each continuation's other own tokens."""
+    n = shared_prefix(group.continuations)
+    yield from ([t] for t in group.continuations[0][:n])
+    yield [c[n] for c in group.continuations if c]
+    for cont in group.continuations:
+        yield from ([t] for t in cont[n + 1 :])
+
+
+def _score_cached(
+    model: nn.Module,
+    groups: Sequence[Group],
+    pad: int,
+    k: int,
+    reference: Sequence[torch.Tensor] | None,
+    chunk_tokens: int,
+) -> list[GroupScore]:
+    """One forward runs the contexts, each extended by the prefix its continuations share; the KV
+    cache is then expanded over the continuations' own tokens, which run in chunks of similar length."""
     device = next(model.parameters()).device
     prefixes = [shared_prefix(g.continuations) for g in groups]
     owns = [[c[n:] for c in g.continuations] for g, n in zip(groups, prefixes, strict=True)]
@@ -171,14 +356,12 @@ def score_groups(
         for i, o in enumerate(own):
             off[1 + i] = at
             at += max(len(o) - 1, 0)
-        offsets.append((off, at))
+        offsets.append(off)
 
     def ref_slice(b: int, order: int, size: int) -> torch.Tensor | None:
         if reference is None:
             return None
-        if reference[b].shape[0] != offsets[b][1]:
-            raise ValueError(f"{offsets[b][1]} scored positions, the dense reference has {reference[b].shape[0]}")
-        start = offsets[b][0][order]
+        start = offsets[b][order]
         return reference[b][start : start + size]
 
     contexts = [g.context + g.continuations[0][:n] for g, n in zip(groups, prefixes, strict=True)]
@@ -226,14 +409,19 @@ def score_groups(
             reads[b][1 + i] = _read(logits[at : at + m], [[t] for t in tokens[1:]], k, ref_slice(b, 1 + i, m))
             at += m
         del part, logits
-    return [_combine(g, n, r) for g, n, r in zip(groups, prefixes, reads, strict=True)]
+    out_scores = []
+    for g, n, read in zip(groups, prefixes, reads, strict=True):
+        tops = [read[o][2] for o in sorted(read)]
+        ids_k, logp_k = torch.cat([t[0] for t in tops]), torch.cat([t[1] for t in tops])
+        out_scores.append(_combine(g, n, {o: v[:2] for o, v in read.items()}, ids_k, logp_k))
+    return out_scores
 
 
-def _combine(group: Group, prefix: int, reads: dict[int, tuple]) -> GroupScore:
-    """Per continuation totals from the group's reads; the scored positions in their fixed order."""
-    head_lls, head_greedy, _ = reads[0]
-    tops = [reads[o][2] for o in sorted(reads)]
-    score = GroupScore([], [], [], torch.cat([t[0] for t in tops]), torch.cat([t[1] for t in tops]))
+def _combine(group: Group, prefix: int, reads: dict[int, tuple], ids: torch.Tensor, logp: torch.Tensor) -> GroupScore:
+    """Per continuation totals from the group's reads (order → log-likelihoods per position and
+    target, greedy ids); `ids` and `logp` are the top-k reads at the scored positions in their order."""
+    head_lls, head_greedy = reads[0]
+    score = GroupScore([], [], [], ids, logp)
     shared_ll = sum(head_lls[j][0] for j in range(prefix))
     shared_ok = all(head_greedy[j] == group.continuations[0][j] for j in range(prefix))
     nonempty = 0
@@ -248,7 +436,7 @@ def _combine(group: Group, prefix: int, reads: dict[int, tuple]) -> GroupScore:
         argmax = head_greedy[: prefix + 1]
         nonempty += 1
         if 1 + i in reads:
-            own_lls, own_greedy, _ = reads[1 + i]
+            own_lls, own_greedy = reads[1 + i]
             ll += sum(x[0] for x in own_lls)
             ok = ok and own_greedy == cont[prefix + 1 :]
             argmax = argmax + own_greedy
@@ -340,10 +528,11 @@ def evaluate_task(
     reference: DenseReference | None = None,
     batch_size: int = 16,
     progress: Callable[[int], None] | None = None,
+    packing: bool = True,
 ) -> tuple[TaskResult, DenseReference]:
     """Score `doc_ids` of `task` (all when None). Dense run: returns the reference to keep; sparse
     run (pass the dense reference): every DocResult.kl is the mean KL(dense ‖ this run).
-    `batch_size`: the most documents scored together."""
+    `batch_size`: the most documents scored together. `packing`: score as packed trees where exact."""
     from actsparse.diffusion import evaluate_diffusion_task, is_diffusion_model  # lazy: it imports this module
 
     if is_diffusion_model(model):  # LLaDA, diffusion_gemma: Monte-Carlo masked likelihood, iterative unmasking
@@ -365,11 +554,15 @@ def evaluate_task(
     order = sorted(ids, key=lambda d: -_width(encoded[d]))  # batches of similar length: little padding
     widths = [_width(encoded[d]) for d in order]
     steps = max((r.max_tokens for r in requests.values() if isinstance(r, Generation)), default=0)
-    # at most batch_size documents a batch, cut where the padding would cost more than another batch's forwards
-    cost = FORWARD_COST * (1 + steps)
-    for start, stop in plan_chunks(widths, batch_size * max(widths, default=1), cost, max_rows=batch_size):
+    if packing and not steps and packing_depth(model) != 0:  # packed trees: no padding between documents
+        chunks = [(start, min(start + batch_size, len(order))) for start in range(0, len(order), batch_size)]
+    else:  # at most batch_size documents, cut where the padding would cost more than another batch's forwards
+        budget = batch_size * max(widths, default=1)
+        chunks = plan_chunks(widths, budget, FORWARD_COST * (1 + steps), max_rows=batch_size)
+    for start, stop in chunks:
         batch = order[start:stop]
-        for doc_id, result in _score_batch(model, tokenizer, task, batch, requests, encoded, reference, keep):
+        scored = _score_batch(model, tokenizer, task, batch, requests, encoded, reference, keep, packing)
+        for doc_id, result in scored:
             results[doc_id] = result
         if progress is not None:
             progress(len(batch))
@@ -402,6 +595,7 @@ def _score_batch(
     encoded: dict[int, Any],
     reference: DenseReference | None,
     keep: DenseReference,
+    packing: bool,
 ) -> list[tuple[int, DocResult]]:
     pad = Encoder(tokenizer).pad
     generations: dict[int, list[int]] = {}
@@ -429,7 +623,7 @@ def _score_batch(
                     f"{reference.topk[d][0].shape[0]} (another tokenizer or task version?)"
                 )
             refs.extend(reference.topk[d][0].split(sizes))
-    scores = score_groups(model, flat, pad, k=keep.k, reference=refs)
+    scores = score_groups(model, flat, pad, k=keep.k, reference=refs, packing=packing)
     out: list[tuple[int, DocResult]] = []
     at = 0
     for d in batch:
