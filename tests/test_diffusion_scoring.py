@@ -145,3 +145,29 @@ def test_sweep_and_report_draw_the_step_figures(tmp_path: Path) -> None:
     stored = summary["points"][0]
     assert stored["sparsity"] > 0
     assert model.config.mask_token_id == MASK_ID
+
+
+def test_sweep_passes_diffusion_options_and_binds_them_to_the_run(tmp_path: Path, monkeypatch) -> None:
+    import actsparse.diffusion.scoring as scoring
+    from actsparse.cli import main
+    from actsparse.store import StoreError
+    from actsparse.sweep import SweepConfig, run_sweep
+
+    seen: list[int] = []
+    original = scoring.mc_loglikelihood
+
+    def spy(denoiser, prompts, answers, generators, samples, *rest):
+        seen.append(samples)
+        return original(denoiser, prompts, answers, generators, samples, *rest)
+
+    monkeypatch.setattr(scoring, "mc_loglikelihood", spy)
+    model, tokenizer = tiny_llada(), tiny_tokenizer()
+    options = DiffusionOptions(mc_samples=3, steps=4, gen_length=4, block_length=2)
+    common = dict(model="tiny-llada", targets=["input"], values=[0.9], tasks=[tiny_task("mc", 3)], limit=None)
+    config = SweepConfig(out=tmp_path, resamples=10, diffusion=options, **common)
+    summary = run_sweep(config, model, tokenizer, show_progress=False)
+    assert summary["points"] and seen and set(seen) == {3}  # every likelihood took the sweep's sample count
+    other = SweepConfig(out=tmp_path, resamples=10, diffusion=DiffusionOptions(mc_samples=5), **common)
+    with pytest.raises(StoreError, match="diffusion"):  # a folder keeps one setting, so its points compare
+        run_sweep(other, model, tokenizer, show_progress=False)
+    assert main(["sweep", "--out", str(tmp_path / "bad"), "--mc-samples", "0"]) == 2  # before any model work

@@ -32,6 +32,7 @@ class PointContext:
     references: dict[str, Any] = field(default_factory=dict)  # task → DenseReference (KL of sparse points)
     backend: str = "native"
     batch_size: int = 16
+    diffusion: Any = None  # DiffusionOptions for diffusion LLMs (None: the defaults)
     accelerate: bool = False
     dtype: str = "float32"
     device: str = "cpu"
@@ -113,6 +114,7 @@ def _evaluate(
         reference=reference,
         batch_size=context.batch_size,
         progress=progress,
+        diffusion=context.diffusion,
     )
 
 

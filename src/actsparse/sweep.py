@@ -12,10 +12,11 @@ import contextlib
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from actsparse.diffusion.scoring import DiffusionOptions
 from actsparse.executors import EXECUTORS, Executor, LocalExecutor, PointContext, make_executor
 from actsparse.loading import DEFAULT_MODEL
 from actsparse.search import DEFAULT_PRECISION
@@ -61,6 +62,7 @@ class SweepConfig:
     accelerate: bool = False
     backend: str = "native"
     batch_size: int = 64  # documents scored together (multiple choice: packed into trees, a few forwards)
+    diffusion: DiffusionOptions = field(default_factory=DiffusionOptions)  # diffusion LLMs: MC samples, steps
     resamples: int = 1000
     executor: str = "local"  # 'local' (in this process) or 'ray' (a Ray task per point)
     address: str | None = None  # Ray cluster address (None: a local Ray instance)
@@ -143,6 +145,7 @@ class SweepConfig:
             "seed": self.seed,
             "backend": self.backend,
             "accelerate": self.accelerate,
+            "diffusion": asdict(self.diffusion),
         }
 
 
@@ -340,6 +343,7 @@ class _Driver:
                 doc_ids=self.doc_ids,
                 backend=config.backend,
                 batch_size=config.batch_size,
+                diffusion=config.diffusion,
                 accelerate=config.accelerate,
                 device="cuda" if gpus and config.device_map is None else "cpu",
                 device_map=config.device_map,

@@ -81,12 +81,18 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         action="store_true",
         help="bisect: go on between grid neighbours, on the value itself, down to --precision",
     )
+    diffusion = p.add_argument_group("diffusion LLMs (LLaDA, diffusion_gemma)")
+    diffusion.add_argument("--mc-samples", type=int, default=8, help="Monte-Carlo samples per masked likelihood")
+    diffusion.add_argument("--gen-length", type=int, default=32, help="tokens generated for generation tasks")
+    diffusion.add_argument("--diffusion-steps", type=int, default=32, help="denoising steps of a generation")
+    diffusion.add_argument("--block-length", type=int, default=32, help="tokens unmasked block by block")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from actsparse.diffusion.scoring import DiffusionOptions
     from actsparse.store import RunStore
     from actsparse.sweep import PAPER_VALUES, SweepConfig, parse_values, run_sweep
 
@@ -115,6 +121,12 @@ def run(args: argparse.Namespace) -> int:
         search=args.search,
         precision=args.precision,
         refine=args.refine,
+        diffusion=DiffusionOptions(
+            mc_samples=args.mc_samples,
+            gen_length=args.gen_length,
+            steps=args.diffusion_steps,
+            block_length=args.block_length,
+        ),
     )
     console = Console(stderr=True)
     try:

@@ -529,14 +529,16 @@ def evaluate_task(
     batch_size: int = 16,
     progress: Callable[[int], None] | None = None,
     packing: bool = True,
+    diffusion: Any = None,
 ) -> tuple[TaskResult, DenseReference]:
     """Score `doc_ids` of `task` (all when None). Dense run: returns the reference to keep; sparse
     run (pass the dense reference): every DocResult.kl is the mean KL(dense ‖ this run).
-    `batch_size`: the most documents scored together. `packing`: score as packed trees where exact."""
+    `batch_size`: the most documents scored together. `packing`: score as packed trees where exact.
+    `diffusion`: `DiffusionOptions` for diffusion LLMs (default: its defaults); ignored otherwise."""
     from actsparse.diffusion import evaluate_diffusion_task, is_diffusion_model  # lazy: it imports this module
 
     if is_diffusion_model(model):  # LLaDA, diffusion_gemma: Monte-Carlo masked likelihood, iterative unmasking
-        kwargs = dict(reference=reference, batch_size=batch_size, progress=progress)
+        kwargs = dict(reference=reference, batch_size=batch_size, progress=progress, options=diffusion)
         return evaluate_diffusion_task(model, tokenizer, task, doc_ids, **kwargs)  # type: ignore[arg-type]
     task = get_task(task) if isinstance(task, str) else task
     ids = list(select_docs(task, None) if doc_ids is None else doc_ids)
