@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -103,6 +104,30 @@ def test_a_point_lost_too_often_is_an_error_and_an_exception_is_not_retried(ray_
         list(RayExecutor(max_retries=0, resubmits=0).map(die_once, [7], str(tmp_path), lambda n: None))
     with pytest.raises(ValueError, match="bad point 5"):
         list(RayExecutor().map(fail, [5], None, lambda n: None))
+
+
+def env_var(item: str, context, progress) -> str | None:
+    return os.environ.get(item)
+
+
+def test_each_task_gets_the_runtime_environment(ray_instance) -> None:
+    executor = RayExecutor(runtime_env={"env_vars": {"ACTSPARSE_RAY_CHECK": "on"}})
+    assert dict(executor.map(env_var, ["ACTSPARSE_RAY_CHECK"], None, lambda n: None)) == {"ACTSPARSE_RAY_CHECK": "on"}
+    assert dict(RayExecutor().map(env_var, ["ACTSPARSE_RAY_CHECK"], None, lambda n: None)) == {
+        "ACTSPARSE_RAY_CHECK": None
+    }
+
+
+def test_runtime_env_on_the_command_line(tmp_path) -> None:
+    from actsparse.commands.sweep import _runtime_env
+
+    assert _runtime_env('{"env_vars": {"A": "1"}}') == {"env_vars": {"A": "1"}}
+    (tmp_path / "env.json").write_text('{"pip": ["actsparse"]}')
+    assert _runtime_env(str(tmp_path / "env.json")) == {"pip": ["actsparse"]}
+    for bad in ("[1, 2]", "{pip"):
+        with pytest.raises(argparse.ArgumentTypeError, match="runtime-env"):
+            _runtime_env(bad)
+    assert cli.main(["sweep", "--out", str(tmp_path / "run"), "--runtime-env", '{"pip": []}']) == 2  # local: refused
 
 
 def test_make_executor() -> None:

@@ -167,12 +167,14 @@ class RayExecutor:
         max_retries: int = 3,
         resubmits: int = 2,
         init_options: dict[str, Any] | None = None,
+        runtime_env: dict[str, Any] | None = None,
     ):
         if gpus_per_point < 0 or cpus_per_point <= 0:
             raise ValueError(f"resources per point must be positive (GPUs {gpus_per_point}, CPUs {cpus_per_point})")
         self.address, self.gpus, self.cpus = address, gpus_per_point, cpus_per_point
         self.max_retries, self.resubmits = max_retries, resubmits
         self.init_options = init_options or {}
+        self.runtime_env = runtime_env  # per task: what a worker on a fresh node needs (pip, env_vars, working_dir)
         self._started = False
 
     def _ray(self) -> Any:
@@ -189,9 +191,12 @@ class RayExecutor:
         self, fn: Callable[[Item, Any, Progress | None], Any], items: Sequence[Item], context: Any, progress: Progress
     ) -> Iterator[tuple[Item, Any]]:
         ray = self._ray()
-        task = ray.remote(_call).options(
+        options: dict[str, Any] = dict(
             num_cpus=self.cpus, num_gpus=self.gpus, max_retries=self.max_retries, retry_exceptions=False
         )
+        if self.runtime_env:
+            options["runtime_env"] = self.runtime_env
+        task = ray.remote(_call).options(**options)
         shared = [ray.put(context)]  # in a list, so that a worker fetches it only when it has no copy yet
 
         def submit(item: Item) -> Any:
@@ -242,15 +247,19 @@ def _call(fn: Callable[[Any, Any, Any], Any], item: Any, shared: list[Any]) -> A
 
 
 def make_executor(
-    name: str = "local", address: str | None = None, gpus_per_point: float = 0.0, cpus_per_point: float = 1.0
+    name: str = "local",
+    address: str | None = None,
+    gpus_per_point: float = 0.0,
+    cpus_per_point: float = 1.0,
+    runtime_env: dict[str, Any] | None = None,
 ) -> LocalExecutor | RayExecutor:
     """The executor called `name` ('local' or 'ray'); Ray options are refused for the local one."""
     if name == "local":
-        if address is not None or gpus_per_point:
-            raise ValueError("--address and --gpus-per-point need --executor ray")
+        if address is not None or gpus_per_point or runtime_env:
+            raise ValueError("--address, --gpus-per-point and --runtime-env need --executor ray")
         return LocalExecutor()
     if name == "ray":
-        return RayExecutor(address, gpus_per_point, cpus_per_point)
+        return RayExecutor(address, gpus_per_point, cpus_per_point, runtime_env=runtime_env)
     raise ValueError(f"unknown executor {name!r}; choose from local, ray")
 
 

@@ -68,6 +68,7 @@ class SweepConfig:
     address: str | None = None  # Ray cluster address (None: a local Ray instance)
     gpus_per_point: float = 0.0
     cpus_per_point: float = 1.0
+    runtime_env: dict[str, Any] | None = None  # Ray: each task's runtime environment (pip, env_vars, ...)
     device_map: str | None = None  # e.g. 'auto': a model larger than one GPU, through accelerate
     search: str = "grid"  # 'grid' (every value) or 'bisect' (`actsparse.search`, values = the scan grid)
     precision: float = DEFAULT_PRECISION  # bisect: width of the final bracket, in achieved sparsity
@@ -100,8 +101,8 @@ class SweepConfig:
             raise ValueError("no tasks given")
         if self.executor not in EXECUTORS:
             raise ValueError(f"unknown executor {self.executor!r}; choose from {', '.join(EXECUTORS)}")
-        if self.executor == "local" and (self.address is not None or self.gpus_per_point):
-            raise ValueError("--address and --gpus-per-point need --executor ray")
+        if self.executor == "local" and (self.address is not None or self.gpus_per_point or self.runtime_env):
+            raise ValueError("--address, --gpus-per-point and --runtime-env need --executor ray")
         if self.gpus_per_point < 0 or self.cpus_per_point <= 0:
             raise ValueError("--gpus-per-point must be ≥ 0 and --cpus-per-point > 0")
         if self.search not in SEARCHES:
@@ -225,7 +226,9 @@ def run_sweep(
     from actsparse.analysis import write_summary
 
     store, doc_ids = prepare(config)
-    executor = make_executor(config.executor, config.address, config.gpus_per_point, config.cpus_per_point)
+    executor = make_executor(
+        config.executor, config.address, config.gpus_per_point, config.cpus_per_point, config.runtime_env
+    )
     try:
         with store:
             driver = _Driver(config, store, doc_ids, executor, model, tokenizer)

@@ -24,6 +24,20 @@ def _limit(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"--limit takes a number of documents or 'all', got {text!r}") from None
 
 
+def _runtime_env(text: str) -> dict:
+    """A JSON object, given inline or as the path of a .json file."""
+    import json
+
+    source = Path(text).read_text() if text.strip().endswith(".json") and Path(text).is_file() else text
+    try:
+        env = json.loads(source)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"--runtime-env takes a JSON object or a .json file: {err}") from None
+    if not isinstance(env, dict):
+        raise argparse.ArgumentTypeError(f"--runtime-env takes a JSON object, got {type(env).__name__}")
+    return env
+
+
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "sweep",
@@ -59,6 +73,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     scale.add_argument("--address", default=None, help="Ray cluster address; none: start a local Ray instance")
     scale.add_argument("--gpus-per-point", type=float, default=0.0, help="GPUs each Ray task declares")
     scale.add_argument("--cpus-per-point", type=float, default=1.0, help="CPUs each Ray task declares")
+    scale.add_argument(
+        "--runtime-env",
+        type=_runtime_env,
+        help="Ray runtime environment of each task, as JSON or a .json file "
+        '(e.g. \'{"pip": ["actsparse"], "env_vars": {"HF_HUB_OFFLINE": "1"}}\')',
+    )
     scale.add_argument(
         "--device-map", default=None, help="e.g. auto: spread a model larger than one GPU over several (accelerate)"
     )
@@ -117,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
         address=args.address,
         gpus_per_point=args.gpus_per_point,
         cpus_per_point=args.cpus_per_point,
+        runtime_env=args.runtime_env,
         device_map=args.device_map,
         search=args.search,
         precision=args.precision,
