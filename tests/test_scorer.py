@@ -369,3 +369,14 @@ def test_tree_mask_lets_each_token_see_its_own_sequence(branch_lengths, trunk):
                     want = tq == tk and bk in (0, bq) and pk <= pq
                 assert bool(sees[r, q, kv]) == want
     assert int(batch.real.sum()) == len(owner)
+
+
+def test_packed_scoring_without_boolean_logits_to_keep(monkeypatch) -> None:
+    """Older transformers 5 releases project every position: the scorer then picks the scored ones itself."""
+    model, tokenizer = tiny_lm()
+    encoder = scorer.Encoder(tokenizer)
+    groups = encoder.groups([("The cat sat on", " the mat"), ("The cat sat on", " a hat today")])
+    expected = scorer.score_groups(model, groups, encoder.pad)
+    monkeypatch.setattr(scorer, "_masked_logits_to_keep", lambda: False)
+    for a, b in zip(scorer.score_groups(model, groups, encoder.pad), expected, strict=True):
+        assert a.lls == pytest.approx(b.lls, abs=1e-5) and a.greedy == b.greedy and torch.equal(a.ids, b.ids)

@@ -15,6 +15,7 @@ Both are exact for causal models, and under `sparsify` too, because rules act on
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -279,14 +280,17 @@ def _read_packed(
         column = at + len(groups[i].context) - 1  # the context's last token, the shared prefix, the branches
         keep[r, column : column + scored_positions(groups[i])] = True
         first_column[i] = (r, column)
+    mask_slicing = _masked_logits_to_keep()
     with _real_tokens(model, batch.real):
         logits = model(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
             position_ids=batch.position_ids,
             use_cache=False,
-            logits_to_keep=keep.to(batch.real.device),
+            logits_to_keep=keep.to(batch.real.device) if mask_slicing else 0,
         ).logits
+    if logits.dim() == 3:  # a transformers without boolean `logits_to_keep`: every position was projected
+        logits = logits[keep.to(logits.device)]
     logp = logits.float()
     for start in range(0, logp.shape[0], 256):  # in place, a slice at a time: one [N, V] tensor at most
         logp[start : start + 256] = logp[start : start + 256].log_softmax(-1)
@@ -324,6 +328,14 @@ def _read_packed(
                 reads[1 + c] = (per_row[own : own + m], greedy[at + own : at + own + m])
                 own += m
         yield i, _combine(group, n, reads, ids[at : at + size], values[at : at + size])
+
+
+@functools.cache
+def _masked_logits_to_keep() -> bool:
+    """Whether this transformers slices hidden states by a boolean [B, T] `logits_to_keep` (5.2x and later)."""
+    from transformers import modeling_utils
+
+    return hasattr(modeling_utils, "slice_logits_to_keep")
 
 
 def _targets(group: Group) -> Iterator[list[int]]:
