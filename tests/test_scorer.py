@@ -287,6 +287,18 @@ def test_packed_trees_equal_the_cached_path(family, attention, monkeypatch):
     assert all(torch.allclose(a.logp, b.logp, atol=1e-5) for a, b in zip(reread, cached, strict=True))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_packed_trees_equal_the_cached_path_on_cuda(family):
+    model, tokenizer = tiny_lm(family)
+    model = model.to("cuda")
+    if family == "gemma3_text":
+        model.config.sliding_window = 128
+    groups = varied_groups(tokenizer)
+    packed, cached = score_groups(model, groups, 0), score_groups(model, groups, 0, packing=False)
+    assert_same_scores(packed, cached, tol=1e-4)  # float32; GPU kernels reorder sums
+
+
 def test_trees_beyond_the_sliding_window_take_the_cached_path():
     model, tokenizer = tiny_lm("gemma3_text")  # sliding window 16 on every layer
     assert packing_depth(model) == 16
