@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import sys
 from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
-from actsparse.commands.bench import _copies, _parse_shape, _sparse_input, time_pair
+from actsparse.commands.bench import _sparse_input, gemv_operands, time_pair
 from actsparse.kernels.sparse_ffn_triton import GemvConfig, default_config, sparse_rows_matmul
 
 GRID = [
@@ -39,11 +38,8 @@ STAGES = [
 
 def compare(shape: str, sparsities: list[float], dtype, args) -> list[dict]:
     """One record per launch setting: dense and sparse µs at each sparsity, printed as they come."""
-    out_f, in_f = _parse_shape(shape)
-    n = _copies(out_f * in_f * dtype.itemsize, args.working_set)
-    weights = [torch.randn(out_f, in_f, device="cuda", dtype=dtype) / math.sqrt(in_f) for _ in range(n)]
-    weights_t = [w.t().contiguous() for w in weights]
-    x = torch.randn(args.batch, in_f, device="cuda", dtype=dtype)
+    weights, weights_t, x = gemv_operands(shape, "cuda", dtype, args.working_set, args.batch)
+    n = len(weights)
     iters = max(2 * n, 8)
 
     def dense(i: int):
@@ -74,11 +70,8 @@ def compare(shape: str, sparsities: list[float], dtype, args) -> list[dict]:
 def masked_input(shape: str, s: float, config: GemvConfig, mode: str, dtype, args) -> float:
     """Speed-up over dense when x arrives unzeroed with a keep-mask, as in `accelerate`: the mask applied
     inside the kernel ('keep') or by `torch.where` before it ('where')."""
-    out_f, in_f = _parse_shape(shape)
-    n = _copies(out_f * in_f * dtype.itemsize, args.working_set)
-    weights = [torch.randn(out_f, in_f, device="cuda", dtype=dtype) / math.sqrt(in_f) for _ in range(n)]
-    weights_t = [w.t().contiguous() for w in weights]
-    x = torch.randn(args.batch, in_f, device="cuda", dtype=dtype)
+    weights, weights_t, x = gemv_operands(shape, "cuda", dtype, args.working_set, args.batch)
+    n = len(weights)
     keep = _sparse_input(x, s) != 0
     iters = max(2 * n, 8)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from actsparse.diffusion.scoring import DiffusionOptions
-from actsparse.executors import EXECUTORS, Executor, LocalExecutor, PointContext, make_executor
+from actsparse.executors import Executor, LocalExecutor, PointContext, make_executor
 from actsparse.loading import DEFAULT_MODEL
 from actsparse.search import DEFAULT_PRECISION
 from actsparse.spec import RULE_NAMES, TARGETS, SparsitySpec
@@ -99,12 +99,9 @@ class SweepConfig:
             raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
         if not self.tasks:
             raise ValueError("no tasks given")
-        if self.executor not in EXECUTORS:
-            raise ValueError(f"unknown executor {self.executor!r}; choose from {', '.join(EXECUTORS)}")
-        if self.executor == "local" and (self.address is not None or self.gpus_per_point or self.runtime_env):
-            raise ValueError("--address, --gpus-per-point and --runtime-env need --executor ray")
         if self.gpus_per_point < 0 or self.cpus_per_point <= 0:
             raise ValueError("--gpus-per-point must be ≥ 0 and --cpus-per-point > 0")
+        self.executor_for()  # an unknown executor, or Ray options without Ray, is refused here
         if self.search not in SEARCHES:
             raise ValueError(f"unknown search {self.search!r}; choose from {', '.join(SEARCHES)}")
         if not 0 < self.precision < 1:
@@ -137,6 +134,10 @@ class SweepConfig:
         if not self._tasks:
             self.validate()
         return self._tasks
+
+    def executor_for(self) -> Executor:
+        """The executor these settings name (`executors.make_executor`, which checks its options)."""
+        return make_executor(self.executor, self.address, self.gpus_per_point, self.cpus_per_point, self.runtime_env)
 
     def settings(self) -> dict[str, Any]:
         """What must stay the same for every run stored in one folder (so that points compare)."""
@@ -226,9 +227,7 @@ def run_sweep(
     from actsparse.analysis import write_summary
 
     store, doc_ids = prepare(config)
-    executor = make_executor(
-        config.executor, config.address, config.gpus_per_point, config.cpus_per_point, config.runtime_env
-    )
+    executor = config.executor_for()
     try:
         with store:
             driver = _Driver(config, store, doc_ids, executor, model, tokenizer)

@@ -184,18 +184,26 @@ def _sparse_input(x, s: float):
 # --- ops ------------------------------------------------------------------------------------------
 
 
+def gemv_operands(shape: str, device: str, dtype, working_set_mb: float, batch: int = 1):
+    """Copies of a random out × in weight filling `working_set_mb` (so that they stream from memory), their
+    transposes laid out for the sparse kernels, and an input x [batch, in]."""
+    import torch
+
+    out_f, in_f = _parse_shape(shape)
+    n = _copies(out_f * in_f * dtype.itemsize, working_set_mb)
+    weights = [torch.randn(out_f, in_f, device=device, dtype=dtype) / math.sqrt(in_f) for _ in range(n)]
+    weights_t = [w.t().contiguous() for w in weights]
+    return weights, weights_t, torch.randn(batch, in_f, device=device, dtype=dtype)
+
+
 def bench_gemv(shape: str, sparsities, device: str, dtype, args) -> list[dict]:
     """Dense `F.linear(x, W)` vs `masked_rows_matmul(x, keep, Wᵀ)` for one out × in matrix."""
-    import torch
     from torch.nn import functional as F
 
     from actsparse.kernels.sparse_ffn import masked_rows_matmul
 
-    out_f, in_f = _parse_shape(shape)
-    n = _copies(out_f * in_f * dtype.itemsize, args.working_set)
-    weights = [torch.randn(out_f, in_f, device=device, dtype=dtype) / math.sqrt(in_f) for _ in range(n)]
-    weights_t = [w.t().contiguous() for w in weights]
-    x = torch.randn(1, in_f, device=device, dtype=dtype)
+    weights, weights_t, x = gemv_operands(shape, device, dtype, args.working_set)
+    n, (out_f, in_f) = len(weights), weights[0].shape
     iters = args.iters or max(2 * n, min(200, int(2e8 / (out_f * in_f))))
     records = []
     for s in sparsities:

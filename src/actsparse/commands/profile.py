@@ -79,6 +79,7 @@ def _generate(model, tokenizer, prompt, length: int) -> list[int]:
 
     from actsparse.diffusion import denoiser_for
     from actsparse.diffusion.scoring import generate
+    from actsparse.evaluate.scorer import Encoder
 
     denoiser = denoiser_for(model)
     if denoiser is None:
@@ -86,7 +87,7 @@ def _generate(model, tokenizer, prompt, length: int) -> list[int]:
             input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=length, do_sample=False
         )
         return out[0, prompt.shape[1] :].tolist()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad = Encoder(tokenizer).pad  # the scorers' padding token
     tokens, _ = generate(
         denoiser, [prompt[0].tolist()], [torch.Generator().manual_seed(0)], length, length, length, pad
     )

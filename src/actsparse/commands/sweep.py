@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from actsparse.diffusion.scoring import DiffusionOptions
 from actsparse.executors import EXECUTORS
 from actsparse.loading import DEFAULT_MODEL
 from actsparse.search import DEFAULT_PRECISION
@@ -101,18 +102,26 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         action="store_true",
         help="bisect: go on between grid neighbours, on the value itself, down to --precision",
     )
+    defaults = DiffusionOptions()
     diffusion = p.add_argument_group("diffusion LLMs (LLaDA, diffusion_gemma)")
-    diffusion.add_argument("--mc-samples", type=int, default=8, help="Monte-Carlo samples per masked likelihood")
-    diffusion.add_argument("--gen-length", type=int, default=32, help="tokens generated for generation tasks")
-    diffusion.add_argument("--diffusion-steps", type=int, default=32, help="denoising steps of a generation")
-    diffusion.add_argument("--block-length", type=int, default=32, help="tokens unmasked block by block")
+    diffusion.add_argument(
+        "--mc-samples", type=int, default=defaults.mc_samples, help="Monte-Carlo samples per masked likelihood"
+    )
+    diffusion.add_argument(
+        "--gen-length", type=int, default=defaults.gen_length, help="tokens generated for generation tasks"
+    )
+    diffusion.add_argument(
+        "--diffusion-steps", type=int, default=defaults.steps, help="denoising steps of a generation"
+    )
+    diffusion.add_argument(
+        "--block-length", type=int, default=defaults.block_length, help="tokens unmasked block by block"
+    )
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from actsparse.diffusion.scoring import DiffusionOptions
     from actsparse.store import RunStore
     from actsparse.sweep import PAPER_VALUES, SweepConfig, parse_values, run_sweep
 
