@@ -215,22 +215,43 @@ def test_pytorch_kernels_when_the_c_kernel_is_missing(monkeypatch):
     assert fast_stats.counts() == ref_stats.counts()
 
 
+@pytest.fixture
+def threads():
+    """Set torch's thread count for one test, restored afterwards."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(not sparse_ffn_cpu.available(), reason="no C compiler for the fused kernel")
-def test_smollm2_greedy_decode_equals_the_simulation():
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_smollm2_greedy_decode_equals_the_simulation(n_threads, threads):
+    """Greedy decode under `accelerate` is the `sparsify` simulation's: same tokens, logits and counts.
+
+    Run in float64. In float32 the sparse products and the simulation's dense ones sum in different
+    orders, ~1e-6 apart, and the threshold rule is discontinuous: an entry within that distance of τ is
+    kept by one path and dropped by the other, and at 50 % `all_inputs` one such entry moves the next
+    logits by up to 5 (issue 15: 21 of 40 float32 prompts part within 24 tokens on this machine, at
+    different steps on different machines and thread counts). In float64 that window is ~1e-15, so
+    any difference here is a different computation (phase, real-token mask, layer, τ's dtype, state).
+    """
     from actsparse.calibrate import calibrate, calibration_batches, calibration_text
     from actsparse.loading import load_model
 
+    threads(n_threads)
     model, tokenizer = load_model("smollm2-135m")
+    model = model.double()
     batches = list(calibration_batches(tokenizer, calibration_text(), tokens=128, seq_len=128))
     spec = SparsitySpec("all_inputs", "threshold", calibrate(model, batches, "all_inputs", 0.5))
     prompt = tokenizer("The capital of France is", return_tensors="pt")
-    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    kwargs = dict(
+        max_new_tokens=12, min_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
     with torch.no_grad(), sparsify(model, spec) as ref_stats:
         ref = model.generate(**prompt, **kwargs)
     with torch.no_grad(), accelerate(model, spec) as fast_stats:
         fast = model.generate(**prompt, **kwargs)
     assert torch.equal(fast.sequences, ref.sequences)
-    assert_close(torch.stack(fast.logits), torch.stack(ref.logits), 1e-5)
+    assert_close(torch.stack(fast.logits), torch.stack(ref.logits), 1e-10)
     assert fast_stats.counts() == ref_stats.counts()
-    assert 0.3 < fast_stats.overall("decode") < 0.7
+    assert abs(fast_stats.overall("decode") - 0.5) < 0.1  # the calibrated 50 %, on decode tokens

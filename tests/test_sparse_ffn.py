@@ -256,3 +256,40 @@ def test_c_kernels_can_be_disabled(monkeypatch, tmp_path):
     monkeypatch.delenv("ACTSPARSE_NO_CKERNEL")
     monkeypatch.setenv("ACTSPARSE_CACHE", str(tmp_path))
     assert cbuild.load("broken", "this is not C", lambda lib: None) is None  # a failed build falls back
+
+
+@pytest.fixture
+def threads():
+    """Set torch's thread count for one test, restored afterwards."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_one_token_decode_is_bitwise_independent_of_the_thread_count(fused, threads):
+    """The sparse products of one decode token sum in an order fixed by the shapes, not by the threads.
+
+    Otherwise the output rounds differently at 1 and at 2 threads, and an entry of the next layer that lies
+    within that rounding of τ is kept at one thread count and dropped at the other (issue 15).
+    """
+    if fused and not sparse_ffn_cpu.available():
+        pytest.skip("no C compiler")
+    gen = torch.Generator().manual_seed(0)
+    h, d = 576, 1536  # SmolLM2's FFN
+    w = gated(gen, h, d, torch.float32, bias=False)
+    x = torch.randn(1, h, generator=gen)
+    tau_in, tau_mid = float(x.abs().median()), 0.05
+    both = layout(w, True, True)
+    if fused:
+        kernel = sparse_ffn_cpu.FusedFFN(both.gate_up_t, both.down_t, 0, tau_in, tau_mid)
+        run = lambda: kernel(x)[0]  # noqa: E731
+    else:
+        masks = {"input": tau_in, "intermediate": tau_mid}
+        keep = lambda name, v: threshold_mask(v, masks[name]) if name in masks else None  # noqa: E731
+        run = lambda: sparse_ffn(x, both, keep)  # noqa: E731
+    outputs = []
+    for n in (1, 2):
+        threads(n)
+        outputs.append(run())
+    assert torch.equal(outputs[0], outputs[1])

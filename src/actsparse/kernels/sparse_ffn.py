@@ -54,7 +54,7 @@ def layout(weights: GatedWeights, sparse_input: bool, sparse_intermediate: bool)
 def _cpu_rows_matmul(x: torch.Tensor, keep: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
     if x.shape[0] == 1:
         rows = keep.view(-1).nonzero().view(-1)
-        bags = max(1, min(torch.get_num_threads(), rows.numel() // 64))  # one bag per thread
+        bags = max(1, min(_BAGS, rows.numel() // 64))  # fixed by the shape, not the threads: same sums at any count
         offsets = _ZERO if bags == 1 else torch.arange(bags) * (rows.numel() // bags)
         y = F.embedding_bag(rows, weight_t, offsets, mode="sum", per_sample_weights=x.view(-1)[rows])
         return y if bags == 1 else y.sum(dim=0, keepdim=True)
@@ -63,6 +63,8 @@ def _cpu_rows_matmul(x: torch.Tensor, keep: torch.Tensor, weight_t: torch.Tensor
 
 
 _ZERO = torch.zeros(1, dtype=torch.long)
+_BAGS = 8
+"""Bags of one token's kept rows (summed in order at the end); threads share the bags."""
 
 
 def masked_rows_matmul(

@@ -4,9 +4,12 @@ One C call (built by `cbuild`) does what `sparse_ffn` does with ~40 PyTorch ops:
 |x| > τ_input, the products with the kept rows of the transposed fused [h, 2d] gate/up weights, the
 activation, i = σ(g)·u, its mask |i| > τ_intermediate, the products with the kept rows of the
 transposed [d, h] down weights, and the counts (zeroed, natural zeros, seen) of both vectors.
-Threads split the intermediate entries: each computes its share of g and u (no reduction needed),
-masks it and multiplies its kept entries with their rows of W_dᵀ into a partial output; the partial
-outputs are summed at the end. Kept rows are read 4 at a time, with a software prefetch of the next
+Two phases, each split among the threads in whole blocks of 16 columns: first each thread computes
+its columns of g and u (sums over the kept input rows, in index order), the activation and the mask;
+then each thread sums its columns of the output over the kept intermediate entries, in index order.
+No sum is split between threads, so the output is bitwise the same at any thread count (a partial
+output per thread, summed at the end, would round differently at 1 and at 2 threads, and move an
+entry of the next layer across τ). Kept rows are read 4 at a time, with a software prefetch of the next
 4, so that skipped rows break neither the streams nor the hardware prefetcher. A vector left dense
 (τ None) keeps every entry. `available()` is False without a C compiler (or with
 ACTSPARSE_NO_CKERNEL=1); `accelerate` then uses the PyTorch kernels of `sparse_ffn`.
@@ -90,21 +93,26 @@ typedef struct {
     int64_t in_kept;
     int sparse_mid, act;
     double tau_mid;
-    float *partial; /* [threads, h] */
+    float *mid; /* [d]: the intermediate */
+    unsigned char *keep; /* [d]: its mask */
     int64_t mid_counts[64][3];
 } job_t;
 
-/* Thread t of nt: its share [c0, c1) of the intermediate entries, then its partial output. */
-static void ffn_share(job_t *job, int t, int nt) {
-    int64_t d = job->d, h = job->h;
-    int64_t blocks = (d + VL - 1) / VL;
-    int64_t c0 = blocks * t / nt * VL, c1 = blocks * (t + 1) / nt * VL;
-    c1 = c1 < d ? c1 : d;
-    c0 = c0 < c1 ? c0 : c1;
+/* Columns [c0, c1) of n of part t of nt, in whole blocks of VL (the same code path for a column at any nt). */
+static void columns(int64_t n, int t, int nt, int64_t *c0, int64_t *c1) {
+    int64_t blocks = (n + VL - 1) / VL;
+    *c0 = blocks * t / nt * VL;
+    *c1 = blocks * (t + 1) / nt * VL;
+    *c1 = *c1 < n ? *c1 : n;
+    *c0 = *c0 < *c1 ? *c0 : *c1;
+}
+
+/* Part t of nt of the intermediate: g and u of its entries, i = act(g)·u, the mask and the counts. */
+static void mid_part(job_t *job, int t, int nt) {
+    int64_t d = job->d, c0, c1;
+    columns(d, t, nt, &c0, &c1);
     int64_t n = c1 - c0;
     float *acc = (float *)calloc((size_t)(2 * n + 1), sizeof(float));
-    float *val = (float *)malloc((size_t)(n + 1) * sizeof(float));
-    int32_t *idx = (int32_t *)malloc((size_t)(n + 1) * sizeof(int32_t));
     float *gate = acc, *up = acc + n;
     gather_rows(gate, n, job->gate_up_t, 2 * d, c0, job->in_idx, job->in_val, job->in_kept);
     gather_rows(up, n, job->gate_up_t, 2 * d, d + c0, job->in_idx, job->in_val, job->in_kept);
@@ -115,20 +123,39 @@ static void ffn_share(job_t *job, int t, int nt) {
         float v = act_fn(g, job->act) * u;
         natural += v == 0.0f;
         bad += !isfinite(v);
-        if (!job->sparse_mid || (double)fabsf(v) > job->tau_mid) {
-            idx[kept] = (int32_t)(c0 + c);
-            val[kept++] = v;
-        }
+        unsigned char k = !job->sparse_mid || (double)fabsf(v) > job->tau_mid;
+        job->mid[c0 + c] = v;
+        job->keep[c0 + c] = k;
+        kept += k;
     }
-    float *y = job->partial + (size_t)t * h;
-    memset(y, 0, (size_t)h * sizeof(float));
-    gather_rows(y, h, job->down_t, h, 0, idx, val, kept);
     job->mid_counts[t][0] = n - kept;
     job->mid_counts[t][1] = natural;
     job->mid_counts[t][2] = bad;
     free(acc);
-    free(val);
-    free(idx);
+}
+
+/* Part t of nt of the output: its columns of W_d over the kept intermediate entries (idx, val, m). */
+static void out_part(const job_t *job, const int32_t *idx, const float *val, int64_t m, float *y,
+                     const float *down_bias, int t, int nt) {
+    int64_t h = job->h, c0, c1;
+    columns(h, t, nt, &c0, &c1);
+    int64_t n = c1 - c0;
+    memset(y + c0, 0, (size_t)n * sizeof(float));
+    gather_rows(y + c0, n, job->down_t, h, c0, idx, val, m);
+    if (down_bias)
+        for (int64_t c = c0; c < c1; c++) y[c] += down_bias[c];
+}
+
+/* The kept entries of v [n] in index order: their indices and values; returns how many. */
+static int64_t compact(const unsigned char *keep, const float *v, int64_t n, int32_t *idx, float *val) {
+    int64_t m = 0;
+    for (int64_t c = 0; c < n; c++) {
+        if (keep[c]) {
+            idx[m] = (int32_t)c;
+            val[m++] = v[c];
+        }
+    }
+    return m;
 }
 
 /* y [h] = W_d (m_i ⊙ σ(W_g (m_x ⊙ x) + b_g) ⊙ (W_u (m_x ⊙ x) + b_u)) + b_d with m_x = |x| > tau_in
@@ -159,18 +186,26 @@ int actsparse_sparse_ffn(const float *x, int64_t h, int64_t d, const float *gate
         return 1;
     }
     nthreads = nthreads < 1 ? 1 : nthreads > 64 ? 64 : nthreads;
+    float *mid = (float *)malloc((size_t)d * sizeof(float)), *mid_val = (float *)malloc((size_t)d * sizeof(float));
+    unsigned char *keep = (unsigned char *)malloc((size_t)d);
+    int32_t *mid_idx = (int32_t *)malloc((size_t)d * sizeof(int32_t));
     job_t job = {h, d, gate_up_t, down_t, gate_bias, up_bias, in_idx, in_val, kept, sparse_mid, act, tau_mid,
-                 (float *)malloc((size_t)(nthreads * h) * sizeof(float)), {{0}}};
+                 mid, keep, {{0}}};
+    int64_t mid_kept = 0;
     if (nthreads == 1) {
-        ffn_share(&job, 0, 1);
+        mid_part(&job, 0, 1);
+        mid_kept = compact(keep, mid, d, mid_idx, mid_val);
+        out_part(&job, mid_idx, mid_val, mid_kept, y, down_bias, 0, 1);
     } else {
 #pragma omp parallel num_threads(nthreads)
-        ffn_share(&job, omp_get_thread_num(), omp_get_num_threads());
-    }
-    for (int64_t c = 0; c < h; c++) {
-        float s = down_bias ? down_bias[c] : 0.0f;
-        for (int t = 0; t < nthreads; t++) s += job.partial[(size_t)t * h + c];
-        y[c] = s;
+        {
+            int t = omp_get_thread_num(), nt = omp_get_num_threads();
+            mid_part(&job, t, nt);
+#pragma omp barrier
+#pragma omp single
+            mid_kept = compact(keep, mid, d, mid_idx, mid_val);
+            out_part(&job, mid_idx, mid_val, mid_kept, y, down_bias, t, nt);
+        }
     }
     counts[0] = h - kept;
     counts[1] = natural;
@@ -183,7 +218,10 @@ int actsparse_sparse_ffn(const float *x, int64_t h, int64_t d, const float *gate
         counts[4] += job.mid_counts[t][1];
         mid_bad += job.mid_counts[t][2];
     }
-    free(job.partial);
+    free(mid);
+    free(mid_val);
+    free(keep);
+    free(mid_idx);
     free(in_idx);
     free(in_val);
     return mid_bad ? 2 : 0;
