@@ -139,11 +139,8 @@ class RunStore:
         stored = self.get_meta(key)
         if stored is None:
             self.set_meta(key, value)
-        elif stored != json.loads(json.dumps(value)):
-            raise StoreError(
-                f"{self.path} holds a run with {key} = {stored!r}, not {value!r}: "
-                "use another --out folder (or the same settings) so stored results stay comparable"
-            )
+        else:
+            _check_bound(self.path, key, stored, value)
 
     # --- points ------------------------------------------------------------------------------------
     def keys(self) -> set[PointKey]:
@@ -246,6 +243,49 @@ def _create(db: sqlite3.Connection) -> None:
     db.execute("INSERT INTO meta (key, value) VALUES ('version', ?)", (json.dumps(VERSION),))
 
 
+def _check_bound(path: Path, key: str, stored: Any, value: Any) -> None:
+    if stored != json.loads(json.dumps(value)):
+        raise StoreError(
+            f"{path} holds a run with {key} = {stored!r}, not {value!r}: "
+            "use another --out folder (or the same settings) so stored results stay comparable"
+        )
+
+
+def check_settings(run_dir: str | Path, settings: dict[str, Any]) -> None:
+    """Refuse `settings` that differ from those bound in `run_dir` (StoreError); reads only, writes nothing.
+
+    Lets a command refuse a folder before it loads a model, and bind the folder only after the load.
+    """
+    path = Path(run_dir) / RunStore.FILENAME
+    if not path.exists():
+        return
+    _check_ours(path)
+    if path.stat().st_size == 0:
+        return
+    db = sqlite3.connect(_read_only_uri(path), uri=True)
+    try:
+        if "meta" not in _tables(db):
+            return
+        stored = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
+    except sqlite3.Error as err:
+        raise StoreError(f"cannot read results file {path}: {err}") from None
+    finally:
+        db.close()
+    for key, value in settings.items():
+        if stored.get(key) is not None:
+            _check_bound(path, key, stored[key], value)
+
+
+def _read_only_uri(path: Path) -> str:
+    """A URI that reads `path` without writing anything beside it.
+
+    Without its -wal and -shm files, a read-only open would create them beside a file that may not be
+    ours: read it as immutable then; with them, read it normally so that the WAL's content is seen too.
+    """
+    sidecars = any(path.with_name(path.name + suffix).exists() for suffix in ("-wal", "-shm"))
+    return f"{path.resolve().as_uri()}?mode=ro{'' if sidecars else '&immutable=1'}"
+
+
 def _tables(db: sqlite3.Connection) -> set[str]:
     return {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
 
@@ -255,7 +295,7 @@ def _check_ours(path: Path) -> None:
     if path.stat().st_size == 0:
         return
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        db = sqlite3.connect(_read_only_uri(path), uri=True)
         try:
             tables = _tables(db)
             fmt = None
