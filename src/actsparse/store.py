@@ -74,11 +74,21 @@ class PointKey:
         return cls(DENSE, DENSE, 0.0, task)
 
 
-def check_writable(run_dir: Path) -> None:
-    """Create `run_dir` if needed and prove a file can be written there; StoreError otherwise."""
+def check_writable(run_dir: Path, create: bool = True) -> None:
+    """Create `run_dir` if needed and prove a file can be written there; StoreError otherwise.
+
+    With `create=False` nothing is made: the folder, or the nearest folder above it that exists, is tried.
+    """
+    folder = run_dir
+    if not create:
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir():
+            raise StoreError(f"run folder {run_dir} is not writable: {folder} is not a folder")
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test-"):
+        if create:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
             pass
     except OSError as err:
         raise StoreError(f"run folder {run_dir} is not writable: {err.strerror or err}") from None
@@ -251,21 +261,22 @@ def _check_bound(path: Path, key: str, stored: Any, value: Any) -> None:
         )
 
 
-def check_settings(run_dir: str | Path, settings: dict[str, Any]) -> None:
+def check_settings(run_dir: str | Path, settings: dict[str, Any]) -> dict[str, Any]:
     """Refuse `settings` that differ from those bound in `run_dir` (StoreError); reads only, writes nothing.
 
     Lets a command refuse a folder before it loads a model, and bind the folder only after the load.
+    Returns what the folder has bound (empty when there is no store yet).
     """
     path = Path(run_dir) / RunStore.FILENAME
     if not path.exists():
-        return
+        return {}
     _check_ours(path)
     if path.stat().st_size == 0:
-        return
+        return {}
     db = sqlite3.connect(_read_only_uri(path), uri=True)
     try:
         if "meta" not in _tables(db):
-            return
+            return {}
         stored = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
     except sqlite3.Error as err:
         raise StoreError(f"cannot read results file {path}: {err}") from None
@@ -274,6 +285,7 @@ def check_settings(run_dir: str | Path, settings: dict[str, Any]) -> None:
     for key, value in settings.items():
         if stored.get(key) is not None:
             _check_bound(path, key, stored[key], value)
+    return stored
 
 
 def _read_only_uri(path: Path) -> str:
