@@ -53,6 +53,7 @@ def test_a_model_that_does_not_load_binds_no_folder(
     assert cli.main(["sweep", "--model", "good", *args]) == 0, _err(capsys)  # the corrected command runs
     with RunStore.open(out, create=False) as store:
         assert store.get_meta("model") == "good" and len(store.keys()) == 2
+        assert store.get_meta("planned") == [["input", "top_p", 0.9]]  # the report of a partial run names the rest
     assert cli.main(["sweep", "--model", "good", *args]) == 0  # finished: rerun loads nothing
     assert loads == ["mistyped", "good"]
 

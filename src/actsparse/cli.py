@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib
 import sys
+from typing import Any
 
 from actsparse.commands import HelpFormatter
 
@@ -13,14 +13,17 @@ COMMANDS = ("profile", "sweep", "report", "calibrate", "bench")
 """Subcommand modules under actsparse.commands; each has `add_parser(subparsers)` and `run(args)`."""
 
 
+class _SubcommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: its --help shows the defaults, unless it names another formatter_class."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="actsparse", description=__doc__)
-    # every subcommand's --help shows the defaults (a subcommand may still pass its own formatter_class)
-    sub = parser.add_subparsers(
-        dest="command",
-        required=True,
-        parser_class=functools.partial(argparse.ArgumentParser, formatter_class=HelpFormatter),
-    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_SubcommandParser)
     for name in COMMANDS:
         module = importlib.import_module(f"actsparse.commands.{name}")
         module.add_parser(sub).set_defaults(run=module.run)

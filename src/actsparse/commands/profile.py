@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
     value = args.value if args.rule == "threshold" else _number(args.value)
     if args.rule == "threshold":
-        _check_calibration_file(Path(value))
+        _check_calibration_file(Path(args.value))
     spec = SparsitySpec(args.target, args.rule, value)  # validated before any model work
     text = read_text_file(args.text_file, "--text-file") if args.text_file else DEFAULT_TEXT
     if args.json:

@@ -187,8 +187,10 @@ def run(args: argparse.Namespace) -> int:
     )
     config.validate()
     check_writable(config.out, create=False)
-    bound = check_settings(config.out, config.settings())  # other settings stored there: refused before loading
-    model, tokenizer = (None, None) if bound.get("model") == config.model else _load_first(config)
+    bound_settings = check_settings(config.out, config.settings())  # others stored there: refused before loading
+    model, tokenizer = (None, None) if bound_settings.get("model") == config.model else _load_first(config)
+    if config.search == "grid":
+        _record_plan(config)
     console = Console(stderr=True)
     try:
         summary = run_sweep(config, model, tokenizer, show_progress=not args.no_progress)
@@ -203,9 +205,9 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"{len(summary['points'])} points in {args.out}; critical sparsity:", highlight=False)
     for label, c in summary["critical_sparsity"].items():
         bound = "≥ " if c["lower_bound"] else ""
+        grid = "dense" if c.get("grid_param") is None else f"{c['grid_value']:.1%}"
         console.print(
-            f"  {label}: {bound}{c['value']:.1%} (95% CI {c['ci_low']:.1%}–{c['ci_high']:.1%}, "
-            f"grid {c['grid_value']:.1%})",
+            f"  {label}: {bound}{c['value']:.1%} (95% CI {c['ci_low']:.1%}–{c['ci_high']:.1%}, grid {grid})",
             highlight=False,
         )
     for label, evaluated in summary["search"].get("evaluated", {}).items():
@@ -229,3 +231,16 @@ def _load_first(config: SweepConfig) -> tuple[Any, Any]:
         loading.check_model(config.model)
         return None, None
     return loading.load_model(config.model, device_map=config.device_map)
+
+
+def _record_plan(config: SweepConfig) -> None:
+    """Add this sweep's (target, rule, value) points to those the folder plans, so that the report of a
+    partial run can say which points are missing (a bisection picks its values as it goes: not recorded)."""
+    from actsparse.store import RunStore
+
+    with RunStore.open(config.out) as store:
+        known = [tuple(p) for p in store.get_meta("planned") or []]
+        new = [(t, r, float(v)) for t in config.targets for r in config.rules for v in config.values]
+        points = known + [p for p in new if p not in known]
+        if points != known:
+            store.set_meta("planned", [list(p) for p in points])
