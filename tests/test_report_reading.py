@@ -200,3 +200,12 @@ def test_one_figure_saving_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert saved == ["step_sparsity.png", "step_stability.png"] == [p.name for p in paths]
     plots.save_figures(_summary(), tmp_path)
     assert "performance.png" in saved
+
+
+def test_missing_points_beyond_the_crossing_leave_it_settled() -> None:
+    beyond = _summary(planned=[["intermediate", "top_p", 0.5]])  # crosses at 0.85: 0.5 cannot move it
+    row = {r[0]: r for r in tables(beyond)[CRIT][1]}["intermediate/top_p"]
+    assert row[1] == "39.3 % (1 missing beyond the crossing)" and row[2].startswith("37.4 %")
+    between = _summary(planned=[["intermediate", "top_p", 0.9]])  # between 0.95 and the crossing at 0.85
+    row = {r[0]: r for r in tables(between)[CRIT][1]}["intermediate/top_p"]
+    assert row[1:3] == ["incomplete: 1 missing (see Missing points)", "–"]

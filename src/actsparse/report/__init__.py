@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from actsparse.report.reading import censor_note, censored, describe_missing, missing, reached
+from actsparse.report.reading import censor_note, censored, describe_missing, missing, reached, settled
 from actsparse.store import atomic_path
 
 Table = tuple[list[str], list[list[str]]]
@@ -51,10 +51,12 @@ def tables(summary: dict[str, Any]) -> dict[str, Table]:
     lacking = missing(summary)
 
     def crit_row(label: str, c: dict[str, Any] | None) -> list[str]:
-        if label in lacking or c is None:  # a number from part of the curve would mislead: say what is missing
-            count = sum(len(ts) for _, ts in lacking.get(label, []))
+        count = sum(len(ts) for _, ts in lacking.get(label, []))
+        if c is None or not settled(summary, label):  # a number from part of the curve would mislead
             return [label, f"incomplete: {count} missing (see Missing points)", "–", "–", ""]
         value = ("≥ " if c["lower_bound"] else "") + _pct(c["value"])
+        if count:
+            value += f" ({count} missing beyond the crossing)"
         if "grid_param" in c and c["grid_param"] is None:  # the crossing comes before the first point
             grid = "dense"
         else:
@@ -76,7 +78,7 @@ def tables(summary: dict[str, Any]) -> dict[str, Table]:
             cells = []
             for t in tasks:
                 c = per_task[label].get(t)
-                if label in lacking:  # its analysis used only the points every task has: none to trust yet
+                if not settled(summary, label, t):  # missing points could still move it
                     cells.append("incomplete")
                     continue
                 note = "" if not c else censor_note(censored(c, reached(summary, label, t)))

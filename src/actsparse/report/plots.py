@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 
-from actsparse.report.reading import censored, missing, reached
+from actsparse.report.reading import censored, reached, settled
 
 TARGET_COLORS = {
     "input": "#1f77b4",
@@ -129,7 +129,6 @@ def performance(summary: Summary, rules: tuple[str, ...] | None = None, title: s
     multi_rule = len({r for _, r in curves}) > 1
     tasks = summary["tasks"]
     bands = summary.get("bands", {})
-    lacking = missing(summary)
     panels = ["average", *tasks] if len(tasks) > 1 else tasks or ["average"]
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
@@ -175,8 +174,9 @@ def performance(summary: Summary, rules: tuple[str, ...] | None = None, title: s
                 zorder=3,
             )
             lines.setdefault(f"{target} {rule}" if multi_rule else target, line)
-            if crit and crit.get("value") is not None and label not in lacking:
-                span = reached(summary, label, None if panel == "average" else panel)
+            task = None if panel == "average" else panel
+            if crit and crit.get("value") is not None and settled(summary, label, task):
+                span = reached(summary, label, task)
                 marks.append((color, crit, censored(crit, span)))
         _rail(ax, marks, used, rail)
         if n % cols == cols - 1 or n == len(panels) - 1:
@@ -244,8 +244,11 @@ def heatmap(summary: Summary, target: str) -> Figure:
 
 def critical_spread(summary: Summary) -> Figure:
     """Critical sparsity of each task (and the average) per (target, rule), with 95 % intervals."""
-    lacking = missing(summary)
-    per_task = {k: v for k, v in summary.get("critical_sparsity_per_task", {}).items() if k not in lacking}
+    per_task = {
+        k: {t: c for t, c in v.items() if settled(summary, k, t)}
+        for k, v in summary.get("critical_sparsity_per_task", {}).items()
+        if settled(summary, k)
+    }
     labels = sorted(per_task)
     tasks = summary["tasks"]
     fig, ax = plt.subplots(figsize=(PAGE_WIDTH * 0.8, 1.4 + 0.75 * max(1, len(labels))))
@@ -296,7 +299,6 @@ def critical_spread(summary: Summary) -> Figure:
 def rules_compared(summary: Summary, rules: tuple[str, ...]) -> Figure:
     """Average normalised performance of each rule, one panel per target (e.g. top-p against max-p)."""
     curves = _curves(summary)
-    lacking = missing(summary)
     bands = summary.get("bands", {})
     targets = sorted({t for t, r in curves if r in rules}, key=list(TARGET_COLORS).index)
     cols = min(4, len(targets))
@@ -330,7 +332,7 @@ def rules_compared(summary: Summary, rules: tuple[str, ...]) -> Figure:
                 )
                 lines.setdefault(rule, line)
             crit = summary["critical_sparsity"].get(f"{target}/{rule}")
-            if crit and crit.get("value") is not None and f"{target}/{rule}" not in lacking:
+            if crit and crit.get("value") is not None and settled(summary, f"{target}/{rule}"):
                 marks.append((color, crit, censored(crit, reached(summary, f"{target}/{rule}"))))
         _rail(ax, marks, used, rail)
         if n % cols == cols - 1 or n == len(targets) - 1:
@@ -363,7 +365,7 @@ def figures(summary: Summary) -> dict[str, Callable[[], Figure]]:
     out["performance.png"] = lambda: performance(summary)
     for target in sorted({t for t, _ in curves}, key=list(TARGET_COLORS).index):
         out[f"heatmap_{target}.png"] = lambda target=target: heatmap(summary, target)  # type: ignore[misc]
-    if set(summary.get("critical_sparsity_per_task", {})) - set(missing(summary)):
+    if any(settled(summary, label) for label in summary.get("critical_sparsity_per_task", {})):
         out["critical_per_task.png"] = lambda: critical_spread(summary)
     if "top_p" in rules and "max_p" in rules:
         out["top_p_vs_max_p.png"] = lambda: rules_compared(summary, ("top_p", "max_p"))

@@ -69,6 +69,27 @@ def missing(summary: Summary) -> dict[str, list[tuple[float, list[str]]]]:
     return out
 
 
+def settled(summary: Summary, label: str, task: str | None = None) -> bool:
+    """Whether the missing points of a curve cannot change its critical sparsity: it crossed 99 % and every
+    missing value lies beyond the crossing (sparsity grows as p, or top_k's kept fraction, falls)."""
+    lacking = missing(summary).get(label, [])
+    if not lacking:
+        return True
+    threshold = summary.get("threshold", 0.99)
+    dense = summary.get("dense", {})
+    for p in sorted(
+        _complete(summary, label), key=lambda p: p["sparsity"] if task is None else p["sparsity_per_task"].get(task, 0)
+    ):
+        if task is None:
+            perf = p["normalized"]
+        else:
+            score, base = p["scores"].get(task), dense.get(task)
+            perf = None if score is None or not base else score / base
+        if perf is not None and perf < threshold:
+            return all(value < p["value"] for value, _ in lacking)
+    return False
+
+
 def describe_missing(points: Sequence[tuple[float, Sequence[str]]], tasks: Sequence[str]) -> str:
     """'0.9 (every task); 0.8 (piqa)': the missing points of one curve."""
     return "; ".join(f"{v:g} ({'every task' if list(ts) == list(tasks) else ', '.join(ts)})" for v, ts in points)
@@ -127,4 +148,4 @@ def _interval(values: np.ndarray, q: list[float]) -> tuple[float, float] | None:
     return float(lo), float(hi)
 
 
-__all__ = ["bands", "censor_note", "censored", "describe_missing", "missing", "planned", "reached"]
+__all__ = ["bands", "censor_note", "censored", "describe_missing", "missing", "planned", "reached", "settled"]
