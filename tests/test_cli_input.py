@@ -199,6 +199,7 @@ def test_every_subcommand_help_shows_defaults_and_valid_values(capsys: pytest.Ca
         assert cli.main([name, "--help"]) == 0
         pages[name] = " ".join(capsys.readouterr().out.split())
     assert "(default: smollm2-135m)" in pages["sweep"] and "(default: 1000)" in pages["report"]
+    assert "seed of the document sample and of the bootstrap (default: 0)" in pages["sweep"]  # 0 is a default too
     assert "(default: all_inputs)" in pages["calibrate"] and "(default: 512)" in pages["profile"]
     assert "(default: 5)" in pages["bench"]
     assert all(t in pages["sweep"] for t in (*TARGETS, *SWEEP_RULES, *TASK_NAMES))
