@@ -90,10 +90,10 @@ def test_a_short_or_truncated_gguf_is_a_clear_error(
     out = tmp_path / "run"
     assert cli.main(["sweep", "--model", str(bad), "--out", str(out)]) == 2
     err = _err(capsys)
-    assert f"cannot read {bad} ({size} bytes): it is not a complete GGUF model file" in err
+    assert f"cannot read {bad} ({size} bytes) as a GGUF model: the file is truncated or corrupt" in err
     assert not (out / "results.sqlite").exists()
     assert cli.main(["profile", "--model", str(bad)]) == 2
-    assert "not a complete GGUF model file" in _err(capsys)
+    assert "as a GGUF model: the file is truncated or corrupt" in _err(capsys)
 
 
 @pytest.mark.parametrize(

@@ -83,8 +83,8 @@ def _from_gguf(gguf: Path) -> Path:
         model: Any = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except Exception as err:  # the GGUF readers fail on a short or truncated file with any kind of error
         raise ModelNotAvailableError(
-            f"cannot read {gguf} ({gguf.stat().st_size} bytes): it is not a complete GGUF model file "
-            f"(truncated or corrupt?): {err}"
+            f"cannot read {gguf} ({gguf.stat().st_size} bytes) as a GGUF model: the file is truncated or "
+            f"corrupt, or holds an architecture transformers cannot convert: {err}"
         ) from None
     model.hf_quantizer = None  # the weights are plain float32 now: save them as such
     if hasattr(model.config, "quantization_config"):

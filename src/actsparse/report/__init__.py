@@ -167,9 +167,9 @@ def _partial(summary: dict[str, Any]) -> list[str]:
         return []
     count = sum(len(ts) for points in lacking.values() for _, ts in points)
     return [
-        f"This run is incomplete: {count} (point, task) results are missing, so the curves they belong to "
-        "get no critical sparsity yet (see Missing points); rerun the same `actsparse sweep` command to "
-        "complete it."
+        f"This run is incomplete: {count} (point, task) results are missing (see Missing points). A curve "
+        "gets a critical sparsity only where its missing points lie beyond its crossing and cannot change "
+        "it; rerun the same `actsparse sweep` command to complete the run."
     ]
 
 

@@ -134,8 +134,10 @@ def bands(
             boot[task] = ratio(w @ s, w @ d)
         bands_of = {t: _interval(b, q) for t, b in boot.items()}
         if boot and len(boot) == len(tasks):
-            with np.errstate(invalid="ignore"):
-                bands_of["average"] = _interval(np.nanmean(np.stack(list(boot.values())), axis=0), q)
+            stack = np.stack(list(boot.values()))  # [tasks, R]; NaN where a resample's dense score is 0
+            count = (~np.isnan(stack)).sum(axis=0)
+            average = np.where(count > 0, np.nansum(stack, axis=0) / np.maximum(count, 1), np.nan)
+            bands_of["average"] = _interval(average, q)
         out[point] = {k: v for k, v in bands_of.items() if v is not None}
     return out
 
