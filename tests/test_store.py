@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from actsparse.evaluate.results import DocResult, TaskResult
-from actsparse.store import PointKey, RunStore, StoreError, check_writable
+from actsparse.store import PointKey, RunStore, StoreError, check_settings, check_writable
 
 
 def _result(task: str = "t", n: int = 3, score: float = 1.0) -> TaskResult:
@@ -79,6 +79,10 @@ def test_truncated_store_is_refused_and_left_untouched(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="corrupt"):
         RunStore.open(tmp_path)
     assert _digest(path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.sqlite"], "no -wal or -shm appears beside it"
+    with pytest.raises(StoreError, match="corrupt"):
+        check_settings(tmp_path, {"model": "m"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.sqlite"]
 
 
 def test_foreign_sqlite_is_refused_and_left_untouched(tmp_path: Path) -> None:
@@ -107,3 +111,18 @@ def test_opening_a_missing_store_without_create(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="does not exist"):
         RunStore.open(tmp_path / "nowhere", create=False)
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_check_settings_reads_only(tmp_path: Path) -> None:
+    check_settings(tmp_path / "new", {"model": "a"})  # no folder yet: nothing to compare, nothing made
+    assert not (tmp_path / "new").exists()
+    with RunStore.open(tmp_path) as store:
+        store.bind("model", "a")
+    path = tmp_path / "results.sqlite"
+    before = _digest(path)
+    check_settings(tmp_path, {"model": "a", "limit": 5})  # limit not bound yet: accepted
+    with pytest.raises(StoreError, match="model = 'a', not 'b'"):
+        check_settings(tmp_path, {"model": "b"})
+    assert _digest(path) == before
+    with RunStore.open(tmp_path) as store:
+        assert store.get_meta("limit") is None

@@ -166,7 +166,7 @@ def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--rules", "top_q"], "unknown rule 'top_q'"),
         (["--rules", "threshold"], "unknown rule 'threshold'"),
         (["--limit", "-3"], "--limit must be at least 1"),
-        (["--backend", "vllm"], "unknown backend 'vllm'"),
+        (["--backend", "vllm"], "invalid choice: 'vllm'"),
     ],
 )
 def test_bad_input_is_refused_before_model_work(

@@ -5,14 +5,25 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import Any
+
+from actsparse.commands import HelpFormatter
 
 COMMANDS = ("profile", "sweep", "report", "calibrate", "bench")
 """Subcommand modules under actsparse.commands; each has `add_parser(subparsers)` and `run(args)`."""
 
 
+class _SubcommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: its --help shows the defaults, unless it names another formatter_class."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="actsparse", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_SubcommandParser)
     for name in COMMANDS:
         module = importlib.import_module(f"actsparse.commands.{name}")
         module.add_parser(sub).set_defaults(run=module.run)
@@ -20,7 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit:  # --help (0) or a usage error (2, message printed): an exit code, as below
+        return 0 if exit.code is None else exit.code if isinstance(exit.code, int) else 2
     try:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:

@@ -7,22 +7,20 @@ import hashlib
 import importlib
 import importlib.util
 import json
-import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from actsparse.kernels.cbuild import cache_dir
 
 DEFAULT_MODEL = "smollm2-135m"
 
 
 class ModelNotAvailableError(RuntimeError):
     """The model cannot be found locally and cannot be fetched."""
-
-
-def cache_dir() -> Path:
-    """Where converted weights are kept: $ACTSPARSE_CACHE or ~/.cache/actsparse."""
-    return Path(os.environ.get("ACTSPARSE_CACHE", Path.home() / ".cache" / "actsparse"))
 
 
 def _smollm2() -> Path:
@@ -80,17 +78,34 @@ def _from_gguf(gguf: Path) -> Path:
     folder = _converted(gguf)
     if (folder / "done").exists():
         return folder
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model: Any = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model: Any = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as err:  # the GGUF readers fail on a short or truncated file with any kind of error
+        raise ModelNotAvailableError(
+            f"cannot read {gguf} ({gguf.stat().st_size} bytes) as a GGUF model: the file is truncated or "
+            f"corrupt, or holds an architecture transformers cannot convert: {err}"
+        ) from None
     model.hf_quantizer = None  # the weights are plain float32 now: save them as such
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    partial = folder.with_name(folder.name + ".partial")
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    (partial / "done").write_text(str(gguf))
-    if not folder.exists():
-        partial.rename(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # A partial folder of this process's own, renamed into place when complete: concurrent conversions
+    # of one file (processes, Ray workers) never write into each other's folder; the first rename wins.
+    partial = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{folder.name}.partial-"))
+    try:
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        (partial / "done").write_text(str(gguf))
+        if folder.exists() and not (folder / "done").exists():
+            shutil.rmtree(folder, ignore_errors=True)  # an unfinished folder of an older actsparse
+        try:
+            partial.rename(folder)
+        except OSError:
+            if not (folder / "done").exists():  # not another conversion that finished first
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return folder
 
 
@@ -108,6 +123,28 @@ def _diffusion_class(folder: Path) -> Any:
 
         return AutoModelForImageTextToText
     return None
+
+
+def check_model(name_or_path: str) -> None:
+    """Raise ModelNotAvailableError unless `name_or_path` resolves here and its configuration can be read,
+    without loading weights (a GGUF file is converted once, as `load_model` would, which reads it whole)."""
+    kind, path = resolve(name_or_path)
+    if kind == "gguf" and path is not None:
+        _from_gguf(path)
+    elif kind == "hub":
+        from transformers.utils import cached_file
+
+        try:
+            cached_file(name_or_path, "config.json")
+        except OSError as err:
+            raise ModelNotAvailableError(_hub_message(name_or_path)) from err
+
+
+def _hub_message(name: str) -> str:
+    return (
+        f"cannot load {name!r}: it is not a local folder or .gguf file and the hub could not be "
+        f"reached or has no such model (offline machines: use an alias {sorted(ALIASES)}, a folder or a .gguf file)"
+    )
 
 
 def load_model(
@@ -136,10 +173,7 @@ def load_model(
     except OSError as err:
         if kind != "hub":
             raise
-        raise ModelNotAvailableError(
-            f"cannot load {name_or_path!r}: it is not a local folder or .gguf file and the hub could not be "
-            f"reached or has no such model (offline machines: use an alias {sorted(ALIASES)}, a folder or a .gguf file)"
-        ) from err
+        raise ModelNotAvailableError(_hub_message(name_or_path)) from err
     if tokenizer.pad_token is None:  # batching needs one; padding never counts in the statistics
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     tokenizer.padding_side = "left"

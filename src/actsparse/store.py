@@ -74,11 +74,21 @@ class PointKey:
         return cls(DENSE, DENSE, 0.0, task)
 
 
-def check_writable(run_dir: Path) -> None:
-    """Create `run_dir` if needed and prove a file can be written there; StoreError otherwise."""
+def check_writable(run_dir: Path, create: bool = True) -> None:
+    """Create `run_dir` if needed and prove a file can be written there; StoreError otherwise.
+
+    With `create=False` nothing is made: the folder, or the nearest folder above it that exists, is tried.
+    """
+    folder = run_dir
+    if not create:
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir():
+            raise StoreError(f"run folder {run_dir} is not writable: {folder} is not a folder")
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test-"):
+        if create:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
             pass
     except OSError as err:
         raise StoreError(f"run folder {run_dir} is not writable: {err.strerror or err}") from None
@@ -139,11 +149,8 @@ class RunStore:
         stored = self.get_meta(key)
         if stored is None:
             self.set_meta(key, value)
-        elif stored != json.loads(json.dumps(value)):
-            raise StoreError(
-                f"{self.path} holds a run with {key} = {stored!r}, not {value!r}: "
-                "use another --out folder (or the same settings) so stored results stay comparable"
-            )
+        else:
+            _check_bound(self.path, key, stored, value)
 
     # --- points ------------------------------------------------------------------------------------
     def keys(self) -> set[PointKey]:
@@ -246,6 +253,51 @@ def _create(db: sqlite3.Connection) -> None:
     db.execute("INSERT INTO meta (key, value) VALUES ('version', ?)", (json.dumps(VERSION),))
 
 
+def _check_bound(path: Path, key: str, stored: Any, value: Any) -> None:
+    if stored != json.loads(json.dumps(value)):
+        raise StoreError(
+            f"{path} holds a run with {key} = {stored!r}, not {value!r}: "
+            "use another --out folder (or the same settings) so stored results stay comparable"
+        )
+
+
+def check_settings(run_dir: str | Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """Refuse `settings` that differ from those bound in `run_dir` (StoreError); reads only, writes nothing.
+
+    Lets a command refuse a folder before it loads a model, and bind the folder only after the load.
+    Returns what the folder has bound (empty when there is no store yet).
+    """
+    path = Path(run_dir) / RunStore.FILENAME
+    if not path.exists():
+        return {}
+    _check_ours(path)
+    if path.stat().st_size == 0:
+        return {}
+    db = sqlite3.connect(_read_only_uri(path), uri=True)
+    try:
+        if "meta" not in _tables(db):
+            return {}
+        stored = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
+    except sqlite3.Error as err:
+        raise StoreError(f"cannot read results file {path}: {err}") from None
+    finally:
+        db.close()
+    for key, value in settings.items():
+        if stored.get(key) is not None:
+            _check_bound(path, key, stored[key], value)
+    return stored
+
+
+def _read_only_uri(path: Path) -> str:
+    """A URI that reads `path` without writing anything beside it.
+
+    Without its -wal and -shm files, a read-only open would create them beside a file that may not be
+    ours: read it as immutable then; with them, read it normally so that the WAL's content is seen too.
+    """
+    sidecars = any(path.with_name(path.name + suffix).exists() for suffix in ("-wal", "-shm"))
+    return f"{path.resolve().as_uri()}?mode=ro{'' if sidecars else '&immutable=1'}"
+
+
 def _tables(db: sqlite3.Connection) -> set[str]:
     return {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
 
@@ -255,7 +307,7 @@ def _check_ours(path: Path) -> None:
     if path.stat().st_size == 0:
         return
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        db = sqlite3.connect(_read_only_uri(path), uri=True)
         try:
             tables = _tables(db)
             fmt = None

@@ -1,1 +1,67 @@
-"""Subcommands of the `actsparse` CLI, one module each."""
+"""Subcommands of the `actsparse` CLI, one module each, and the small pieces they share."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in its help, except where there is none (None, a flag) or the help names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if any(action.default is none for none in (None, False, argparse.SUPPRESS)) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def one_of(values: Iterable[str]) -> str:
+    """'a, b or c': the valid values, for a help text."""
+    values = list(values)
+    return values[0] if len(values) == 1 else f"{', '.join(values[:-1])} or {values[-1]}"
+
+
+def at_least(minimum: int, name: str) -> Callable[[str], int]:
+    """An argparse type: an integer ≥ `minimum` (else a clear usage error, exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} takes a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{name} must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def check_output_file(path: Path) -> None:
+    """Refuse an output file that cannot be written (ValueError) before any model work; writes nothing there."""
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder: give the path of a file to write")
+    folder = path.parent
+    if not folder.is_dir():
+        raise ValueError(f"cannot write {path}: the folder {folder} does not exist")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise ValueError(f"cannot write {path}: {err.strerror or err}") from None
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ValueError(f"cannot write {path}: the file is read-only")
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """The text of `path`; ValueError when it cannot be read or holds nothing but whitespace."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"cannot read {what} {path}: {getattr(err, 'strerror', None) or err}") from None
+    if not text.strip():
+        raise ValueError(f"{what} {path} is empty")
+    return text

@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from actsparse.commands import check_output_file, read_text_file
 from actsparse.loading import DEFAULT_MODEL
+from actsparse.spec import TARGETS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="calibrate per-layer thresholds (TEAL-style) for the threshold rule")
     p.add_argument("--model", default=DEFAULT_MODEL, help="alias, folder, .gguf file or hub id")
-    p.add_argument("--target", default="all_inputs", help="input, gate, up, intermediate or all_inputs")
+    p.add_argument("--target", choices=TARGETS, default="all_inputs", help="the vector(s) to calibrate")
     p.add_argument("--sparsity", type=float, required=True, help="fraction of entries to zero, in [0, 1]")
     p.add_argument("--data", type=Path, help="a plain-text file (default: built-in public-domain text)")
     p.add_argument("--tokens", type=int, default=4096, help="calibration tokens to read")
@@ -33,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--sparsity must lie in [0, 1], got {args.sparsity}")
     if args.tokens < 1 or args.seq_len < 1:
         raise ValueError("--tokens and --seq-len must be positive")
-    text = calibration_text(args.data)
+    check_output_file(args.out)  # before loading and calibrating, not after
+    text = calibration_text() if args.data is None else read_text_file(args.data, "--data")
     console = Console()
     with console.status(f"loading {args.model}"):
         model, tokenizer = load_model(args.model)

@@ -6,7 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
+from actsparse.commands import at_least, check_output_file, read_text_file
 from actsparse.loading import DEFAULT_MODEL
+from actsparse.spec import RULE_NAMES, TARGETS
 
 DEFAULT_TEXT = (
     "The capital of France is Paris. Activation sparsity means that many entries of the feed-forward "
@@ -18,12 +20,16 @@ PROMPT = "The capital of France is"
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("profile", help="per-layer sparsity of one target and rule on some text")
     p.add_argument("--model", default=DEFAULT_MODEL, help="alias, folder, .gguf file or hub id")
-    p.add_argument("--target", default="input", help="input, gate, up, intermediate or all_inputs")
-    p.add_argument("--rule", default="top_p", help="top_p, top_k, max_p or threshold")
+    p.add_argument("--target", choices=TARGETS, default="input", help="the vector(s) to sparsify")
+    p.add_argument("--rule", choices=RULE_NAMES, default="top_p", help="the rule applied to each token")
     p.add_argument("--value", default="0.9", help="p or f in [0, 1], or a calibration file for threshold")
     p.add_argument("--text-file", type=Path, help="text to run (default: a short built-in paragraph)")
-    p.add_argument("--max-tokens", type=int, default=512, help="truncate the text to this many tokens")
-    p.add_argument("--generate", type=int, default=8, help=f"greedy tokens to generate after {PROMPT!r}")
+    p.add_argument(
+        "--max-tokens", type=at_least(1, "--max-tokens"), default=512, help="truncate the text to this many tokens"
+    )
+    p.add_argument(
+        "--generate", type=at_least(0, "--generate"), default=8, help=f"greedy tokens to generate after {PROMPT!r}"
+    )
     p.add_argument("--json", type=Path, help="also write the table as JSON here")
     return p
 
@@ -35,9 +41,13 @@ def run(args: argparse.Namespace) -> int:
 
     from actsparse import SparsitySpec, load_model, sparsify
 
-    value = args.value if args.rule == "threshold" else float(args.value)
+    value = args.value if args.rule == "threshold" else _number(args.value)
+    if args.rule == "threshold":
+        _check_calibration_file(Path(args.value))
     spec = SparsitySpec(args.target, args.rule, value)  # validated before any model work
-    text = args.text_file.read_text() if args.text_file else DEFAULT_TEXT
+    text = read_text_file(args.text_file, "--text-file") if args.text_file else DEFAULT_TEXT
+    if args.json:
+        check_output_file(args.json)
     console = Console()
     with console.status(f"loading {args.model}"):
         model, tokenizer = load_model(args.model)
@@ -70,6 +80,26 @@ def run(args: argparse.Namespace) -> int:
         }
         args.json.write_text(json.dumps(record, indent=2))
     return 0
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"--value takes a number in [0, 1] (a calibration file for threshold), got {text!r}") from None
+
+
+def _check_calibration_file(path: Path) -> None:
+    """Refuse a threshold file that is not a JSON object (a list, a number) with a clear message."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read thresholds from {path}: {getattr(err, 'strerror', None) or err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{path} holds a JSON {type(data).__name__}, not thresholds: give the file `actsparse calibrate` writes "
+            '(an object {"thresholds": {layer: tau}}) or an object {layer: tau}'
+        )
 
 
 def _generate(model, tokenizer, prompt, length: int) -> list[int]:

@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from actsparse.commands import at_least
+
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="analyse a sweep folder and write report.md, report.html and plots")
     p.add_argument("run_dir", type=Path, help="the --out folder of `actsparse sweep`")
-    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the intervals")
+    p.add_argument(
+        "--resamples", type=at_least(10, "--resamples"), default=1000, help="bootstrap resamples for the intervals"
+    )
     return p
 
 

@@ -4,12 +4,25 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
+from actsparse.commands import at_least, one_of
 from actsparse.diffusion.scoring import DiffusionOptions
 from actsparse.executors import EXECUTORS
 from actsparse.loading import DEFAULT_MODEL
 from actsparse.search import DEFAULT_PRECISION
-from actsparse.sweep import DEFAULT_LIMIT, DEFAULT_TARGETS, DEFAULT_TASKS, DEFAULT_VALUES, SEARCHES
+from actsparse.spec import TARGETS
+from actsparse.sweep import (
+    BACKENDS,
+    DEFAULT_LIMIT,
+    DEFAULT_TARGETS,
+    DEFAULT_TASKS,
+    DEFAULT_VALUES,
+    SEARCHES,
+    SWEEP_RULES,
+    SweepConfig,
+)
+from actsparse.tasks import TASK_NAMES
 
 
 def _names(text: str) -> list[str]:
@@ -17,12 +30,15 @@ def _names(text: str) -> list[str]:
 
 
 def _limit(text: str) -> int | None:
-    if text.strip().lower() in ("all", "none", "0"):
+    if text.strip().lower() in ("all", "none"):
         return None
     try:
-        return int(text)
+        limit = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"--limit takes a number of documents or 'all', got {text!r}") from None
+    if limit == 0:  # would score no document; it once meant 'all', silently
+        raise argparse.ArgumentTypeError("--limit 0 would score no document: give a positive number, or 'all'")
+    return limit
 
 
 def _runtime_env(text: str) -> dict:
@@ -47,25 +63,32 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "task, storing every point in OUT/results.sqlite as it finishes; rerun the same command to resume. "
         "Writes OUT/summary.json at the end; `actsparse report OUT` draws it. The defaults are the main job, "
         "sized for a 2-core CPU (under 15 minutes on smollm2-135m); --limit all --values paper for a study.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help="alias, folder, .gguf file or hub id")
-    p.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="comma-separated targets")
-    p.add_argument("--rules", default="top_p", help="comma-separated rules: top_p, top_k, max_p")
+    p.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help=f"comma-separated: {one_of(TARGETS)}")
+    p.add_argument("--rules", default="top_p", help=f"comma-separated: {one_of(SWEEP_RULES)}")
     p.add_argument(
         "--values",
         default=None,
         help="comma-separated p (or f for top_k) in [0, 1], or 'paper' for the paper's 26-point grid "
         f"(default: {','.join(f'{v:g}' for v in DEFAULT_VALUES)}; with --search bisect: paper, the grid it scans)",
     )
-    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated task names")
+    p.add_argument(
+        "--tasks",
+        default=",".join(DEFAULT_TASKS),
+        help=f"comma-separated: {one_of(TASK_NAMES)} (with --backend lm-eval: any lm-evaluation-harness task)",
+    )
     p.add_argument("--limit", type=_limit, default=DEFAULT_LIMIT, help="documents per task (seeded sample), or 'all'")
     p.add_argument("--seed", type=int, default=0, help="seed of the document sample and of the bootstrap")
     p.add_argument("--out", type=Path, default=Path("runs/sweep"), help="run folder (results.sqlite, summary.json)")
     p.add_argument("--accelerate", action="store_true", help="run sparse kernels (actsparse.accelerate)")
-    p.add_argument("--backend", default="native", help="native (fast, with KL) or lm-eval (any lm-eval task)")
+    p.add_argument(
+        "--backend", choices=BACKENDS, default="native", help="native (fast, with KL) or lm-eval (any lm-eval task)"
+    )
     p.add_argument("--batch-size", type=int, default=64, help="documents scored together")
-    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the intervals")
+    p.add_argument(
+        "--resamples", type=at_least(10, "--resamples"), default=1000, help="bootstrap resamples for the intervals"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     scale = p.add_argument_group("scale out")
     scale.add_argument(
@@ -100,7 +123,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     scale.add_argument(
         "--refine",
         action="store_true",
-        help="bisect: go on between grid neighbours, on the value itself, down to --precision",
+        help="bisect: go on between grid neighbours, on the value itself, down to --precision (only with bisect)",
     )
     defaults = DiffusionOptions()
     diffusion = p.add_argument_group("diffusion LLMs (LLaDA, diffusion_gemma)")
@@ -122,15 +145,19 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from actsparse.store import RunStore
-    from actsparse.sweep import PAPER_VALUES, SweepConfig, parse_values, run_sweep
+    from actsparse.store import RunStore, check_settings, check_writable
+    from actsparse.sweep import PAPER_VALUES, parse_values, run_sweep
 
+    if args.values is not None and not args.values.strip(" ,"):
+        raise ValueError("--values is empty: give values, 'paper', or leave the option out for the defaults")
+    if args.refine and args.search != "bisect":
+        raise ValueError("--refine refines a bisection: add --search bisect, or leave --refine out")
     config = SweepConfig(
         model=args.model,
         targets=_names(args.targets),
         rules=_names(args.rules),
         values=parse_values(args.values)
-        if args.values
+        if args.values is not None
         else PAPER_VALUES
         if args.search == "bisect"
         else DEFAULT_VALUES,
@@ -158,9 +185,15 @@ def run(args: argparse.Namespace) -> int:
             block_length=args.block_length,
         ),
     )
+    config.validate()
+    check_writable(config.out, create=False)
+    bound_settings = check_settings(config.out, config.settings())  # others stored there: refused before loading
+    model, tokenizer = (None, None) if bound_settings.get("model") == config.model else _load_first(config)
+    if config.search == "grid":
+        _record_plan(config)
     console = Console(stderr=True)
     try:
-        summary = run_sweep(config, show_progress=not args.no_progress)
+        summary = run_sweep(config, model, tokenizer, show_progress=not args.no_progress)
     except KeyboardInterrupt:
         try:
             with RunStore.open(args.out, create=False) as store:
@@ -172,9 +205,9 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"{len(summary['points'])} points in {args.out}; critical sparsity:", highlight=False)
     for label, c in summary["critical_sparsity"].items():
         bound = "≥ " if c["lower_bound"] else ""
+        grid = "dense" if c.get("grid_param") is None else f"{c['grid_value']:.1%}"
         console.print(
-            f"  {label}: {bound}{c['value']:.1%} (95% CI {c['ci_low']:.1%}–{c['ci_high']:.1%}, "
-            f"grid {c['grid_value']:.1%})",
+            f"  {label}: {bound}{c['value']:.1%} (95% CI {c['ci_low']:.1%}–{c['ci_high']:.1%}, grid {grid})",
             highlight=False,
         )
     for label, evaluated in summary["search"].get("evaluated", {}).items():
@@ -182,3 +215,32 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"  {label}: bisection evaluated {len(evaluated)} values: {values}", highlight=False)
     console.print(f"next: actsparse report {args.out}", highlight=False)
     return 0
+
+
+def _load_first(config: SweepConfig) -> tuple[Any, Any]:
+    """Load the model before the run folder is bound to it, so that a mistyped, missing or corrupt model
+    leaves nothing behind that would refuse the corrected command (a folder already bound to this model
+    loaded it before: the caller skips this, and a finished sweep reruns without loading it at all).
+
+    Local executor: (model, tokenizer), handed to the sweep. Ray: the workers load it; here it is only
+    resolved and its configuration read (a GGUF file is converted, which reads it whole): (None, None).
+    """
+    from actsparse import loading
+
+    if config.executor != "local":
+        loading.check_model(config.model)
+        return None, None
+    return loading.load_model(config.model, device_map=config.device_map)
+
+
+def _record_plan(config: SweepConfig) -> None:
+    """Add this sweep's (target, rule, value) points to those the folder plans, so that the report of a
+    partial run can say which points are missing (a bisection picks its values as it goes: not recorded)."""
+    from actsparse.store import RunStore
+
+    with RunStore.open(config.out) as store:
+        known = [tuple(p) for p in store.get_meta("planned") or []]
+        new = [(t, r, float(v)) for t in config.targets for r in config.rules for v in config.values]
+        points = known + [p for p in new if p not in known]
+        if points != known:
+            store.set_meta("planned", [list(p) for p in points])

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from actsparse.report.reading import censor_note, censored, describe_missing, missing, reached, settled
 from actsparse.store import atomic_path
 
 Table = tuple[list[str], list[list[str]]]
@@ -47,15 +48,28 @@ def tables(summary: dict[str, Any]) -> dict[str, Table]:
     ]
     out: dict[str, Table] = {"Dense scores": (["task", "split used", "metric", "documents", "score"], dense_rows)}
 
-    def crit_row(label: str, c: dict[str, Any]) -> list[str]:
+    lacking = missing(summary)
+
+    def crit_row(label: str, c: dict[str, Any] | None) -> list[str]:
+        count = sum(len(ts) for _, ts in lacking.get(label, []))
+        if c is None or not settled(summary, label):  # a number from part of the curve would mislead
+            return [label, f"incomplete: {count} missing (see Missing points)", "–", "–", ""]
         value = ("≥ " if c["lower_bound"] else "") + _pct(c["value"])
-        grid = _pct(c["grid_value"]) + ("" if c.get("grid_param") is None else f" (at {c['grid_param']:g})")
-        return [label, value, f"{_pct(c['ci_low'])} – {_pct(c['ci_high'])}", grid, "yes" if c["lower_bound"] else ""]
+        if count:
+            value += f" ({count} missing beyond the crossing)"
+        if "grid_param" in c and c["grid_param"] is None:  # the crossing comes before the first point
+            grid = "dense"
+        else:
+            grid = _pct(c["grid_value"]) + ("" if c.get("grid_param") is None else f" (at {c['grid_param']:g})")
+        note = censor_note(censored(c, reached(summary, label)))
+        ci = f"{_pct(c['ci_low'])} – {_pct(c['ci_high'])}" + (f" ({note})" if note else "")
+        return [label, value, ci, grid, "yes" if c["lower_bound"] else ""]
 
     head = ["target/rule", "critical sparsity", "95 % CI (paired bootstrap)", "last grid point ≥ 99 %", "lower bound"]
+    labels = sorted(set(summary["critical_sparsity"]) | set(lacking))
     out["Critical sparsity (average over tasks)"] = (
         head,
-        [crit_row(label, c) for label, c in sorted(summary["critical_sparsity"].items())],
+        [crit_row(label, summary["critical_sparsity"].get(label)) for label in labels],
     )
     per_task = summary.get("critical_sparsity_per_task", {})
     if per_task and len(tasks) > 1:
@@ -64,14 +78,24 @@ def tables(summary: dict[str, Any]) -> dict[str, Table]:
             cells = []
             for t in tasks:
                 c = per_task[label].get(t)
+                if not settled(summary, label, t):  # missing points could still move it
+                    cells.append("incomplete")
+                    continue
+                note = "" if not c else censor_note(censored(c, reached(summary, label, t)))
                 cells.append(
                     "–"
                     if not c
                     else ("≥ " if c["lower_bound"] else "")
                     + f"{_pct(c['value'])} [{_pct(c['ci_low'])}, {_pct(c['ci_high'])}]"
+                    + (f" {note}" if note else "")
                 )
             rows.append([label, *cells])
         out["Critical sparsity per task (95 % CI)"] = (["target/rule", *tasks], rows)
+    if lacking:
+        out["Missing points"] = (
+            ["target/rule", "missing (value: tasks)"],
+            [[label, describe_missing(points, tasks)] for label, points in sorted(lacking.items())],
+        )
     point_rows = [
         [
             p["target"],
@@ -128,7 +152,24 @@ def _intro(summary: dict[str, Any]) -> list[str]:
         f"Intervals: {boot.get('level', 0.95):.0%} paired bootstrap over documents, {boot.get('resamples')} "
         "resamples, the same resample for dense and sparse. Mean KL(dense ‖ sparse) over scored tokens and "
         "the agreement of chosen answers with the dense model are paired, low-noise signals of damage.",
+        "Curves show each point's 95 % paired-bootstrap band of score / dense score. An interval marked "
+        "censored reaches the lowest or highest sparsity its curve measured: the true end may lie beyond it "
+        "(extend the grid there).",
         *_search(summary.get("search", {})),
+        *_partial(summary),
+    ]
+
+
+def _partial(summary: dict[str, Any]) -> list[str]:
+    """A paragraph naming a partial run's missing points (nothing for a complete run)."""
+    lacking = missing(summary)
+    if not lacking:
+        return []
+    count = sum(len(ts) for points in lacking.values() for _, ts in points)
+    return [
+        f"This run is incomplete: {count} (point, task) results are missing (see Missing points). A curve "
+        "gets a critical sparsity only where its missing points lie beyond its crossing and cannot change "
+        "it; rerun the same `actsparse sweep` command to complete the run."
     ]
 
 
@@ -163,7 +204,12 @@ def render(summary: dict[str, Any], images: Sequence[Path]) -> tuple[str, str]:
     table_map = tables(summary)
     md = [f"# {title}", "", *_intro(summary), ""]
     body = [f"<h1>{html.escape(title)}</h1>", *(f"<p>{html.escape(p)}</p>" for p in _intro(summary))]
-    order = ["Dense scores", "Critical sparsity (average over tasks)", "Critical sparsity per task (95 % CI)"]
+    order = [
+        "Dense scores",
+        "Critical sparsity (average over tasks)",
+        "Critical sparsity per task (95 % CI)",
+        "Missing points",
+    ]
     for name in order:
         if name in table_map:
             md += [f"## {name}", "", _md_table(table_map[name]), ""]
@@ -188,14 +234,19 @@ def write_report(run_dir: str | Path, resamples: int | None = None) -> list[Path
     """Summarise `run_dir` (summary.json) and write report.md, report.html and the PNGs; return their paths."""
     from actsparse.analysis import RESAMPLES, write_summary
     from actsparse.report.plots import save_figures
+    from actsparse.report.reading import bands, planned
     from actsparse.store import RunStore
 
     run_dir = Path(run_dir)
     with RunStore.open(run_dir, create=False) as store:
         settings = store.get_meta("settings") or {}
-    summary = write_summary(run_dir, resamples=resamples or RESAMPLES, seed=int(settings.get("seed") or 0))
+    seed = int(settings.get("seed") or 0)
+    summary = write_summary(run_dir, resamples=resamples or RESAMPLES, seed=seed)
     if not summary["dense"]:
         raise ValueError(f"{run_dir} has no dense baseline yet: run `actsparse sweep --out {run_dir}` first")
+    with RunStore.open(run_dir, create=False) as store:  # what the report adds to the summary's numbers
+        summary["planned"] = planned(store) if summary["search"].get("method") != "bisect" else []
+        summary["bands"] = bands(store, summary["tasks"], resamples or RESAMPLES, seed)
     images = save_figures(summary, run_dir)
     from actsparse.report.diffusion import save_step_figures
 

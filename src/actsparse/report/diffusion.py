@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
-from actsparse.report.plots import TARGET_COLORS
+from actsparse.report.plots import TARGET_COLORS, save
 
 StepCurves = dict[str, dict[str, dict[int, float]]]
 """point label → series name (sparsity, jaccard_prev, jaccard_first) → step → value."""
@@ -66,7 +66,8 @@ def sparsity_figure(curves: StepCurves) -> Figure:
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     _plot(ax, curves, "sparsity", "sparsity")
     ax.set_title("Sparsity per denoising step")
-    ax.legend(fontsize=7, ncol=2)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     return fig
 
@@ -78,7 +79,8 @@ def stability_figure(curves: StepCurves) -> Figure:
     axes[0].set_title("Keep-mask vs previous step")
     _plot(axes[1], curves, "jaccard_first", "Jaccard index")
     axes[1].set_title("Keep-mask vs first step")
-    axes[1].legend(fontsize=7, ncol=2)
+    if axes[1].get_legend_handles_labels()[0]:
+        axes[1].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     return fig
 
@@ -98,11 +100,7 @@ def save_step_figures(run_dir: str | Path) -> list[Path]:
     curves = step_curves(points)
     if not curves:
         return []
-    paths = []
-    for name, draw in (("step_sparsity.png", sparsity_figure), ("step_stability.png", stability_figure)):
-        fig = draw(curves)
-        path = run_dir / name
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
-    return paths
+    return save(
+        {"step_sparsity.png": lambda: sparsity_figure(curves), "step_stability.png": lambda: stability_figure(curves)},
+        run_dir,
+    )

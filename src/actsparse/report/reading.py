@@ -1,0 +1,153 @@
+"""What a reader needs beside the numbers: which points a partial run still misses, which intervals are
+censored by the range of sparsity a curve reached, and per-point confidence bands of the curves.
+
+The summary (`actsparse.analysis.summarize`) gives critical sparsity and its interval; these helpers
+read it (and, for the bands and the plan, the run's store) without changing what it says.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from actsparse.analysis import LEVEL, ratio, resample_weights
+from actsparse.store import RunStore
+
+Summary = dict[str, Any]
+PointId = tuple[str, str, float]
+"""(target, rule, value) of a sweep point."""
+
+EPS = 1e-9
+
+
+def _complete(summary: Summary, label: str) -> list[dict[str, Any]]:
+    target, rule = label.split("/", 1)
+    return [
+        p
+        for p in summary.get("points", [])
+        if p["target"] == target and p["rule"] == rule and p.get("complete", True) and p["sparsity"] is not None
+    ]
+
+
+def reached(summary: Summary, label: str, task: str | None = None) -> tuple[float, float] | None:
+    """(lowest, highest) achieved sparsity among the points a curve's analysis used (None without points)."""
+    xs = [p["sparsity"] if task is None else p["sparsity_per_task"].get(task) for p in _complete(summary, label)]
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    return (min(xs), max(xs)) if xs else None
+
+
+def censored(c: dict[str, Any], span: tuple[float, float] | None) -> tuple[bool, bool]:
+    """(below, above): an end of the interval at (or beyond) the lowest / highest sparsity the curve reached,
+    so the true end may lie further out than the points measured can tell."""
+    if span is None or c.get("ci_low") is None or c.get("ci_high") is None:
+        return False, False
+    return c["ci_low"] <= span[0] + EPS, c["ci_high"] >= span[1] - EPS
+
+
+def censor_note(flags: tuple[bool, bool]) -> str:
+    below, above = flags
+    if below and above:
+        return "censored at both ends"
+    return "censored below" if below else "censored above" if above else ""
+
+
+def missing(summary: Summary) -> dict[str, list[tuple[float, list[str]]]]:
+    """label → [(value, tasks not stored)] of the points this run planned (or that some task has) but lacks."""
+    tasks = list(summary.get("tasks", []))
+    stored: dict[PointId, set[str]] = {}
+    for p in summary.get("points", []):
+        stored[(p["target"], p["rule"], float(p["value"]))] = set(p["scores"])
+    planned = {(t, r, float(v)) for t, r, v in summary.get("planned", [])} | set(stored)
+    out: dict[str, list[tuple[float, list[str]]]] = {}
+    for target, rule, value in sorted(planned, key=lambda k: (k[0], k[1], -k[2])):
+        lacking = [t for t in tasks if t not in stored.get((target, rule, value), set())]
+        if lacking:
+            out.setdefault(f"{target}/{rule}", []).append((value, lacking))
+    return out
+
+
+def settled(summary: Summary, label: str, task: str | None = None) -> bool:
+    """Whether the missing points of a curve cannot change its critical sparsity: it crossed 99 % and every
+    missing value lies beyond the crossing (sparsity grows as p, or top_k's kept fraction, falls)."""
+    lacking = missing(summary).get(label, [])
+    if not lacking:
+        return True
+    threshold = summary.get("threshold", 0.99)
+    dense = summary.get("dense", {})
+    for p in sorted(
+        _complete(summary, label), key=lambda p: p["sparsity"] if task is None else p["sparsity_per_task"].get(task, 0)
+    ):
+        if task is None:
+            perf = p["normalized"]
+        else:
+            score, base = p["scores"].get(task), dense.get(task)
+            perf = None if score is None or not base else score / base
+        if perf is not None and perf < threshold:
+            return all(value < p["value"] for value, _ in lacking)
+    return False
+
+
+def describe_missing(points: Sequence[tuple[float, Sequence[str]]], tasks: Sequence[str]) -> str:
+    """'0.9 (every task); 0.8 (piqa)': the missing points of one curve."""
+    return "; ".join(f"{v:g} ({'every task' if list(ts) == list(tasks) else ', '.join(ts)})" for v, ts in points)
+
+
+def planned(store: RunStore) -> list[PointId]:
+    """The (target, rule, value) points the sweeps of this folder set out to run (empty if not recorded)."""
+    return [tuple(p) for p in store.get_meta("planned") or []]  # type: ignore[misc]
+
+
+def bands(
+    store: RunStore, tasks: Sequence[str], resamples: int, seed: int = 0, level: float = LEVEL
+) -> dict[PointId, dict[str, tuple[float, float]]]:
+    """Per-point paired-bootstrap intervals of sparse / dense score: point → {task: (lo, hi), 'average': (lo, hi)}.
+
+    Each resample draws a task's documents with replacement, the same draw for its dense and sparse
+    scores; 'average' (points with every task) is the mean over tasks per resample, as normalised
+    performance is.
+    """
+    dense: dict[str, dict[int, float]] = {}
+    sparse: dict[PointId, dict[str, dict[int, float]]] = {}
+    for key, result in store.items():
+        scores = {d.doc_id: d.score for d in result.docs}
+        if key.is_dense:
+            dense[key.task] = scores
+        else:
+            sparse.setdefault((key.target, key.rule, key.value), {})[key.task] = scores
+    q = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
+    out: dict[PointId, dict[str, tuple[float, float]]] = {}
+    for n, (point, by_task) in enumerate(sorted(sparse.items())):
+        rng = np.random.default_rng([seed, n])
+        boot: dict[str, np.ndarray] = {}
+        for task in tasks:
+            if task not in by_task or task not in dense:
+                continue
+            ids = sorted(set(dense[task]) & set(by_task[task]))
+            if not ids:
+                continue
+            d = np.array([dense[task][i] for i in ids])
+            s = np.array([by_task[task][i] for i in ids])
+            w = resample_weights(len(ids), resamples, rng).astype(float)
+            boot[task] = ratio(w @ s, w @ d)
+        bands_of = {t: _interval(b, q) for t, b in boot.items()}
+        if boot and len(boot) == len(tasks):
+            stack = np.stack(list(boot.values()))  # [tasks, R]; NaN where a resample's dense score is 0
+            count = (~np.isnan(stack)).sum(axis=0)
+            average = np.where(count > 0, np.nansum(stack, axis=0) / np.maximum(count, 1), np.nan)
+            bands_of["average"] = _interval(average, q)
+        out[point] = {k: v for k, v in bands_of.items() if v is not None}
+    return out
+
+
+def _interval(values: np.ndarray, q: list[float]) -> tuple[float, float] | None:
+    values = values[~np.isnan(values)]
+    if not values.size:
+        return None
+    lo, hi = np.percentile(values, q)
+    return float(lo), float(hi)
+
+
+__all__ = ["bands", "censor_note", "censored", "describe_missing", "missing", "planned", "reached", "settled"]
