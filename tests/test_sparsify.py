@@ -9,6 +9,7 @@ from tiny import FAMILIES, MOE_FAMILIES, tiny_model
 import actsparse
 import actsparse.instrument
 from actsparse import TARGETS, SparsitySpec, rules, sparsify
+from actsparse.instrument import count_entries
 
 FAMILY_NAMES = list(FAMILIES)
 
@@ -190,3 +191,15 @@ def test_batch_one_generation_without_mask_counts_decode(models: dict) -> None:
     h, layers = model.config.hidden_size, model.config.num_hidden_layers
     assert stats.tokens_seen("prefill") == 5 * h * layers
     assert stats.tokens_seen("decode") == 3 * h * layers
+
+
+def test_counting_over_real_tokens_needs_no_host_sync():
+    """`count_entries` runs on meta tensors, so nothing in it waits for a value (a boolean index would)."""
+    v = torch.empty(2, 3, 8, device="meta")
+    keep = torch.empty(2, 3, 8, dtype=torch.bool, device="meta")
+    real = torch.empty(2, 3, dtype=torch.bool, device="meta")
+    assert count_entries(v, keep, real).shape == (3,)
+    v, keep = torch.randn(2, 3, 8), torch.rand(2, 3, 8) > 0.5
+    real = torch.tensor([[True, False, True], [False, True, True]])
+    expected = [int((~keep[real]).sum()), int((v[real] == 0).sum()), int(real.sum()) * 8]
+    assert count_entries(v, keep, real).tolist() == expected

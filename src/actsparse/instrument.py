@@ -67,15 +67,17 @@ def non_finite(vector: str, layer: int, expert: int | None = None) -> NonFiniteA
 def count_entries(v: torch.Tensor, keep: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
     """[zeroed, natural zeros, seen] of one activation over its real rows (all rows when `real` is None).
 
-    zeroed = seen − kept, natural zeros = seen − nonzero: cheap reductions only, no host sync.
+    zeroed = seen − kept, natural zeros = seen − nonzero: cheap reductions only, no host sync (the real
+    rows are weighted, not selected: a boolean index would wait for the GPU to know its size).
     """
     with torch.no_grad():
         if real is None:
             seen = torch.full((), keep.numel(), device=v.device)  # a fill, not a host-to-device copy
             return torch.stack([seen - keep.sum(), seen - torch.count_nonzero(v), seen])
-        seen = real.sum() * v.shape[-1]
-        kept = keep.sum(dim=-1)[real].sum()
-        nonzero = torch.count_nonzero(v, dim=-1)[real].sum()
+        weight = real.to(torch.int64)
+        seen = weight.sum() * v.shape[-1]
+        kept = (keep.sum(dim=-1) * weight).sum()
+        nonzero = (torch.count_nonzero(v, dim=-1) * weight).sum()
         return torch.stack([seen - kept, seen - nonzero, seen])
 
 

@@ -48,6 +48,7 @@ def top_p_mask_radix(v: torch.Tensor, p: float) -> torch.Tensor:
     """Exact top-p keep-mask by a radix select on the bits of |v| (8 + 8 + 8 + 7), vectorised over rows.
 
     Pure PyTorch (any device; float32, bfloat16 or float16); the fallback of the compiled and Triton kernels.
+    Waits for the device once, to check for NaN/Inf.
     """
     n = v.shape[-1]
     rows = v.shape[:-1].numel()

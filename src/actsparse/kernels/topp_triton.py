@@ -99,7 +99,10 @@ if triton is not None:
 
 
 def top_p_mask_triton(v: torch.Tensor, p: float) -> torch.Tensor:
-    """Exact top-p keep-mask by the Triton kernel (CUDA tensors, or CPU tensors under the interpreter)."""
+    """Exact top-p keep-mask by the Triton kernel (CUDA tensors, or CPU tensors under the interpreter).
+
+    Waits for the GPU once per call: it reads the kernel's NaN/Inf flag back to raise at once.
+    """
     if triton is None:
         raise RuntimeError("triton is not installed")
     n = v.shape[-1]
