@@ -191,6 +191,33 @@ def sparsify(model: nn.Module, spec: SparsitySpec, layers: list[int] | None = No
         yield stats
 
 
+class FiniteCheck:
+    """A site that changes nothing and raises on NaN or ±Inf in any vector: the dense run's version of
+    the check every rule makes, so that a poisoned model cannot give a dense baseline."""
+
+    def __init__(self, layer: int):
+        self.layer = layer
+
+    def __call__(
+        self, vector: str, v: torch.Tensor, expert: int | None = None, token_index: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if not bool(torch.isfinite(v).all()):
+            raise non_finite(vector, self.layer, expert)
+        return v
+
+
+@contextmanager
+def finite_checked(model: nn.Module) -> Iterator[None]:
+    """Run `model` dense, raising `NonFiniteActivationError` (naming layer and vector) on NaN or ±Inf in
+    any FFN activation; the model is restored on exit."""
+
+    def make_forward(ffn: FFN, tokens: TokenContext) -> Callable[..., torch.Tensor]:
+        return partial(ffn.adapter.forward, ffn.module, FiniteCheck(ffn.layer))
+
+    with replaced_forwards(model, find_ffns(model), make_forward):
+        yield
+
+
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, list[tuple[SparsityStats, TokenContext]]] = weakref.WeakKeyDictionary()
 
 
