@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import DTYPES, fractions, vector_strategy
 from hypothesis import given, settings
-from hypothesis import strategies as st
 from tiny import tiny_model
 
 from actsparse import SparsitySpec, rules, sparsify
@@ -19,9 +19,7 @@ from actsparse.kernels import topp, topp_cpu, topp_triton
 from actsparse.loading import load_model
 from actsparse.rules import NonFiniteActivationError, reference_mask
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(40,), (1, 96), (6, 75), (2, 3, 50), (3, 700)]
-KINDS = ["random", "tied", "zeros", "outliers", "all_zero"]
 
 
 def dyadic_vector(kind: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -43,14 +41,7 @@ def dyadic_vector(kind: str, shape: tuple[int, ...], dtype: torch.dtype, seed: i
     return torch.tensor(x, dtype=torch.float32).to(dtype)
 
 
-vectors = st.builds(
-    dyadic_vector,
-    kind=st.sampled_from(KINDS),
-    shape=st.sampled_from(SHAPES),
-    dtype=st.sampled_from(DTYPES),
-    seed=st.integers(0, 2**31),
-)
-fractions = st.one_of(st.sampled_from([0.0, 1.0, 0.5, 0.9, 0.99]), st.floats(0, 1))
+vectors = vector_strategy(dyadic_vector, SHAPES)
 
 needs_c = pytest.mark.skipif(not topp_cpu.available(), reason="no C compiler for the compiled kernel")
 needs_triton = pytest.mark.skipif(not topp_triton.available(), reason="triton, and a GPU or TRITON_INTERPRET=1, needed")
@@ -218,7 +209,7 @@ def test_custom_op_registration() -> None:
 
 def sparsified_run(model, ids: torch.Tensor, target: str, p: float) -> tuple[torch.Tensor, dict]:
     with torch.no_grad(), sparsify(model, SparsitySpec(target, "top_p", p)) as stats:
-        logits = model(ids).logits
+        logits = model(ids, attention_mask=torch.ones_like(ids)).logits
     return logits, stats.to_dict()
 
 

@@ -95,6 +95,8 @@ class _DecodeMasks:
 
     def one_real_token(self) -> bool:
         """Whether the current forward is one token that counts (not padding)."""
+        if self.tokens.unknown is not None:
+            return False  # the PyTorch kernels' counting raises `PaddingUnknownError`
         real = self.tokens.real
         if real is not self._real_seen:
             self._real_seen, self._one_real = real, real is None or bool(real.all())

@@ -29,7 +29,7 @@ from actsparse.evaluate.metrics import choice_metrics, cut_at_stop, exact_match,
 from actsparse.evaluate.packing import PackedRows, Tree, make_tree, pack, plan_rows
 from actsparse.evaluate.reference import DenseReference
 from actsparse.evaluate.results import DocResult, TaskResult
-from actsparse.instrument import set_real_tokens
+from actsparse.instrument import counted_as_prefill, set_real_tokens
 from actsparse.tasks import Completion, Generation, MultipleChoice, Request, Task, get_task, select_docs
 
 TOPK = 32
@@ -367,14 +367,15 @@ def _score_cached(
             cids[r, : len(tokens) - 1] = torch.tensor(tokens[:-1], dtype=torch.long)
             cmask[r, : len(tokens) - 1] = 1
         cids, cmask = cids.to(device), cmask.to(device)
-        logits = model(
-            input_ids=cids,
-            attention_mask=torch.cat([mask[index], cmask], dim=1),
-            position_ids=lengths[index, None] + torch.arange(width, device=device),
-            cache=part,
-            use_cache=True,
-            logits_to_keep=cmask.bool(),  # real positions only, flat [N, V]
-        ).logits
+        with counted_as_prefill(model):  # one-token chunks too: they are scored text, not generated
+            logits = model(
+                input_ids=cids,
+                attention_mask=torch.cat([mask[index], cmask], dim=1),
+                position_ids=lengths[index, None] + torch.arange(width, device=device),
+                cache=part,
+                use_cache=True,
+                logits_to_keep=cmask.bool(),  # real positions only, flat [N, V]
+            ).logits
         at = 0
         for b, i, tokens in chunk:
             m = len(tokens) - 1
