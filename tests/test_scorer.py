@@ -154,14 +154,16 @@ def test_cached_path_counts_the_tokens_the_packed_path_counts_all_as_prefill():
     """Continuation chunks of one token over the cache are prefill of scored text, not decode; and the
     left padding of the contexts is not counted: both paths see exactly the same tokens."""
     model, _ = tiny_lm("llama")
-    groups = [Group([5, 6, 7], [[8, 9], [10, 11]]), Group([5], [[7, 9], [8, 12, 13]]), Group([3, 4, 5, 6, 7], [[9]])]
-    counted = {}
-    for packing in (True, False):
-        with sparsify(model, SparsitySpec("all_inputs", "top_p", 0.7)) as stats:
-            score_groups(model, groups, 0, packing=packing)
-        counted[packing] = stats
-    assert {key[2] for key in counted[False].counts()} == {"prefill"}
-    assert seen(counted[True]) == seen(counted[False])
+    one_token_chunks = [Group([5, 6, 7], [[8, 9], [10, 11]]), Group([5], [[7, 9], [8, 12]])]
+    padded_chunks = [*one_token_chunks, Group([5], [[7, 9, 4, 2], [8, 12, 13]]), Group([3, 4, 5, 6, 7], [[9]])]
+    for groups in (one_token_chunks, padded_chunks):
+        counted = {}
+        for packing in (True, False):
+            with sparsify(model, SparsitySpec("all_inputs", "top_p", 0.7)) as stats:
+                score_groups(model, groups, 0, packing=packing)
+            counted[packing] = stats
+        assert {key[2] for key in counted[False].counts()} == {"prefill"}
+        assert seen(counted[True]) == seen(counted[False])
 
 
 def test_generation_equals_stepwise_greedy_without_cache():
