@@ -149,11 +149,12 @@ def _masked_hflm() -> type:
     from lm_eval.models.huggingface import HFLM
 
     class MaskedHFLM(HFLM):
+        _known: set[tuple[int, ...]] | None = None  # the inputs of the log-likelihood requests now running
+
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             if str(kwargs.get("batch_size", 1)).startswith("auto"):
                 raise ValueError("batch_size 'auto' is not supported: its probe forwards would count as sparsity")
             super().__init__(*args, **kwargs)
-            self._known: set[tuple[int, ...]] | None = None
 
         def _loglikelihood_tokens(self, requests, *args: Any, **kwargs: Any):
             # each row's input as HFLM builds it: context + continuation, left-truncated, last token dropped
