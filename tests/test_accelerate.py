@@ -255,3 +255,32 @@ def test_smollm2_greedy_decode_equals_the_simulation(n_threads, threads):
     assert_close(torch.stack(fast.logits), torch.stack(ref.logits), 1e-10)
     assert fast_stats.counts() == ref_stats.counts()
     assert abs(fast_stats.overall("decode") - 0.5) < 0.1  # the calibrated 50 %, on decode tokens
+
+
+@needs_cuda
+@pytest.mark.parametrize("batch", [1, 3])
+def test_cuda_threshold_decode_step_never_waits_for_the_gpu(batch):
+    """What the module docstring promises: a threshold decode step, counted over real tokens, without a sync."""
+    from actsparse.accelerate import DecodeStep
+    from actsparse.adapters import find_ffns
+    from actsparse.instrument import TokenContext
+    from actsparse.stats import SparsityStats
+
+    model = tiny_model("llama", dtype=torch.bfloat16).to("cuda")
+    ffn = find_ffns(model)[0]
+    gated = ffn.adapter.gated_weights(ffn.module)
+    spec = spec_for("threshold")
+    tokens = TokenContext()
+    tokens.phase, tokens.real = "decode", torch.ones(batch, 1, dtype=torch.bool, device="cuda")
+    stats = SparsityStats(spec.vectors)
+    step = DecodeStep(spec, 0, gated, tokens, stats)
+    x = torch.randn(batch, 1, gated.gate.shape[1], device="cuda", dtype=torch.bfloat16)
+    step(x)  # first call: τ is copied to the GPU once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    step.masks.check()
+    assert stats.overall("decode") == stats.overall("decode")

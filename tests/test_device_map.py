@@ -21,7 +21,8 @@ def ids() -> torch.Tensor:
 
 def sparse_run(model: torch.nn.Module, spec: SparsitySpec = SPEC) -> tuple[torch.Tensor, dict]:
     with torch.no_grad(), sparsify(model, spec) as stats:
-        logits = model(ids()).logits
+        x = ids()
+        logits = model(x, attention_mask=torch.ones_like(x)).logits
     return logits, stats.per_layer()
 
 

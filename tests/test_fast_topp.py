@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import DTYPES, fractions, vector_strategy
 from hypothesis import given, settings
-from hypothesis import strategies as st
 from tiny import tiny_model
 
 from actsparse import SparsitySpec, rules, sparsify
@@ -19,9 +19,7 @@ from actsparse.kernels import topp, topp_cpu, topp_triton
 from actsparse.loading import load_model
 from actsparse.rules import NonFiniteActivationError, reference_mask
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(40,), (1, 96), (6, 75), (2, 3, 50), (3, 700)]
-KINDS = ["random", "tied", "zeros", "outliers", "all_zero"]
 
 
 def dyadic_vector(kind: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -43,14 +41,7 @@ def dyadic_vector(kind: str, shape: tuple[int, ...], dtype: torch.dtype, seed: i
     return torch.tensor(x, dtype=torch.float32).to(dtype)
 
 
-vectors = st.builds(
-    dyadic_vector,
-    kind=st.sampled_from(KINDS),
-    shape=st.sampled_from(SHAPES),
-    dtype=st.sampled_from(DTYPES),
-    seed=st.integers(0, 2**31),
-)
-fractions = st.one_of(st.sampled_from([0.0, 1.0, 0.5, 0.9, 0.99]), st.floats(0, 1))
+vectors = vector_strategy(dyadic_vector, SHAPES)
 
 needs_c = pytest.mark.skipif(not topp_cpu.available(), reason="no C compiler for the compiled kernel")
 needs_triton = pytest.mark.skipif(not topp_triton.available(), reason="triton, and a GPU or TRITON_INTERPRET=1, needed")
@@ -213,13 +204,27 @@ def test_other_layouts_and_dtypes() -> None:
 
 def test_custom_op_registration() -> None:
     v = dyadic_vector("random", (4, 32), torch.float32, 5)
-    torch.library.opcheck(topp_triton.top_p_mask_op, (v, 0.7))
+    torch.library.opcheck(topp.top_p_mask_op, (v, 0.7))
 
 
 def sparsified_run(model, ids: torch.Tensor, target: str, p: float) -> tuple[torch.Tensor, dict]:
     with torch.no_grad(), sparsify(model, SparsitySpec(target, "top_p", p)) as stats:
-        logits = model(ids).logits
+        logits = model(ids, attention_mask=torch.ones_like(ids)).logits
     return logits, stats.to_dict()
+
+
+def sort_path(patch: pytest.MonkeyPatch) -> list[int]:
+    """Route every top-p of `rules.masked` / `rules.top_p_mask` to the sort path (the C kernel off); the
+    list counts its calls, so that a test can see the sort path really ran."""
+    calls: list[int] = []
+
+    def sort(v: torch.Tensor, p: float) -> torch.Tensor:
+        calls.append(1)
+        return rules.top_p_mask_sort(v, p)
+
+    patch.setattr(topp_cpu, "available", lambda: False)
+    patch.setattr(topp, "top_p_mask_fast", sort)
+    return calls
 
 
 @pytest.mark.parametrize("family", ["llama", "phi3", "qwen3_moe"])
@@ -227,8 +232,9 @@ def test_sparsify_gives_the_same_results_as_the_sort_path(family: str, monkeypat
     model = tiny_model(family)
     ids = torch.randint(1, 97, (2, 9), generator=torch.Generator().manual_seed(0))
     fast = sparsified_run(model, ids, "all_inputs", 0.7)
-    monkeypatch.setattr(topp, "top_p_mask_fast", rules.top_p_mask_sort)
+    calls = sort_path(monkeypatch)
     sort = sparsified_run(model, ids, "all_inputs", 0.7)
+    assert calls  # the comparison is with the sort path, not the fast path again
     assert torch.equal(fast[0], sort[0])
     assert fast[1] == sort[1]
 
@@ -241,7 +247,45 @@ def test_smollm2_sparsified_logits_unchanged_by_the_fast_path(monkeypatch: pytes
     for target in ("input", "intermediate"):
         fast = sparsified_run(model, ids, target, 0.9)
         with monkeypatch.context() as patch:
-            patch.setattr(topp, "top_p_mask_fast", rules.top_p_mask_sort)
+            calls = sort_path(patch)
             sort = sparsified_run(model, ids, target, 0.9)
+        assert calls, target
         assert torch.equal(fast[0], sort[0]), target
         assert fast[1] == sort[1], target
+
+
+def absorbed_rows(dtype: torch.dtype) -> torch.Tensor:
+    """Rows where float64 sums absorb a tiny entry beside a huge one: p = 1 must still keep it."""
+    v = torch.zeros(3, 70)
+    v[0, :3] = torch.tensor([2.0**30, -(2.0**-30), 1.0])
+    v[1, ::7] = 2.0**-30
+    v[1, 5] = -(2.0**30)
+    return v.to(dtype)  # row 2 stays all zero: left as it is
+
+
+P_ONE_PATHS = {
+    "reference": lambda v: reference_mask(v, "top_p", 1.0),
+    "sort": lambda v: rules.top_p_mask_sort(v, 1.0),
+    "dispatch": lambda v: rules.top_p_mask(v, 1.0),
+    "fused": lambda v: rules.masked(v, "top_p", 1.0)[1],
+    "radix": lambda v: topp.top_p_mask_radix(v, 1.0),
+    "compiled": lambda v: topp_cpu.select_mask(v, topk=False, value=1.0)[0],
+    "op": lambda v: torch.ops.actsparse.top_p_mask(v, 1.0),
+    "triton": lambda v: triton_mask(v, 1.0),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("name", P_ONE_PATHS)
+def test_p_one_keeps_every_nonzero_entry(name: str, dtype: torch.dtype) -> None:
+    if name == "compiled" and not topp_cpu.available():
+        pytest.skip("no C compiler for the compiled kernel")
+    if name in ("compiled", "radix", "triton") and dtype == torch.float64:
+        pytest.skip("float32-key paths: float64 takes the sort path")
+    if name == "triton" and not topp_triton.available():
+        pytest.skip("triton not available")
+    v = absorbed_rows(dtype)
+    keep = P_ONE_PATHS[name](v)
+    expected = (v != 0) | torch.tensor([[False], [False], [True]])
+    assert torch.equal(keep, expected)
+    assert torch.equal(rules.top_p(v, 1.0), v)  # p = 1 zeroes only exact zeros

@@ -7,12 +7,19 @@ import json
 import pytest
 from tiny import tiny_lm
 
+from actsparse import SparsitySpec, sparsify
 from actsparse.evaluate import evaluate_task
 from actsparse.tasks import get_task
 
 lm_eval = pytest.importorskip("lm_eval")
 
-from actsparse.evaluate.lm_eval_bridge import _register, evaluate_lm_eval, lm_eval_task_exists, task_manager  # noqa: E402
+from actsparse.evaluate.lm_eval_bridge import (  # noqa: E402
+    _register,
+    evaluate_lm_eval,
+    lm_eval_task_exists,
+    real_lengths,
+    task_manager,
+)
 
 
 def short_docs(name: str, n: int, limit: int = 110) -> list[int]:
@@ -55,7 +62,10 @@ def test_registered_actsparse_model_sparsifies_and_reports(tmp_path):
         device="cuda",  # the CLI's default: falls back to the CPU
     )
     written = json.loads(stats.read_text())
-    assert 0.2 < written["all"]["sparsity"] < 0.9
+    model, tokenizer = tiny_lm("llama")  # the same model, scored one request at a time: no padding at all
+    with sparsify(model, SparsitySpec("input", "top_p", 0.5)) as alone:
+        evaluate_lm_eval(model, tokenizer, "arc_easy", short_docs("arc_easy", 2), batch_size=1)
+    assert written == alone.to_dict()
     assert out["config"]["actsparse_sparsity"] == written
     assert "acc,none" in out["results"]["actsparse_arc_easy"]
     with pytest.raises(ValueError, match="rule"):
@@ -65,3 +75,25 @@ def test_registered_actsparse_model_sparsifies_and_reports(tmp_path):
             tasks=["actsparse_arc_easy"],
             task_manager=task_manager("arc_easy"),
         )
+
+
+def test_padding_of_lm_eval_batches_is_not_counted():
+    """HFLM right-pads its batches and passes no mask: the bridge rebuilds it, so counts do not depend
+    on the batch size (batch 1 has no padding at all)."""
+    model, tokenizer = tiny_lm("llama")
+    ids = short_docs("arc_easy", 3)
+    counts = {}
+    for batch_size in (1, 5):
+        with sparsify(model, SparsitySpec("all_inputs", "top_p", 0.7)) as stats:
+            evaluate_lm_eval(model, tokenizer, "arc_easy", ids, batch_size=batch_size)
+        counts[batch_size] = stats.counts()
+    assert counts[1] == counts[5]
+
+
+def test_real_lengths_of_right_padded_rows():
+    known = {(5, 6, 7), (5, 6), (8, 0), (8,)}
+    assert real_lengths([[5, 6, 7, 0], [5, 6, 0, 0]], known) == [3, 2]
+    with pytest.raises(ValueError, match="real tokens"):
+        real_lengths([[8, 0, 0]], known)  # (8,) and (8, 0) both fit
+    with pytest.raises(ValueError, match="real tokens"):
+        real_lengths([[9, 0]], known)

@@ -5,15 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import DTYPES, fractions, vector_strategy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from actsparse import rules
 from actsparse.rules import NonFiniteActivationError, reference_mask
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(33,), (5, 40), (2, 3, 24)]
-KINDS = ["random", "tied", "zeros", "outliers", "all_zero"]
 
 
 def make_vector(kind: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -33,14 +32,7 @@ def make_vector(kind: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int
     return torch.tensor(x, dtype=torch.float32).to(dtype)
 
 
-vectors = st.builds(
-    make_vector,
-    kind=st.sampled_from(KINDS),
-    shape=st.sampled_from(SHAPES),
-    dtype=st.sampled_from(DTYPES),
-    seed=st.integers(0, 2**31),
-)
-fractions = st.one_of(st.sampled_from([0.0, 1.0, 0.5, 0.9, 0.99]), st.floats(0, 1))
+vectors = vector_strategy(make_vector, SHAPES)
 
 
 @settings(max_examples=150, deadline=None)

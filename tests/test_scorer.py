@@ -138,7 +138,32 @@ def test_kl_is_zero_dense_and_positive_sparse(kind, tmp_path):
     with sparsify(model, SparsitySpec("intermediate", "top_p", 0.5)) as stats:
         sparse, _ = evaluate_task(model, tokenizer, task, reference=reference)
     assert all(d.kl > 1e-4 for d in sparse.docs)
-    assert 0.2 < stats.overall() < 0.9
+    with sparsify(model, SparsitySpec("intermediate", "top_p", 0.5)) as alone:  # one document a batch: no padding
+        evaluate_task(model, tokenizer, task, reference=reference, batch_size=1)
+    assert seen(stats) == seen(alone)  # padding is never counted, whatever the batch
+    assert stats.overall() == pytest.approx(alone.overall(), abs=1e-3)
+    assert {key[2] for key in stats.counts()} == ({"prefill", "decode"} if kind == "generate" else {"prefill"})
+
+
+def seen(stats) -> dict:
+    """Entries seen per (layer, vector, phase, expert): what padding, if counted, would change."""
+    return {key: counts[2] for key, counts in stats.counts().items()}
+
+
+def test_cached_path_counts_the_tokens_the_packed_path_counts_all_as_prefill():
+    """Continuation chunks of one token over the cache are prefill of scored text, not decode; and the
+    left padding of the contexts is not counted: both paths see exactly the same tokens."""
+    model, _ = tiny_lm("llama")
+    one_token_chunks = [Group([5, 6, 7], [[8, 9], [10, 11]]), Group([5], [[7, 9], [8, 12]])]
+    padded_chunks = [*one_token_chunks, Group([5], [[7, 9, 4, 2], [8, 12, 13]]), Group([3, 4, 5, 6, 7], [[9]])]
+    for groups in (one_token_chunks, padded_chunks):
+        counted = {}
+        for packing in (True, False):
+            with sparsify(model, SparsitySpec("all_inputs", "top_p", 0.7)) as stats:
+                score_groups(model, groups, 0, packing=packing)
+            counted[packing] = stats
+        assert {key[2] for key in counted[False].counts()} == {"prefill"}
+        assert seen(counted[True]) == seen(counted[False])
 
 
 def test_generation_equals_stepwise_greedy_without_cache():

@@ -9,6 +9,7 @@ from tiny import FAMILIES, MOE_FAMILIES, tiny_model
 import actsparse
 import actsparse.instrument
 from actsparse import TARGETS, SparsitySpec, rules, sparsify
+from actsparse.instrument import count_entries
 
 FAMILY_NAMES = list(FAMILIES)
 
@@ -22,17 +23,22 @@ def ids(batch: int = 2, length: int = 9, seed: int = 0) -> torch.Tensor:
     return torch.randint(1, 97, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
+def forward(model, x: torch.Tensor):
+    """The model on a batch of unpadded sequences, saying so (a mask of ones): `sparsify` needs to know."""
+    return model(x, attention_mask=torch.ones_like(x))
+
+
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_every_target_p1_is_bit_identical_and_p05_is_sparse(models: dict, family: str) -> None:
     model = models[family]
     x = ids()
     with torch.no_grad():
-        dense = model(x).logits
+        dense = forward(model, x).logits
         for target in TARGETS:
             with sparsify(model, SparsitySpec(target, "top_p", 1.0)):
-                assert torch.equal(model(x).logits, dense), target
+                assert torch.equal(forward(model, x).logits, dense), target
             with sparsify(model, SparsitySpec(target, "top_p", 0.5)) as stats:
-                half = model(x).logits
+                half = forward(model, x).logits
             per_layer = stats.per_layer()
             assert sorted(per_layer) == [0, 1]
             assert all(0.0 < s < 1.0 for s in per_layer.values()), (target, per_layer)
@@ -53,7 +59,7 @@ def test_reported_sparsity_is_the_fraction_the_masks_zeroed(models: dict, family
 
     monkeypatch.setattr(actsparse.instrument, "masked", recording_masked)
     with torch.no_grad(), sparsify(models[family], SparsitySpec("all_inputs", rule, 0.6)) as stats:
-        models[family](ids())
+        forward(models[family], ids())
     zeroed = sum(int((~m).sum()) for m in masks)
     seen = sum(m.numel() for m in masks)
     assert stats.overall() == pytest.approx(zeroed / seen, abs=1e-12)
@@ -109,11 +115,11 @@ def test_model_restored_exactly_also_after_an_exception(models: dict, family: st
     hooks = len(model._forward_pre_hooks)
     x = ids()
     with torch.no_grad():
-        dense = model(x).logits
+        dense = forward(model, x).logits
         with pytest.raises(RuntimeError, match="boom"), sparsify(model, SparsitySpec("input", "top_p", 0.3)):
-            model(x)
+            forward(model, x)
             raise RuntimeError("boom")
-        assert torch.equal(model(x).logits, dense)
+        assert torch.equal(forward(model, x).logits, dense)
     assert {name: dict(m.__dict__).get("forward") for name, m in model.named_modules()} == forwards
     assert len(model._forward_pre_hooks) == hooks
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -122,7 +128,7 @@ def test_model_restored_exactly_also_after_an_exception(models: dict, family: st
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_moe_experts_are_counted_per_expert_and_layer(models: dict, family: str) -> None:
     with torch.no_grad(), sparsify(models[family], SparsitySpec("intermediate", "top_p", 0.5)) as stats:
-        models[family](ids(2, 12))
+        forward(models[family], ids(2, 12))
     experts = stats.per_expert(0)
     assert experts and all(0 < s < 1 for s in experts.values())
     assert set(experts) <= set(range(4))
@@ -146,7 +152,7 @@ def test_threshold_rule_uses_per_layer_values(models: dict) -> None:
     model = models["llama"]
     spec = SparsitySpec("input", "threshold", {0: 0.0, 1: 1e9})
     with torch.no_grad(), sparsify(model, spec) as stats:
-        model(ids())
+        forward(model, ids())
     assert stats.per_layer() == {0: pytest.approx(0.0, abs=0.01), 1: 1.0}
     with pytest.raises(ValueError, match=r"no calibrated threshold for layers \[1\]"):
         with sparsify(model, SparsitySpec("input", "threshold", {0: 0.1})):
@@ -156,7 +162,7 @@ def test_threshold_rule_uses_per_layer_values(models: dict) -> None:
 def test_layers_subset_and_unknown_layers(models: dict) -> None:
     model = models["qwen3"]
     with torch.no_grad(), sparsify(model, SparsitySpec("gate", "top_p", 0.5), layers=[1]) as stats:
-        model(ids())
+        forward(model, ids())
     assert list(stats.per_layer()) == [1]
     with pytest.raises(ValueError, match=r"layers \[7\] not in the model"):
         with sparsify(model, SparsitySpec("gate", "top_p", 0.5), layers=[7]):
@@ -169,7 +175,7 @@ def test_non_finite_activation_names_layer_and_target(models: dict) -> None:
     try:
         with pytest.raises(actsparse.NonFiniteActivationError, match="'input' activation of layer 1"):
             with torch.no_grad(), sparsify(model, SparsitySpec("input", "top_p", 0.5)):
-                model(ids())
+                forward(model, ids())
     finally:
         handle.remove()
 
@@ -190,3 +196,38 @@ def test_batch_one_generation_without_mask_counts_decode(models: dict) -> None:
     h, layers = model.config.hidden_size, model.config.num_hidden_layers
     assert stats.tokens_seen("prefill") == 5 * h * layers
     assert stats.tokens_seen("decode") == 3 * h * layers
+
+
+def test_counting_over_real_tokens_needs_no_host_sync():
+    """`count_entries` runs on meta tensors, so nothing in it waits for a value (a boolean index would)."""
+    v = torch.empty(2, 3, 8, device="meta")
+    keep = torch.empty(2, 3, 8, dtype=torch.bool, device="meta")
+    real = torch.empty(2, 3, dtype=torch.bool, device="meta")
+    assert count_entries(v, keep, real).shape == (3,)
+    v, keep = torch.randn(2, 3, 8), torch.rand(2, 3, 8) > 0.5
+    real = torch.tensor([[True, False, True], [False, True, True]])
+    expected = [int((~keep[real]).sum()), int((v[real] == 0).sum()), int(real.sum()) * 8]
+    assert count_entries(v, keep, real).tolist() == expected
+
+
+def test_padding_that_cannot_be_known_is_refused_not_counted(models: dict) -> None:
+    """Strict padding: without a usable mask only a single sequence is known to be all real."""
+    from actsparse.instrument import PaddingUnknownError, set_real_tokens
+
+    model = models["llama"]
+    spec = SparsitySpec("input", "top_p", 0.7)
+    x = ids(2, 9)
+    with torch.no_grad():
+        for kwargs in ({}, {"attention_mask": torch.ones(2, 4, dtype=torch.long)}):  # no mask, or a wrong one
+            with pytest.raises(PaddingUnknownError, match="real tokens"), sparsify(model, spec):
+                model(x, **kwargs)
+        with sparsify(model, spec) as alone:
+            model(x[:1])  # one sequence: every token is real
+        assert alone.tokens_seen("prefill") == 9 * 32 * 2  # tokens × h × layers
+        with sparsify(model, spec) as stated:
+            handle = model.register_forward_pre_hook(lambda *a: set_real_tokens(model, None))  # the caller says so
+            try:
+                model(x)
+            finally:
+                handle.remove()
+        assert stated.tokens_seen("prefill") == 2 * 9 * 32 * 2

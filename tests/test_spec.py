@@ -43,3 +43,17 @@ def test_threshold_from_mapping_and_file(tmp_path) -> None:
         SparsitySpec("input", "threshold", tmp_path / "missing.json")
     with pytest.raises(ValueError, match="no calibrated threshold for layer 3"):
         spec.value_for(3, "input")
+
+
+def test_one_definition_of_the_paper_grid_and_of_the_target_check(tmp_path) -> None:
+    from actsparse import calibrate, search, spec, sweep
+    from actsparse.cli import main
+
+    assert sweep.PAPER_VALUES is search.PAPER_GRID and len(search.PAPER_GRID) == 26
+    with pytest.raises(ValueError) as expected:
+        spec.check_target("hidden")
+    for check in (lambda: SparsitySpec("hidden", "top_p", 0.5), lambda: calibrate.calibrate(None, [], "hidden", 0.5)):
+        with pytest.raises(ValueError) as got:
+            check()
+        assert str(got.value) == str(expected.value)
+    assert main(["calibrate", "--target", "hidden", "--sparsity", "0.5", "--out", str(tmp_path / "t.json")]) == 2

@@ -250,3 +250,20 @@ def test_accelerate_gives_the_same_points_as_the_simulation(tmp_path: Path) -> N
     assert accelerated["sparsity"] == pytest.approx(simulated["sparsity"])
     with RunStore.open(tmp_path / "True") as store:
         assert store.get_meta("accelerate") is True
+
+
+def test_a_non_finite_dense_baseline_is_refused_and_not_stored(tmp_path: Path) -> None:
+    """A poisoned model (NaN in one weight) gives no dense baseline, as no sparse point either."""
+    import torch
+
+    from actsparse import NonFiniteActivationError
+
+    out = tmp_path / "run"
+    model, tokenizer = tiny_lm()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3] = float("nan")
+    with pytest.raises(NonFiniteActivationError, match=r"dense baseline of 'mc'.*layer 1"):
+        run_sweep(_config(out, tasks=[tiny_task("mc", 12)]), model, tokenizer, show_progress=False)
+    with RunStore.open(out) as store:
+        assert store.keys() == set()
+    assert not (out / "dense" / "mc.ref").exists()

@@ -8,8 +8,9 @@ the weight rows of the entries kept. One float32 CPU token under the threshold r
 FFN) when it compiled; everything else takes the PyTorch kernels of `kernels.sparse_ffn`. The
 transposed weight copies are made once on entry (so weights changed inside the block are not seen)
 and dropped on exit. FFNs without single gated weights (packed MoE experts) keep the simulation.
-On CUDA, decode never waits for the GPU: NaN or Inf in a decode activation raises at the block's
-exit instead of at the step (on CPU, at the step).
+On CUDA, decode under the threshold rule never waits for the GPU: NaN or Inf in a decode activation
+raises at the block's exit instead of at the step (on CPU, at the step). The other rules wait once per
+vector and step: top_p's Triton kernel reads its NaN/Inf flag back, top_k and max_p read `check_finite`'s.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ class _DecodeMasks:
         if vector not in self.spec.vectors:
             return None
         a = v.abs()
-        if v.is_cuda:  # no host sync in decode: the check is read at the end of the `accelerate` block
+        if v.is_cuda:  # no host sync here: the check is read at the end of the `accelerate` block (the
+            # threshold rule then runs without one; the other rules' mask functions sync on their own)
             seen = ~torch.isfinite(a.amax())
             self._non_finite[vector] = seen | self._non_finite[vector] if vector in self._non_finite else seen
         elif not math.isfinite(float(a.max())):
@@ -93,6 +95,8 @@ class _DecodeMasks:
 
     def one_real_token(self) -> bool:
         """Whether the current forward is one token that counts (not padding)."""
+        if self.tokens.unknown is not None:
+            return False  # the PyTorch kernels' counting raises `PaddingUnknownError`
         real = self.tokens.real
         if real is not self._real_seen:
             self._real_seen, self._one_real = real, real is None or bool(real.all())

@@ -25,7 +25,7 @@ from torch import nn
 from actsparse.adapters import FFN
 from actsparse.instrument import TokenContext, replaced_forwards, select_ffns
 from actsparse.rules import threshold
-from actsparse.spec import TARGETS, Thresholds, target_vectors
+from actsparse.spec import Thresholds, check_target, target_vectors
 
 __all__ = [
     "CALIBRATION_TEXT",
@@ -115,8 +115,7 @@ def calibrate(
 
     `token_stride` keeps every n-th token's activations only (memory, for big models).
     """
-    if target not in TARGETS:
-        raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    check_target(target)
     if not 0.0 <= sparsity <= 1.0:
         raise ValueError(f"sparsity must lie in [0, 1], got {sparsity}")
     ffns = select_ffns(model, layers)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from actsparse.evaluate.results import TaskResult
+from actsparse.rules import NonFiniteActivationError
 from actsparse.spec import SparsitySpec
 from actsparse.store import PointKey
 
@@ -82,8 +83,12 @@ def evaluate_point(key: PointKey, context: PointContext, progress: Progress | No
     model, tokenizer = _model(context)
     start = time.perf_counter()
     if key.is_dense:
-        with torch.no_grad():
+        from actsparse.instrument import finite_checked
+
+        with torch.no_grad(), _dense_baseline(key.task), finite_checked(model):  # as every sparse point is
             result, reference = _evaluate(model, tokenizer, key.task, context, None, progress)
+            if reference is not None and not all(bool(p.isfinite().all()) for _, p in reference.topk.values()):
+                raise NonFiniteActivationError("NaN or Inf in the dense log-probabilities")
         return PointOutcome(result, reference, time.perf_counter() - start)
     reference = context.references.get(key.task) if context.backend == "native" else None
     if context.backend == "native" and reference is None:
@@ -92,6 +97,17 @@ def evaluate_point(key: PointKey, context: PointContext, progress: Progress | No
         result, _ = _evaluate(model, tokenizer, key.task, context, reference, progress)
     result.sparsity = stats.to_dict()
     return PointOutcome(result, None, time.perf_counter() - start)
+
+
+@contextlib.contextmanager
+def _dense_baseline(task: str) -> Iterator[None]:
+    """Say that it is the dense baseline of `task` that failed (and is not stored)."""
+    try:
+        yield
+    except NonFiniteActivationError as err:
+        raise NonFiniteActivationError(
+            f"the dense baseline of {task!r} is not finite ({err}): the model itself is broken; nothing stored"
+        ) from err
 
 
 def _evaluate(

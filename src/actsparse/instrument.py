@@ -22,40 +22,67 @@ from actsparse.spec import SparsitySpec
 from actsparse.stats import SparsityStats
 
 
+class PaddingUnknownError(ValueError):
+    """The real tokens of a forward cannot be told from padding, so its sparsity cannot be counted."""
+
+
 class TokenContext:
-    """Which tokens of the current forward are real, and its phase; set by a model pre-hook."""
+    """Which tokens of the current forward are real, and its phase; set by a model pre-hook.
+
+    Strict: padding never counts as real. Without an attention mask only a single sequence is known
+    to be all real; a mask of another shape (a 4D mask, say) must be completed by the caller through
+    `set_real_tokens`, else counting raises `PaddingUnknownError`.
+    """
 
     def __init__(self) -> None:
         self.real: torch.Tensor | None = None  # [B, T] bool, or None when every token is real
         self.phase = "prefill"
+        self.unknown: str | None = None  # why the real tokens of this forward are not known
+        self.prefill_only = False  # a scorer's one-token continuation chunks over a cache are prefill
 
     def hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             ids = kwargs.get("inputs_embeds")
         mask = kwargs.get("attention_mask")
+        self.real, self.phase, self.unknown = None, "prefill", None
         if ids is None:
-            self.real, self.phase = None, "prefill"
+            self.unknown = "the forward got neither input_ids nor inputs_embeds"
             return
         batch, length = ids.shape[0], ids.shape[1]
-        self.real = mask[:, -length:].bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         cache = kwargs.get("past_key_values", kwargs.get("cache"))  # transformers 5 generate passes `cache`
         past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
             past = max(past, mask.shape[1] - length)
-        self.phase = "decode" if length == 1 and past > 0 else "prefill"
-        if self.real is not None and self.real.shape != (batch, length):
-            self.real = None
+        self.phase = "decode" if length == 1 and past > 0 and not self.prefill_only else "prefill"
+        if mask is None:
+            if batch > 1:
+                self.unknown = f"no attention_mask for a batch of {batch} sequences"
+        elif not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+            self.unknown = f"a {getattr(mask, 'dim', lambda: '?')()}-D attention_mask"
+        elif mask.shape[0] != batch or mask.shape[1] < length:
+            self.unknown = f"an attention_mask of shape {tuple(mask.shape)} for input of shape {(batch, length)}"
+        else:
+            self.real = mask[:, -length:].bool()
 
     def rows(self, v: torch.Tensor, token_index: torch.Tensor | None) -> torch.Tensor | None:
         """The real-token flags matching the leading dimensions of `v` (None: all real)."""
+        if self.unknown is not None:
+            raise PaddingUnknownError(
+                f"cannot tell real tokens from padding ({self.unknown}): pass a 2-D attention_mask "
+                "[batch, length], or state the real tokens with `set_real_tokens`"
+            )
         if self.real is None:
             return None
         real = self.real.reshape(-1)
         if token_index is not None:
             real = real[token_index]
         rows = v.shape[:-1].numel()
-        return real.reshape(v.shape[:-1]) if real.numel() == rows else None
+        if real.numel() != rows:
+            raise PaddingUnknownError(
+                f"real-token flags for {real.numel()} tokens, but an activation of {rows} tokens {tuple(v.shape)}"
+            )
+        return real.reshape(v.shape[:-1])
 
 
 def non_finite(vector: str, layer: int, expert: int | None = None) -> NonFiniteActivationError:
@@ -67,15 +94,17 @@ def non_finite(vector: str, layer: int, expert: int | None = None) -> NonFiniteA
 def count_entries(v: torch.Tensor, keep: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
     """[zeroed, natural zeros, seen] of one activation over its real rows (all rows when `real` is None).
 
-    zeroed = seen − kept, natural zeros = seen − nonzero: cheap reductions only, no host sync.
+    zeroed = seen − kept, natural zeros = seen − nonzero: cheap reductions only, no host sync (the real
+    rows are weighted, not selected: a boolean index would wait for the GPU to know its size).
     """
     with torch.no_grad():
         if real is None:
             seen = torch.full((), keep.numel(), device=v.device)  # a fill, not a host-to-device copy
             return torch.stack([seen - keep.sum(), seen - torch.count_nonzero(v), seen])
-        seen = real.sum() * v.shape[-1]
-        kept = keep.sum(dim=-1)[real].sum()
-        nonzero = torch.count_nonzero(v, dim=-1)[real].sum()
+        weight = real.to(torch.int64)
+        seen = weight.sum() * v.shape[-1]
+        kept = (keep.sum(dim=-1) * weight).sum()
+        nonzero = (torch.count_nonzero(v, dim=-1) * weight).sum()
         return torch.stack([seen - kept, seen - nonzero, seen])
 
 
@@ -189,6 +218,33 @@ def sparsify(model: nn.Module, spec: SparsitySpec, layers: list[int] | None = No
         yield stats
 
 
+class FiniteCheck:
+    """A site that changes nothing and raises on NaN or ±Inf in any vector: the dense run's version of
+    the check every rule makes, so that a poisoned model cannot give a dense baseline."""
+
+    def __init__(self, layer: int):
+        self.layer = layer
+
+    def __call__(
+        self, vector: str, v: torch.Tensor, expert: int | None = None, token_index: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if not bool(torch.isfinite(v).all()):
+            raise non_finite(vector, self.layer, expert)
+        return v
+
+
+@contextmanager
+def finite_checked(model: nn.Module) -> Iterator[None]:
+    """Run `model` dense, raising `NonFiniteActivationError` (naming layer and vector) on NaN or ±Inf in
+    any FFN activation; the model is restored on exit."""
+
+    def make_forward(ffn: FFN, tokens: TokenContext) -> Callable[..., torch.Tensor]:
+        return partial(ffn.adapter.forward, ffn.module, FiniteCheck(ffn.layer))
+
+    with replaced_forwards(model, find_ffns(model), make_forward):
+        yield
+
+
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, list[tuple[SparsityStats, TokenContext]]] = weakref.WeakKeyDictionary()
 
 
@@ -198,7 +254,21 @@ def active_stats(model: nn.Module) -> list[SparsityStats]:
 
 
 def set_real_tokens(model: nn.Module, real: torch.Tensor | None) -> None:
-    """Tell the running `sparsify` blocks which tokens are real ([B, T] bool), for a scorer that calls
-    a model's submodules directly (the model's pre-hook does not see those calls)."""
+    """Tell the running `sparsify` blocks which tokens are real ([B, T] bool; None: every token), for a
+    scorer that calls a model's submodules directly or passes a mask the pre-hook cannot read."""
     for _, tokens in _ACTIVE.get(model, ()):
-        tokens.real, tokens.phase = (None if real is None else real.bool()), "prefill"
+        tokens.real, tokens.phase, tokens.unknown = (None if real is None else real.bool()), "prefill", None
+
+
+@contextmanager
+def counted_as_prefill(model: nn.Module) -> Iterator[None]:
+    """Count the block's forwards of `model` as prefill, one-token forwards over a cache included: a
+    scorer's continuation chunks are prefill of the text it scores, not generated tokens."""
+    contexts = [tokens for _, tokens in _ACTIVE.get(model, ())]
+    for tokens in contexts:
+        tokens.prefill_only = True
+    try:
+        yield
+    finally:
+        for tokens in contexts:
+            tokens.prefill_only = False

@@ -21,6 +21,13 @@ Thresholds = dict[int, dict[str, float]]
 """Calibrated thresholds: layer index → {vector: τ}."""
 
 
+def check_target(target: str) -> str:
+    """`target` if it is one of `TARGETS`, else a ValueError naming the valid ones."""
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    return target
+
+
 def target_vectors(target: str) -> tuple[str, ...]:
     """The activation vectors a target sparsifies."""
     return ("input", "intermediate") if target == "all_inputs" else (target,)
@@ -40,8 +47,7 @@ class SparsitySpec:
     thresholds: Thresholds = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.target not in TARGETS:
-            raise ValueError(f"unknown target {self.target!r}; choose one of {', '.join(TARGETS)}")
+        check_target(self.target)
         if self.rule not in RULE_NAMES:
             raise ValueError(f"unknown rule {self.rule!r}; choose one of {', '.join(RULE_NAMES)}")
         if self.rule == "threshold":

@@ -19,15 +19,12 @@ from typing import Any
 from actsparse.diffusion.scoring import DiffusionOptions
 from actsparse.executors import Executor, LocalExecutor, PointContext, make_executor
 from actsparse.loading import DEFAULT_MODEL
-from actsparse.search import DEFAULT_PRECISION
+from actsparse.search import DEFAULT_PRECISION, PAPER_GRID
 from actsparse.spec import RULE_NAMES, TARGETS, SparsitySpec
 from actsparse.store import PointKey, RunStore, StoreError, atomic_path, check_writable
 
-PAPER_VALUES: tuple[float, ...] = (
-    1.0, 0.995, 0.99, 0.985, 0.98, 0.975, 0.97, 0.96, 0.95, 0.94, 0.93, 0.92, 0.91,
-    0.90, 0.85, 0.80, 0.75, 0.70, 0.65, 0.60, 0.50, 0.40, 0.30, 0.20, 0.10, 0.0,
-)  # fmt: skip
-"""The paper's grid of p (SPEC §4), 26 points."""
+PAPER_VALUES: tuple[float, ...] = PAPER_GRID
+"""The paper's grid of p (SPEC §4), 26 points (defined in `search`, whose default scan grid it is)."""
 
 DEFAULT_VALUES: tuple[float, ...] = (0.99, 0.95, 0.85)
 """p values around the 99 % crossing of a small model (smollm2-135m loses about 2 % at p = 0.99 and

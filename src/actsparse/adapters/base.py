@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch import nn
+
+from actsparse.kernels._common import GatedWeights
+
+__all__ = ["FFNAdapter", "GatedWeights", "Site"]
 
 
 class Site(Protocol):
@@ -25,19 +27,6 @@ class Site(Protocol):
         expert: int | None = None,
         token_index: torch.Tensor | None = None,
     ) -> torch.Tensor: ...
-
-
-@dataclass(frozen=True)
-class GatedWeights:
-    """The three matrices of one gated FFN, in nn.Linear layout ([out, in]), and its activation."""
-
-    gate: torch.Tensor
-    up: torch.Tensor
-    down: torch.Tensor
-    act: Callable[[torch.Tensor], torch.Tensor]
-    gate_bias: torch.Tensor | None = None
-    up_bias: torch.Tensor | None = None
-    down_bias: torch.Tensor | None = None
 
 
 class FFNAdapter:

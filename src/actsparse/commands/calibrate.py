@@ -27,10 +27,9 @@ def run(args: argparse.Namespace) -> int:
 
     from actsparse.calibrate import calibrate, calibration_batches, calibration_text, save_thresholds
     from actsparse.loading import load_model
-    from actsparse.spec import TARGETS
+    from actsparse.spec import check_target
 
-    if args.target not in TARGETS:
-        raise ValueError(f"unknown target {args.target!r}; choose one of {', '.join(TARGETS)}")
+    check_target(args.target)
     if not 0.0 <= args.sparsity <= 1.0:
         raise ValueError(f"--sparsity must lie in [0, 1], got {args.sparsity}")
     if args.tokens < 1 or args.seq_len < 1:

@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from actsparse.diffusion.denoisers import Denoiser, denoiser_for
+from actsparse.evaluate.encode import Encoder
 from actsparse.evaluate.metrics import choice_metrics, cut_at_stop, exact_match, topk_kl
 from actsparse.evaluate.reference import DenseReference
 from actsparse.evaluate.results import DocResult, TaskResult
-from actsparse.evaluate.scorer import Encoder
 from actsparse.instrument import active_stats
 from actsparse.tasks import Completion, Generation, MultipleChoice, Task, get_task, select_docs
 

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -119,11 +120,69 @@ def lm_eval_task_exists(name: str) -> bool:
     return offline_name(name) in task_manager(name).all_tasks
 
 
+def real_lengths(rows: list[list[int]], known: set[tuple[int, ...]]) -> list[int]:
+    """Real length of each right-padded row: the one prefix that is a known input, the rest pad zeros.
+
+    HFLM pads log-likelihood batches with token id 0 and passes no mask; a row whose length is not
+    known this way (none or several candidates) raises `PaddingUnknownError`.
+    """
+    from actsparse.instrument import PaddingUnknownError
+
+    lengths = []
+    for row in rows:
+        n = len(row)
+        while n and row[n - 1] == 0:
+            n -= 1
+        found = [m for m in range(len(row), n - 1, -1) if tuple(row[:m]) in known]
+        if len(found) != 1:
+            raise PaddingUnknownError(f"cannot tell the real tokens of an lm-eval input ({len(found)} candidates)")
+        lengths.append(found[0])
+    return lengths
+
+
+@functools.cache
+def _masked_hflm() -> type:
+    """HFLM that passes the model an attention mask for its right-padded log-likelihood batches, so that
+    `sparsify` counts real tokens only (HFLM itself passes none), whatever the batch size."""
+    _require_lm_eval()
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
+    class MaskedHFLM(HFLM):
+        _known: set[tuple[int, ...]] | None = None  # the inputs of the log-likelihood requests now running
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            if str(kwargs.get("batch_size", 1)).startswith("auto"):
+                raise ValueError("batch_size 'auto' is not supported: its probe forwards would count as sparsity")
+            super().__init__(*args, **kwargs)
+
+        def _loglikelihood_tokens(self, requests, *args: Any, **kwargs: Any):
+            # each row's input as HFLM builds it: context + continuation, left-truncated, last token dropped
+            self._known = {tuple((c + x)[-(self.max_length + 1) :][:-1]) for _, c, x in requests}
+            try:
+                return super()._loglikelihood_tokens(requests, *args, **kwargs)
+            finally:
+                self._known = None
+
+        def _model_call(self, inps, attn_mask=None, labels=None):
+            if attn_mask is not None or labels is not None or self._known is None or self.backend != "causal":
+                return super()._model_call(inps, attn_mask, labels)
+            mask = torch.zeros_like(inps)
+            for r, n in enumerate(real_lengths(inps.tolist(), self._known)):
+                mask[r, :n] = 1
+            dtype = self.mixed_precision_dtype
+            with torch.no_grad(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+                return self.model(inps, attention_mask=mask).logits
+
+    return MaskedHFLM
+
+
 def _register() -> type:
     """Define and register the lm-eval model `actsparse` (once); the class."""
     _require_lm_eval()
     from lm_eval.api.registry import model_registry, register_model
-    from lm_eval.models.huggingface import HFLM
+
+    base: Any = _masked_hflm()
 
     if "actsparse" in model_registry:
         cls = model_registry.get("actsparse")
@@ -131,7 +190,7 @@ def _register() -> type:
             return cls
 
     @register_model("actsparse")
-    class ActsparseLM(HFLM):
+    class ActsparseLM(base):
         """HFLM whose FFNs run under `actsparse.sparsify(target, rule, value)` for its whole life."""
 
         def __init__(
@@ -199,13 +258,11 @@ def evaluate_lm_eval(
     """
     lm_eval = _require_lm_eval()
     offline()
-    from lm_eval.models.huggingface import HFLM
-
     name = offline_name(task_name)
     manager = task_manager(task_name)
     if name not in manager.all_tasks:
         raise ValueError(f"lm-eval knows no task {task_name!r}")
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
+    lm = _masked_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
     out = lm_eval.simple_evaluate(
         model=lm,
         tasks=[name],

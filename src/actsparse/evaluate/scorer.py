@@ -24,23 +24,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from actsparse.evaluate.encode import Encoder, Group
 from actsparse.evaluate.metrics import choice_metrics, cut_at_stop, exact_match, topk_kl
 from actsparse.evaluate.packing import PackedRows, Tree, make_tree, pack, plan_rows
 from actsparse.evaluate.reference import DenseReference
 from actsparse.evaluate.results import DocResult, TaskResult
-from actsparse.instrument import set_real_tokens
+from actsparse.instrument import counted_as_prefill, set_real_tokens
 from actsparse.tasks import Completion, Generation, MultipleChoice, Request, Task, get_task, select_docs
 
 TOPK = 32
 """Dense log-probs kept per scored position for KL (the rest of the vocabulary is one bucket)."""
-
-
-@dataclass
-class Group:
-    """A context and the continuations scored after it (token ids)."""
-
-    context: list[int]
-    continuations: list[list[int]]
 
 
 @dataclass
@@ -54,39 +47,6 @@ class GroupScore:
     argmax: list[list[int]]
     ids: torch.Tensor
     logp: torch.Tensor
-
-
-class Encoder:
-    """Tokenises as lm-eval's HFLM: context and context+continuation encoded, continuation = the rest."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-        self.prefix = bos if bos is not None else eos  # HFLM.prefix_token_id: context of an empty context
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text))
-
-    def pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        if not context:
-            return [self.prefix], list(self.tokenizer.encode(continuation, add_special_tokens=False))
-        spaces = len(context) - len(context.rstrip())
-        if spaces:
-            context, continuation = context[:-spaces], context[-spaces:] + continuation
-        whole, ctx = self.encode(context + continuation), self.encode(context)
-        return ctx, whole[len(ctx) :]
-
-    def groups(self, pairs: Sequence[tuple[str, str]]) -> list[Group]:
-        """Pairs sharing a context become one group (its continuations in order)."""
-        out: list[Group] = []
-        for context, continuation in pairs:
-            ctx, cont = self.pair(context, continuation)
-            if out and out[-1].context == ctx:
-                out[-1].continuations.append(cont)
-            else:
-                out.append(Group(ctx, [cont]))
-        return out
 
 
 def _left_pad(seqs: Sequence[Sequence[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -407,14 +367,15 @@ def _score_cached(
             cids[r, : len(tokens) - 1] = torch.tensor(tokens[:-1], dtype=torch.long)
             cmask[r, : len(tokens) - 1] = 1
         cids, cmask = cids.to(device), cmask.to(device)
-        logits = model(
-            input_ids=cids,
-            attention_mask=torch.cat([mask[index], cmask], dim=1),
-            position_ids=lengths[index, None] + torch.arange(width, device=device),
-            cache=part,
-            use_cache=True,
-            logits_to_keep=cmask.bool(),  # real positions only, flat [N, V]
-        ).logits
+        with counted_as_prefill(model):  # one-token chunks too: they are scored text, not generated
+            logits = model(
+                input_ids=cids,
+                attention_mask=torch.cat([mask[index], cmask], dim=1),
+                position_ids=lengths[index, None] + torch.arange(width, device=device),
+                cache=part,
+                use_cache=True,
+                logits_to_keep=cmask.bool(),  # real positions only, flat [N, V]
+            ).logits
         at = 0
         for b, i, tokens in chunk:
             m = len(tokens) - 1

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from actsparse.adapters.base import GatedWeights
+from actsparse.kernels._common import GatedWeights
 
 __all__ = [
     "SparseFFNWeights",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from actsparse.kernels import topp_cpu
+from actsparse.kernels._common import apply_mask, keep_nonzero, raise_non_finite, sorted_top_p_mask
 
 __all__ = [
     "raise_non_finite",
@@ -18,19 +19,13 @@ __all__ = [
     "top_p_fast",
     "top_p_mask_fast",
     "top_p_mask_host",
+    "top_p_mask_op",
     "top_p_mask_radix",
 ]
 
 _LEVELS = ((23, 256), (15, 256), (7, 256), (0, 128))  # (shift, buckets): 8 + 8 + 8 + 7 bits of the key
 _FINITE_LIMIT = 0x7F800000  # bit pattern of +Inf: every key at or above it is Inf or NaN
 _SMALL_FLOATS = (torch.float32, torch.bfloat16, torch.float16)  # exactly representable in float32
-
-
-def raise_non_finite() -> None:
-    """Raise the rules' `NonFiniteActivationError`."""
-    from actsparse.rules import NonFiniteActivationError
-
-    raise NonFiniteActivationError("activation holds NaN or Inf")
 
 
 def _first_crossing(desc: torch.Tensor, base: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,6 +48,7 @@ def top_p_mask_radix(v: torch.Tensor, p: float) -> torch.Tensor:
     """Exact top-p keep-mask by a radix select on the bits of |v| (8 + 8 + 8 + 7), vectorised over rows.
 
     Pure PyTorch (any device; float32, bfloat16 or float16); the fallback of the compiled and Triton kernels.
+    Waits for the device once, to check for NaN/Inf.
     """
     n = v.shape[-1]
     rows = v.shape[:-1].numel()
@@ -62,6 +58,8 @@ def top_p_mask_radix(v: torch.Tensor, p: float) -> torch.Tensor:
     key = a.view(torch.int32)
     if int(key.amax()) >= _FINITE_LIMIT:
         raise_non_finite()
+    if p == 1.0:  # every nonzero entry: float64 sums absorb tiny entries beside huge ones (SPEC §2)
+        return keep_nonzero(v.detach())
     w = a.double()
     target: torch.Tensor | None = None
     prefix = torch.zeros(rows, dtype=torch.int32, device=a.device)
@@ -86,9 +84,7 @@ def top_p_mask_host(v: torch.Tensor, p: float) -> torch.Tensor:
     """Exact top-p keep-mask without Triton: the compiled kernel on CPU, else the PyTorch radix select
     (the sort-based rule for float64, whose values float32 radix keys cannot hold)."""
     if v.dtype not in _SMALL_FLOATS:
-        from actsparse.rules import top_p_mask_sort
-
-        return top_p_mask_sort(v, p)
+        return sorted_top_p_mask(v, p)
     if v.device.type == "cpu" and topp_cpu.available():
         keep, _, finite = topp_cpu.select_mask(v, topk=False, value=p)
         if not finite:
@@ -100,9 +96,7 @@ def top_p_mask_host(v: torch.Tensor, p: float) -> torch.Tensor:
 def top_p_mask_fast(v: torch.Tensor, p: float) -> torch.Tensor:
     """Exact top-p keep-mask of `v` along its last dimension (`p` already validated)."""
     if v.is_cuda:
-        from actsparse.kernels import topp_triton  # registers the custom op
-
-        return topp_triton.top_p_mask_op(v, p)
+        return top_p_mask_op(v, p)
     return top_p_mask_host(v, p)
 
 
@@ -128,7 +122,25 @@ def top_p_fast(v: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
             raise_non_finite()
         assert sparse is not None
         return sparse, keep
-    from actsparse.rules import apply_mask
-
     keep = top_p_mask_fast(v, p)
     return apply_mask(v, keep), keep
+
+
+@torch.library.custom_op("actsparse::top_p_mask", mutates_args=())
+def top_p_mask_op(v: torch.Tensor, p: float) -> torch.Tensor:
+    """Exact top-p keep-mask along the last dimension (`torch.ops.actsparse.top_p_mask`); Triton on CUDA."""
+    return top_p_mask_host(v, p)
+
+
+@top_p_mask_op.register_kernel("cuda")
+def _top_p_mask_cuda(v: torch.Tensor, p: float) -> torch.Tensor:
+    from actsparse.kernels import topp_triton  # imports triton: only where a CUDA tensor needs it
+
+    if topp_triton.triton is not None and v.dtype in _SMALL_FLOATS:
+        return topp_triton.top_p_mask_triton(v, p)
+    return top_p_mask_host(v, p)
+
+
+@top_p_mask_op.register_fake
+def _top_p_mask_fake(v: torch.Tensor, p: float) -> torch.Tensor:
+    return torch.empty_like(v, dtype=torch.bool)

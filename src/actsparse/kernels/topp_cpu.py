@@ -2,8 +2,8 @@
 
 A small C kernel (below), built at first use by `cbuild` (cached, called through ctypes; it
 builds in about a second). Per row it finds τ with a three-level radix select on the bit patterns of |v|
-(11 bits, then 6, 6, 6 and 2; sums in float64), then writes the keep-mask |v| ≥ τ. `available()` is False
-when no compiler is available (or ACTSPARSE_NO_CKERNEL=1), and callers fall back to the PyTorch path.
+(11 bits, then 6, 6, 6 and 2; sums in float64), then writes the keep-mask |v| ≥ τ (top-p at p = 1: |v| > 0).
+`available()` is False without a compiler (or with ACTSPARSE_NO_CKERNEL=1): callers fall back to PyTorch.
 """
 
 from __future__ import annotations
@@ -108,11 +108,12 @@ static int select_rows(const void *x, int dtype, int64_t r0, int64_t r1, int64_t
         load_keys((const char *)x + (size_t)r * n * esize, dtype, n, keys);
         uint32_t kmax = 0;
         int lo, hi;
-        uint32_t kmin = 0xffffffffu;
+        uint32_t kmin = 0xffffffffu, kpos = 0xffffffffu;
         for (int64_t i = 0; i < n; i++) {
             uint32_t k = keys[i];
             kmax = k > kmax ? k : kmax;
             kmin = k < kmin ? k : kmin;
+            kpos = k > 0 && k < kpos ? k : kpos;
             hist[k >> 20] += weight(k, topk);
         }
         lo = kmin >> 20;
@@ -126,7 +127,11 @@ static int select_rows(const void *x, int dtype, int64_t r0, int64_t r1, int64_t
         for (int b = hi; b >= lo; b--) total += hist[b];
         double target = topk ? value : value * total;
         uint32_t tau = kmax;
-        if (target > 0) {
+        if (!topk && value >= 1.0) {
+            /* p = 1: every nonzero entry (SPEC §2); float64 sums absorb a tiny entry beside a huge one */
+            memset(hist + lo, 0, (size_t)(hi - lo + 1) * sizeof(double));
+            tau = kmax > 0 ? kpos : 0;
+        } else if (target > 0) {
             double cum = 0;
             int sel = lo;
             for (int b = hi; b >= lo; b--) {

@@ -1,9 +1,10 @@
-"""Triton top-p kernel for CUDA, behind the `torch.library` custom op `actsparse::top_p_mask`.
+"""Triton top-p kernel for CUDA, behind the `torch.library` custom op `actsparse::top_p_mask` (see `topp`).
 
 One program holds ROWS rows on chip as bit patterns of |v| and finds τ bit by bit: the largest pattern
 whose mass at or above it reaches p·total (31 masked sums, float32 over groups of 64 then float64;
 a sum within the float32 error of the target is redone in float64 the way the total was), then writes
-|v| ≥ τ. Off CUDA, or without Triton, the op runs the CPU / PyTorch path of `topp`. Under
+|v| ≥ τ; p = 1 keeps every nonzero entry. The custom op `actsparse::top_p_mask` (in `topp`) runs it on CUDA,
+and the CPU / PyTorch path of `topp` elsewhere. Under
 `TRITON_INTERPRET=1` the kernel also runs on CPU tensors, which is how the tests check it.
 """
 
@@ -13,9 +14,9 @@ import os
 
 import torch
 
-from actsparse.kernels import topp
+from actsparse.kernels._common import raise_non_finite
 
-__all__ = ["available", "top_p_mask_op", "top_p_mask_triton"]
+__all__ = ["available", "top_p_mask_triton"]
 
 try:
     import triton
@@ -90,12 +91,18 @@ if triton is not None:
                 mass = _mass64(x_ptr, start, local_rows, row_ok, n, candidate, ROWS, GROUPS * GROUP, CHUNK)
             tau = tl.where(mass >= target, candidate, tau)
         tau = tl.where(target > 0, tau, top)
+        # p = 1: every nonzero entry (SPEC §2), which the float64 sums cannot tell for a tiny one beside a huge one
+        smallest = tl.min(tl.min(tl.where(key > 0, key, 0x7F800000), axis=2), axis=1)
+        tau = tl.where((target >= total) & (top > 0), smallest, tau)  # target ≥ total exactly when p = 1
         tl.store(keep_ptr + start + offsets, key >= tau[:, None, None], mask=inside)
         tl.store(bad_ptr + r, top >= 0x7F800000, mask=row_ok)
 
 
 def top_p_mask_triton(v: torch.Tensor, p: float) -> torch.Tensor:
-    """Exact top-p keep-mask by the Triton kernel (CUDA tensors, or CPU tensors under the interpreter)."""
+    """Exact top-p keep-mask by the Triton kernel (CUDA tensors, or CPU tensors under the interpreter).
+
+    Waits for the GPU once per call: it reads the kernel's NaN/Inf flag back to raise at once.
+    """
     if triton is None:
         raise RuntimeError("triton is not installed")
     n = v.shape[-1]
@@ -125,23 +132,5 @@ def top_p_mask_triton(v: torch.Tensor, p: float) -> torch.Tensor:
             num_warps=warps,
         )
         if bool(bad.any()):
-            topp.raise_non_finite()
+            raise_non_finite()
     return keep.reshape(v.shape)
-
-
-@torch.library.custom_op("actsparse::top_p_mask", mutates_args=())
-def top_p_mask_op(v: torch.Tensor, p: float) -> torch.Tensor:
-    """Exact top-p keep-mask along the last dimension (`torch.ops.actsparse.top_p_mask`)."""
-    return topp.top_p_mask_host(v, p)
-
-
-@top_p_mask_op.register_kernel("cuda")
-def _top_p_mask_cuda(v: torch.Tensor, p: float) -> torch.Tensor:
-    if triton is not None and v.dtype in (torch.float32, torch.bfloat16, torch.float16):
-        return top_p_mask_triton(v, p)
-    return topp.top_p_mask_host(v, p)
-
-
-@top_p_mask_op.register_fake
-def _top_p_mask_fake(v: torch.Tensor, p: float) -> torch.Tensor:
-    return torch.empty_like(v, dtype=torch.bool)
