@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("profile", "sweep", "report", "calibrate", "bench")
+COMMANDS = ("profile", "sweep", "study", "report", "calibrate", "bench", "tasks", "models")
 """Subcommand modules under actsparse.commands; each has `add_parser(subparsers)` and `run(args)`."""
 
 
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # provenance: the command that reproduces a run
     try:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
