@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from actsparse.loading import DEFAULT_MODEL
+from actsparse.placement import add_placement_arguments
 
 DEFAULT_TEXT = (
     "The capital of France is Paris. Activation sparsity means that many entries of the feed-forward "
@@ -25,6 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=512, help="truncate the text to this many tokens")
     p.add_argument("--generate", type=int, default=8, help=f"greedy tokens to generate after {PROMPT!r}")
     p.add_argument("--json", type=Path, help="also write the table as JSON here")
+    add_placement_arguments(p)
     return p
 
 
@@ -34,15 +36,17 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from actsparse import SparsitySpec, load_model, sparsify
+    from actsparse.placement import from_args
 
     value = args.value if args.rule == "threshold" else float(args.value)
     spec = SparsitySpec(args.target, args.rule, value)  # validated before any model work
+    where = from_args(args)
     text = args.text_file.read_text() if args.text_file else DEFAULT_TEXT
     console = Console()
     with console.status(f"loading {args.model}"):
-        model, tokenizer = load_model(args.model)
-    batch = tokenizer(text, return_tensors="pt", truncation=True, max_length=args.max_tokens)
-    prompt = tokenizer(PROMPT, return_tensors="pt")
+        model, tokenizer = load_model(args.model, where.dtype, where.device)
+    batch = tokenizer(text, return_tensors="pt", truncation=True, max_length=args.max_tokens).to(model.device)
+    prompt = tokenizer(PROMPT, return_tensors="pt").to(model.device)
     with torch.no_grad(), sparsify(model, spec) as stats:
         model(**batch)
         prefill = stats.to_dict()
@@ -50,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
         tokens = _generate(model, tokenizer, prompt["input_ids"], args.generate)
     continuation = tokenizer.decode(tokens, skip_special_tokens=True)
 
-    table = Table(title=f"{args.model}: {spec.label} on {batch['input_ids'].shape[1]} tokens")
+    title = f"{args.model} ({where.dtype} on {where.device}): {spec.label} on {batch['input_ids'].shape[1]} tokens"
+    table = Table(title=title)
     table.add_column("layer", justify="right")
     table.add_column("sparsity", justify="right")
     for layer, s in prefill["prefill"]["per_layer"].items():
@@ -64,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
             "model": args.model,
             "spec": {"target": spec.target, "rule": spec.rule, "value": args.value},
             "tokens": int(batch["input_ids"].shape[1]),
+            "dtype": where.dtype,
+            "device": where.device,
             "stats": prefill,
             "prompt": PROMPT,
             "continuation": continuation,
