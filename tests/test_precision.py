@@ -205,3 +205,28 @@ def test_plain_progress_lines_when_stdout_is_not_a_terminal(tmp_path: Path, caps
     assert len(lines) == n, "one line per finished point"
     assert lines[0].startswith(f"sweep 1/{n} dense mc: 10 docs in ") and "docs/s, ETA" in lines[0]
     assert lines[-1].startswith(f"sweep {n}/{n} input/top_p 0.7 lam: 8 docs") and lines[-1].endswith("ETA 0:00")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_sweep_of_smollm2_records_its_provenance(
+    tmp_path: Path, capsys: pytest.CaptureFixture, dtype: str
+) -> None:
+    out = tmp_path / dtype
+    args = ["sweep", "--out", str(out), "--targets", "intermediate", "--values", "0.9", "--tasks", "arc_easy"]
+    args += ["--limit", "4", "--resamples", "20", "--device", "cpu", "--dtype", dtype]
+    assert cli.main(args) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"sweep {dtype} ")]
+    assert len(lines) == 2 and "docs/s" in lines[0]
+    assert cli.main(["report", str(out), "--resamples", "20"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["dtype"] == dtype and summary["n_docs"] == {"arc_easy": 4}
+    (point,) = summary["points"]
+    assert 0.2 < point["sparsity"] < 0.9 and point["kl"] is not None
+    prov = summary["provenance"]
+    assert prov["dtype"] == dtype and prov["device"] == "cpu"
+    assert prov["model"]["dequantised_from"]["file_type"] == "Q4_1"
+    assert prov["versions"]["torch"] == torch.__version__ and prov["versions"]["transformers"]
+    assert prov["reproduce"] == "actsparse " + " ".join(args)
+    report = (out / "report.md").read_text()
+    assert "## Provenance" in report and f"dtype: {dtype}" in report and "Q4_1" in report

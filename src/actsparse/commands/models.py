@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         where = r.get("file") or r.get("error") or ""
         cached = "yes" if r.get("converted") else ("no (made on first load)" if r["kind"] == "alias" and r["available"] else "")
         table.add_row(r["model"], r["kind"], size, r.get("quantisation") or "", cached, where)
-    Console().print(table)
+    (Console() if sys.stdout.isatty() else Console(width=200)).print(table)  # a log keeps whole rows
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0

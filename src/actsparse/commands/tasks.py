@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     for r in rows:
         docs = "missing" if r["documents"] is None else str(r["documents"])
         table.add_row(r["task"], r["kind"], r["split"], r["metric"], docs, _mb(r["bytes"]))
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=120)  # a log keeps whole rows
     console.print(table)
     total = sum(r["documents"] or 0 for r in rows)
     console.print(f"{total} documents in all; `actsparse study` scores every one of them", highlight=False)
