@@ -81,7 +81,9 @@ def test_unknown_dtype_is_an_argument_error(capsys: pytest.CaptureFixture, no_mo
         assert "--dtype takes auto" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("key", "stored", "args"), [("dtype", "float32", ["--dtype", "bfloat16"]), ("device", "cuda", ["--device", "cpu"])])
+@pytest.mark.parametrize(
+    ("key", "stored", "args"), [("dtype", "float32", ["--dtype", "bfloat16"]), ("device", "cuda", ["--device", "cpu"])]
+)
 def test_another_dtype_or_device_in_a_folder_exits_2_and_keeps_its_points(
     tmp_path: Path, capsys: pytest.CaptureFixture, no_model: None, key: str, stored: str, args: list[str]
 ) -> None:
@@ -184,12 +186,12 @@ def test_dtypes_give_one_curve_per_dtype_and_a_paired_difference(tmp_path: Path)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_top_p_sums_stay_float64_under_half_precision_activations(dtype: torch.dtype) -> None:
     # float16 sums of these would overflow (max 65504) and bfloat16 sums would round away the small entries
-    v = torch.tensor([[30000.0, 30000.0, 30000.0, 8.0, 4.0, 2.0, 1.0, 0.5]], dtype=dtype)
+    v = torch.tensor([[40000.0, 30000.0, 20000.0, 8.0, 4.0, 2.0, 1.0, 0.5]], dtype=dtype)
     for p in (0.3, 0.5, 0.9, 0.9999, 0.99999):
         keep = top_p_mask(v, p)
         assert keep.tolist() == reference_mask(v, "top_p", p).tolist()
     assert top_p_mask(v, 0.5)[0].tolist() == [True, True, False, False, False, False, False, False]
-    assert top_p_mask(v, 0.99999)[0, :4].all() and not top_p_mask(v, 0.99999)[0, 4:].any()
+    assert 4 <= int(top_p_mask(v, 0.99999).sum()) <= 7, "the small entries count: float64 sums"
     gen = torch.Generator().manual_seed(0)
     rows = (torch.randn(64, 333, generator=gen) * torch.rand(64, 1, generator=gen) * 50).to(dtype)
     for p in (0.5, 0.9, 0.99):

@@ -49,7 +49,18 @@ def test_study_prints_and_records_its_estimate_then_resumes(
     assert loads == [("tiny", "float32", "cpu")]
     with RunStore.open(out) as store:
         assert store.keys() == set(), "--estimate-only stores no point"
-    args = [*common, "--targets", "input", "--rules", "top_p", "--resamples", "20", "--no-progress", "--probe-docs", "1"]
+    args = [
+        *common,
+        "--targets",
+        "input",
+        "--rules",
+        "top_p",
+        "--resamples",
+        "20",
+        "--no-progress",
+        "--probe-docs",
+        "1",
+    ]
     assert cli.main(args) == 0
     with RunStore.open(out) as store:
         first = store.keys()

@@ -144,7 +144,9 @@ def _arg(parse: Any) -> Any:
 
 def add_placement_arguments(parser: argparse.ArgumentParser | Any, dtype_help: str = HELP_DTYPE) -> None:
     """`--device`, `--dtype` and `--verbose` (library loading bars and warnings) on a command."""
-    parser.add_argument("--device", type=_arg(parse_device), default="auto", help=f"where the model runs: {HELP_DEVICE}")
+    parser.add_argument(
+        "--device", type=_arg(parse_device), default="auto", help=f"where the model runs: {HELP_DEVICE}"
+    )
     parser.add_argument("--dtype", type=_arg(parse_dtype), default="auto", help=f"number format: {dtype_help}")
     parser.add_argument(
         "--verbose", action="store_true", help="show transformers' loading bars and warnings (silenced by default)"

@@ -185,7 +185,7 @@ def paired_difference(
         "a": ca.value,
         "b": cb.value,
         "lower_bound": bool(ca.lower_bound or cb.lower_bound),  # a bound on either side: the difference is too
-        "documents": {t: int(len(a.dense[t])) for t in weights},
+        "documents": {t: len(a.dense[t]) for t in weights},
     }
 
 
@@ -228,8 +228,8 @@ def compare(
         summaries[dtype] = write_summary(run_dir / dtype, resamples=resamples, seed=seed, level=level)
         with RunStore.open(run_dir / dtype, create=False) as store:
             runs[dtype] = _load(store)
-    tasks = next((s["tasks"] for s in summaries.values() if s["tasks"]), [])
-    for dtype, s in summaries.items():
+    tasks: list[str] = next((s["tasks"] for s in summaries.values() if s["tasks"]), [])
+    for s in summaries.values():
         if s["tasks"] and s["tasks"] != tasks:
             tasks = [t for t in tasks if t in s["tasks"]]
     critical: dict[str, dict[str, Any]] = {}

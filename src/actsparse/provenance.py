@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-
 _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 """GGUF metadata value types of fixed size (8 is a string, 9 an array)."""
 
@@ -158,7 +157,9 @@ def command_line(argv: Sequence[str] | None, device: str | None = None, dtype: s
     return {"command": shlex.join(["actsparse", *args]), "reproduce": shlex.join(["actsparse", *explicit])}
 
 
-def provenance(model: str, device: str, dtype: str | Sequence[str], argv: Sequence[str] | None = None) -> dict[str, Any]:
+def provenance(
+    model: str, device: str, dtype: str | Sequence[str], argv: Sequence[str] | None = None
+) -> dict[str, Any]:
     """Everything a reader needs to know where a run's numbers come from."""
     single = dtype if isinstance(dtype, str) else None
     return {

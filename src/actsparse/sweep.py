@@ -17,8 +17,8 @@ from typing import Any
 
 from actsparse.diffusion.scoring import DiffusionOptions
 from actsparse.executors import Executor, LocalExecutor, PointContext, make_executor
-from actsparse.progress import SweepProgress
 from actsparse.loading import DEFAULT_MODEL
+from actsparse.progress import SweepProgress
 from actsparse.search import DEFAULT_PRECISION
 from actsparse.spec import RULE_NAMES, TARGETS, SparsitySpec
 from actsparse.store import PointKey, RunStore, StoreError, atomic_path, check_writable

@@ -51,7 +51,10 @@ def model_rows() -> list[dict[str, Any]]:
     for folder in sorted((cache_dir() / "converted").glob("*")):
         if (folder / "done").exists() and str(folder) not in known:
             rows.append({"model": str(folder), "kind": "folder", "available": True, "bytes": _size(folder)})
-    hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub")
+    hub = Path(
+        os.environ.get("HF_HUB_CACHE")
+        or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
+    )
     for repo in sorted(hub.glob("models--*")):
         name = repo.name.removeprefix("models--").replace("--", "/")
         rows.append({"model": name, "kind": "hub cache", "available": True, "bytes": _size(repo)})
@@ -69,7 +72,11 @@ def run(args: argparse.Namespace) -> int:
     for r in rows:
         size = f"{r['bytes'] / 1e6:.0f} MB" if r.get("bytes") else "–"
         where = r.get("file") or r.get("error") or ""
-        cached = "yes" if r.get("converted") else ("no (made on first load)" if r["kind"] == "alias" and r["available"] else "")
+        cached = (
+            "yes"
+            if r.get("converted")
+            else ("no (made on first load)" if r["kind"] == "alias" and r["available"] else "")
+        )
         table.add_row(r["model"], r["kind"], size, r.get("quantisation") or "", cached, where)
     (Console() if sys.stdout.isatty() else Console(width=200)).print(table)  # a log keeps whole rows
     if args.json:

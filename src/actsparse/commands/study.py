@@ -94,8 +94,8 @@ def probe(model: Any, tokenizer: Any, config: Any, doc_ids: dict[str, list[int] 
     rates: dict[str, Any] = {}
     warm = True
     for task in config.resolved_tasks:
-        ids = doc_ids[task.name] if doc_ids[task.name] is not None else select_docs(task, None)
-        part = list(ids)[:n]
+        ids = doc_ids[task.name]
+        part = list(ids if ids is not None else select_docs(task, None))[:n]
         kwargs = dict(batch_tokens=config.batch_tokens)
         with torch.no_grad():
             if warm:  # first forward: kernels, allocator; not counted
@@ -108,7 +108,11 @@ def probe(model: Any, tokenizer: Any, config: Any, doc_ids: dict[str, list[int] 
             with sparsify(model, SparsitySpec(*PROBE_SPEC)):
                 evaluate_task(model, tokenizer, task, part, reference=reference, **kwargs)
             sparse = time.perf_counter() - start
-        rates[task.name] = {"docs": len(part), "dense_s_per_doc": dense / len(part), "sparse_s_per_doc": sparse / len(part)}
+        rates[task.name] = {
+            "docs": len(part),
+            "dense_s_per_doc": dense / len(part),
+            "sparse_s_per_doc": sparse / len(part),
+        }
     return rates
 
 
@@ -123,7 +127,10 @@ def estimate(config: Any, doc_ids: dict[str, list[int] | None], rates: dict[str,
         "documents": sizes,
         "curves": curves,
         "values_per_curve": {"typical": typical, "most": most, "search": config.search},
-        "seconds": {"typical": dense + curves * typical * sparse_per_value, "most": dense + curves * most * sparse_per_value},
+        "seconds": {
+            "typical": dense + curves * typical * sparse_per_value,
+            "most": dense + curves * most * sparse_per_value,
+        },
         "probe": rates,
         "note": "from a probe at a small batch: larger batches run faster, so the figures lean high",
     }

@@ -148,11 +148,9 @@ def _register() -> type:
         ) -> None:
             import torch
 
-            from actsparse import sparsify
+            from actsparse import placement, sparsify
             from actsparse.loading import load_model
             from actsparse.spec import SparsitySpec
-
-            from actsparse import placement
 
             spec = SparsitySpec(target, rule, _number(value)) if target is not None else None  # checked before loading
             device = placement.parse_device(str(kwargs.pop("device", None) or "auto"))

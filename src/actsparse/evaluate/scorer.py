@@ -587,7 +587,9 @@ def evaluate_task(
             for start, stop in chunks:
                 batch = order[start:stop]
                 saved = [(stats, stats.snapshot()) for stats in active_stats(model)]
-                scored = _score_batch(model, tokenizer, task, batch, requests, encoded, reference, keep, packing, budget)
+                scored = _score_batch(
+                    model, tokenizer, task, batch, requests, encoded, reference, keep, packing, budget
+                )
                 for doc_id, result in scored:
                     results[doc_id] = result
                 if progress is not None:

@@ -193,7 +193,10 @@ def _with_provenance(summary: dict[str, Any], md: list[str], body: list[str]) ->
     if not found:
         return md, body
     items = "".join(f"<li>{html.escape(line)}</li>" for line in found)
-    return [*md, "## Provenance", "", *(f"- {line}" for line in found), ""], [*body, f"<h2>Provenance</h2><ul>{items}</ul>"]
+    return [*md, "## Provenance", "", *(f"- {line}" for line in found), ""], [
+        *body,
+        f"<h2>Provenance</h2><ul>{items}</ul>",
+    ]
 
 
 def write_report(run_dir: str | Path, resamples: int | None = None) -> list[Path]:

@@ -47,7 +47,9 @@ def tables(summary: dict[str, Any]) -> dict[str, Table]:
     dense_head = ["task", "split used", "documents", *dtypes]
     for pair in pairs:
         dense_head += [f"{pair} (95 % paired CI)", f"same answer ({pair})"]
-    critical_rows = [[label, *(_crit(by.get(d)) for d in dtypes)] for label, by in sorted(summary["critical_sparsity"].items())]
+    critical_rows = [
+        [label, *(_crit(by.get(d)) for d in dtypes)] for label, by in sorted(summary["critical_sparsity"].items())
+    ]
     diff_rows = []
     for label, by_pair in sorted(summary["differences"].items()):
         for pair, d in by_pair.items():
@@ -149,7 +151,10 @@ def render(summary: dict[str, Any], image: Path | None) -> tuple[str, str]:
         name = "Normalised performance vs achieved sparsity, by dtype"
         md += [f"## {name}", "", f"![{name}]({image.name})", ""]
         data = base64.b64encode(image.read_bytes()).decode("ascii")
-        body += [f"<h2>{html.escape(name)}</h2>", f'<figure><img alt="{name}" src="data:image/png;base64,{data}"></figure>']
+        body += [
+            f"<h2>{html.escape(name)}</h2>",
+            f'<figure><img alt="{name}" src="data:image/png;base64,{data}"></figure>',
+        ]
     md += ["## Provenance", ""]
     body += ["<h2>Provenance</h2>"]
     for dtype, record in summary.get("provenance", {}).items():
