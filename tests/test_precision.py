@@ -232,3 +232,15 @@ def test_half_precision_sweep_of_smollm2_records_its_provenance(
     assert prov["reproduce"] == "actsparse " + " ".join(args)
     report = (out / "report.md").read_text()
     assert "## Provenance" in report and f"dtype: {dtype}" in report and "Q4_1" in report
+
+
+def test_lm_eval_semantics_of_dtype_auto_is_the_checkpoints_own(tmp_path: Path) -> None:
+    from tiny import tiny_model, tiny_tokenizer
+
+    tiny_model("llama", dtype=torch.bfloat16).save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    own = placement.checkpoint_dtype(str(tmp_path / "m"))
+    assert own == "bfloat16"
+    assert placement.resolve_dtype("auto", "cpu", checkpoint=own) == "bfloat16"  # HFLM: the checkpoint's dtype
+    assert placement.resolve_dtype("auto", "cpu") == "float32"  # our loader (SPEC §4b)
+    assert placement.checkpoint_dtype("smollm2-135m") == "float32"  # a GGUF file is dequantised to float32

@@ -128,7 +128,10 @@ def resolve(device: str = "auto", dtype: str = "auto") -> Placement:
     return Placement(where, resolve_dtype(dtype, where))
 
 
-HELP_DTYPE = "auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16 or float16"
+HELP_DTYPE = (
+    "auto (bfloat16 on cuda, float32 on cpu, as actsparse's loader reads it; the lm-eval bridge's dtype=auto "
+    "is the checkpoint's own, as lm-eval's HFLM reads it), float32, bfloat16 or float16; bound to a run folder"
+)
 HELP_DEVICE = "auto (cuda when available, else cpu), cpu, cuda or cuda:N"
 
 
