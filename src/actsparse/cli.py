@@ -9,7 +9,7 @@ from typing import Any
 
 from actsparse.commands import HelpFormatter
 
-COMMANDS = ("profile", "sweep", "report", "calibrate", "bench")
+COMMANDS = ("profile", "sweep", "study", "report", "calibrate", "bench", "tasks", "models")
 """Subcommand modules under actsparse.commands; each has `add_parser(subparsers)` and `run(args)`."""
 
 
@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exit:  # --help (0) or a usage error (2, message printed): an exit code, as below
         return 0 if exit.code is None else exit.code if isinstance(exit.code, int) else 2
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # provenance: the command that reproduces a run
     try:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:

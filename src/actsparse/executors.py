@@ -32,7 +32,8 @@ class PointContext:
     doc_ids: dict[str, list[int] | None]  # task name → documents to score (None: the backend's own sample)
     references: dict[str, Any] = field(default_factory=dict)  # task → DenseReference (KL of sparse points)
     backend: str = "native"
-    batch_size: int = 16
+    batch_size: int | None = None  # documents scored together at most (None: as many as the token budget holds)
+    batch_tokens: int | None = None  # tokens of one forward (None: from free device memory on CUDA)
     diffusion: Any = None  # DiffusionOptions for diffusion LLMs (None: the defaults)
     accelerate: bool = False
     dtype: str = "float32"
@@ -116,7 +117,8 @@ def _evaluate(
     if context.backend == "lm-eval":
         from actsparse.evaluate.lm_eval_bridge import evaluate_lm_eval
 
-        result = evaluate_lm_eval(model, tokenizer, task, context.doc_ids[task], batch_size=context.batch_size)
+        batch: int | str = context.batch_size or ("auto" if model.device.type == "cuda" else 16)
+        result = evaluate_lm_eval(model, tokenizer, task, context.doc_ids[task], batch_size=batch)
         if progress is not None:
             progress(len(result.docs))
         return result, None
@@ -129,6 +131,7 @@ def _evaluate(
         context.doc_ids[task],
         reference=reference,
         batch_size=context.batch_size,
+        batch_tokens=context.batch_tokens,
         progress=progress,
         diffusion=context.diffusion,
     )

@@ -134,6 +134,13 @@ class SparsityStats:
         self._counts.clear()
         self.steps.reset()
 
+    def snapshot(self) -> dict[Key, torch.Tensor]:
+        """A copy of the counts, to `restore` when a forward fails half-way (out-of-memory, retried)."""
+        return {k: v.clone() for k, v in self._counts.items()}
+
+    def restore(self, snapshot: dict[Key, torch.Tensor]) -> None:
+        self._counts = {k: v.clone() for k, v in snapshot.items()}
+
     def counts(self) -> dict[Key, tuple[int, int, int]]:
         """All counts as Python ints: key → (zeroed, natural_zeros, seen)."""
         if not self._counts:

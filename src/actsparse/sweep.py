@@ -8,10 +8,9 @@ documents, each point stored as soon as it finishes so that a rerun resumes wher
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 from actsparse.diffusion.scoring import DiffusionOptions
 from actsparse.executors import Executor, LocalExecutor, PointContext, make_executor
 from actsparse.loading import DEFAULT_MODEL
+from actsparse.progress import SweepProgress
 from actsparse.search import DEFAULT_PRECISION, PAPER_GRID
 from actsparse.spec import RULE_NAMES, TARGETS, SparsitySpec
 from actsparse.store import PointKey, RunStore, StoreError, atomic_path, check_writable
@@ -58,7 +58,8 @@ class SweepConfig:
     out: Path = Path("runs/sweep")
     accelerate: bool = False
     backend: str = "native"
-    batch_size: int = 64  # documents scored together (multiple choice: packed into trees, a few forwards)
+    batch_size: int | None = None  # documents scored together at most (None: as many as `batch_tokens` hold)
+    batch_tokens: int | None = None  # tokens of one forward (None: from free device memory on CUDA, else 4096)
     diffusion: DiffusionOptions = field(default_factory=DiffusionOptions)  # diffusion LLMs: MC samples, steps
     resamples: int = 1000
     executor: str = "local"  # 'local' (in this process) or 'ray' (a Ray task per point)
@@ -70,7 +71,11 @@ class SweepConfig:
     search: str = "grid"  # 'grid' (every value) or 'bisect' (`actsparse.search`, values = the scan grid)
     precision: float = DEFAULT_PRECISION  # bisect: width of the final bracket, in achieved sparsity
     refine: bool = False  # bisect: go on between grid neighbours, on the value itself
+    device: str = "auto"  # auto, cpu, cuda, cuda:N (`actsparse.placement`); bound to the run folder
+    dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16; bound too
+    argv: Sequence[str] | None = None  # the command line that started the run (provenance), if any
     _tasks: list[Any] = field(default_factory=list, init=False, repr=False)
+    _placement: Any = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -92,8 +97,11 @@ class SweepConfig:
             raise ValueError(f"unknown backend {self.backend!r}; choose from {', '.join(BACKENDS)}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit must be at least 1 (or 'all'), got {self.limit}")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.batch_tokens is not None and self.batch_tokens < 1:
+            raise ValueError(f"--batch-tokens must be at least 1 (or auto), got {self.batch_tokens}")
+        self._placement = self._resolve_placement()
         if not self.tasks:
             raise ValueError("no tasks given")
         if self.gpus_per_point < 0 or self.cpus_per_point <= 0:
@@ -126,6 +134,25 @@ class SweepConfig:
 
         return get_task(task)
 
+    def _resolve_placement(self) -> Any:
+        """Device and dtype on the machine the points run on: here, or (Ray) on workers that have GPUs
+        when `gpus_per_point` > 0, where the driver cannot check them."""
+        from actsparse import placement
+
+        if self.executor == "local":
+            return placement.resolve(self.device, self.dtype)
+        device = placement.parse_device(self.device)
+        if device == "auto":
+            device = "cuda" if self.gpus_per_point > 0 else "cpu"
+        return placement.Placement(device, placement.resolve_dtype(self.dtype, device))
+
+    @property
+    def placement(self) -> Any:
+        """The resolved `Placement` (device, dtype) of the points."""
+        if self._placement is None:
+            self.validate()
+        return self._placement
+
     @property
     def resolved_tasks(self) -> list[Any]:
         if not self._tasks:
@@ -145,6 +172,7 @@ class SweepConfig:
             "backend": self.backend,
             "accelerate": self.accelerate,
             "diffusion": asdict(self.diffusion),
+            **self.placement.binding(),  # device kind and dtype: one folder never mixes precisions
         }
 
 
@@ -186,9 +214,13 @@ def reference_path(run_dir: Path, task: str) -> Path:
 def prepare(config: SweepConfig) -> tuple[RunStore, dict[str, list[int] | None]]:
     """Validate, open the store and fix each task's documents (all before loading a model)."""
     config.validate()
+    if (config.out / "precision.json").exists():
+        raise StoreError(f"{config.out} holds a --dtypes sweep (one folder per dtype): rerun it with --dtypes")
     check_writable(config.out)
     store = RunStore.open(config.out)
     try:
+        if store.get_meta("dtype") is None and store.keys():  # a folder from before dtypes were bound
+            store.set_meta("dtype", "float32")
         for key, value in config.settings().items():
             store.bind(key, value)
         doc_ids: dict[str, list[int] | None] = {}
@@ -205,6 +237,10 @@ def prepare(config: SweepConfig) -> tuple[RunStore, dict[str, list[int] | None]]
         known = (store.get_meta("settings") or {}).get("tasks", [])
         tasks = known + [t for t in doc_ids if t not in known]
         store.set_meta("settings", {**config.settings(), "tasks": tasks})
+        from actsparse.provenance import provenance
+
+        where = config.placement
+        store.set_meta("provenance", provenance(config.model, where.device, where.dtype, config.argv))
     except BaseException:
         store.close()
         raise
@@ -253,11 +289,13 @@ class _Driver:
         self.config, self.store, self.doc_ids, self.executor = config, store, doc_ids, executor
         self.given = None if model is None else (model, tokenizer)
         self.context: PointContext | None = None
+        self.label = "sweep" if config.placement.dtype == "float32" else f"sweep {config.placement.dtype}"
 
     def grid(self, show_progress: bool) -> None:
         pending = self.pending(plan(self.config))
-        with _progress(show_progress, sum(self.n_docs(k) for k in pending)) as advance:
-            self.run(pending, advance)
+        total = sum(self.n_docs(k) for k in pending)
+        with SweepProgress(show_progress, len(pending), total, prefix=self.label) as progress:
+            self.run(pending, progress)
 
     def bisect(self, show_progress: bool) -> None:
         """Search each (target, rule) by bisection; record which values were evaluated, in order."""
@@ -266,13 +304,13 @@ class _Driver:
         config = self.config
         names = list(self.doc_ids)
         curves = [(target, rule) for target in config.targets for rule in config.rules]
-        with _progress(show_progress, 0) as advance:
-            self.run(self.pending([PointKey.dense(t) for t in names]), advance)
+        with SweepProgress(show_progress, prefix=self.label) as progress:
+            self.run(self.pending([PointKey.dense(t) for t in names]), progress)
             dense = {t: self.store.get(PointKey.dense(t)) for t in names}
 
             def measure(points: Sequence[tuple[str, str, float]]) -> dict[tuple[str, str, float], tuple[float, float]]:
                 keys = [PointKey(target, rule, value, t) for target, rule, value in points for t in names]
-                self.run(self.pending(keys), advance)
+                self.run(self.pending(keys), progress)
                 return {p: _measured(self.store, p, dense) for p in points}
 
             found = bisect_curves(curves, measure, config.precision, config.values, config.refine)
@@ -304,7 +342,7 @@ class _Driver:
         ids = self.doc_ids[key.task]
         return len(ids) if ids is not None else 0
 
-    def run(self, keys: Sequence[PointKey], advance: Callable[[int], None]) -> None:
+    def run(self, keys: Sequence[PointKey], progress: SweepProgress) -> None:
         """Evaluate `keys` (dense ones first: their references feed the sparse ones) and store them."""
         from actsparse.executors import evaluate_point
 
@@ -312,7 +350,7 @@ class _Driver:
             if not phase:
                 continue
             context = self.point_context(needs_references=not phase[0].is_dense)
-            for key, outcome in self.executor.map(evaluate_point, phase, context, advance):
+            for key, outcome in self.executor.map(evaluate_point, phase, context, progress.advance):
                 if outcome.reference is not None:
                     path = reference_path(self.config.out, key.task)
                     path.parent.mkdir(parents=True, exist_ok=True)
@@ -322,29 +360,34 @@ class _Driver:
                     context.references[key.task] = outcome.reference
                 self.store.put(key, outcome.result, outcome.seconds)  # no-op if the dense point was stored
                 if not self.executor.reports_documents:
-                    advance(self.n_docs(key))
+                    progress.advance(self.n_docs(key))
+                progress.point(_label(key), self.n_docs(key) or len(outcome.result.docs), outcome.seconds)
 
     def point_context(self, needs_references: bool) -> PointContext:
         """What the workers share: the model (in-process for the local executor), tasks, references."""
 
         config = self.config
         if self.context is None:
+            where = config.placement
             model: Any = self.given
             remote = not isinstance(self.executor, LocalExecutor)
-            if model is None and not remote:
+            if model is not None:
+                model = _placed(model, where)
+            elif not remote:
                 from actsparse.loading import load_model
 
-                model = load_model(config.model, device_map=config.device_map)
-            gpus = remote and config.gpus_per_point > 0
+                model = load_model(config.model, where.dtype, where.device, device_map=config.device_map)
             self.context = PointContext(
                 model=config.model if model is None else model,
                 tasks={_name(t): t for t in config.resolved_tasks},
                 doc_ids=self.doc_ids,
                 backend=config.backend,
                 batch_size=config.batch_size,
+                batch_tokens=config.batch_tokens,
                 diffusion=config.diffusion,
                 accelerate=config.accelerate,
-                device="cuda" if gpus and config.device_map is None else "cpu",
+                dtype=where.dtype,
+                device=where.device,
                 device_map=config.device_map,
             )
         if needs_references and config.backend == "native":
@@ -368,33 +411,23 @@ def _measured(store: RunStore, point: tuple[str, str, float], dense: dict[str, A
     return (sum(sparsity) / len(sparsity) if sparsity else math.nan), performance
 
 
-@contextlib.contextmanager
-def _progress(show: bool, total: int) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar over documents with ETA; yields `advance(n)`."""
-    if not show:
-        yield lambda n: None
-        return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+def _label(key: PointKey) -> str:
+    return f"dense {key.task}" if key.is_dense else f"{key.target}/{key.rule} {key.value:g} {key.task}"
 
-    columns = (
-        TextColumn("[bold]sweep"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("docs"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns) as progress:
-        bar = progress.add_task("sweep", total=total or None)
-        yield lambda n: progress.advance(bar, n)
+
+def _placed(given: tuple[Any, Any], where: Any) -> tuple[Any, Any]:
+    """A given (model, tokenizer) in the sweep's dtype: itself when it already is, else a converted copy
+    (so that a `--dtypes` sweep of an in-memory model leaves the caller's model as it was)."""
+    import copy
+
+    from actsparse.placement import device_kind
+
+    model, tokenizer = given
+    device = next(model.parameters()).device
+    if getattr(model, "dtype", None) == where.torch_dtype and device_kind(device.type) == device_kind(where.device):
+        return model, tokenizer
+    target = device if device_kind(device.type) == device_kind(where.device) else where.device
+    return copy.deepcopy(model).to(device=target, dtype=where.torch_dtype), tokenizer
 
 
 __all__ = [

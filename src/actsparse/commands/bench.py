@@ -36,10 +36,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The bench flags (shared with benchmarks/decode_speed.py)."""
-    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
-    p.add_argument(
-        "--dtype", choices=("float32", "bfloat16", "float16"), help="default: float32 on cpu, bfloat16 on cuda"
-    )
+    from actsparse.placement import add_placement_arguments
+
+    add_placement_arguments(p)
     p.add_argument("--ops", default="gemv,ffn,decode", help="comma list of gemv, ffn, decode")
     p.add_argument(
         "--shapes", help="comma list of OUTxIN GEMV shapes, or 'all' (default: all on cuda, SmolLM2's on cpu)"
@@ -355,10 +354,12 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda but no CUDA device is available")
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
+    from actsparse.placement import device_kind, from_args
+
+    where = from_args(args)  # a bad --device or --dtype, or cuda without a GPU: exit 2 before any work
+    if where.device.startswith("cuda:"):
+        torch.cuda.set_device(torch.device(where.device))  # the ops below run on "cuda", the current device
+    device, dtype = device_kind(where.device), where.torch_dtype
     sparsities = [float(s) for s in args.sparsities.split(",")]
     if any(not 0.0 <= s < 1.0 for s in sparsities):
         raise ValueError("sparsities must lie in [0, 1)")

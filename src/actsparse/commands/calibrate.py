@@ -7,6 +7,7 @@ from pathlib import Path
 
 from actsparse.commands import check_output_file, read_text_file
 from actsparse.loading import DEFAULT_MODEL
+from actsparse.placement import add_placement_arguments
 from actsparse.spec import TARGETS
 
 
@@ -19,6 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=4096, help="calibration tokens to read")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence")
     p.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    add_placement_arguments(p)
     return p
 
 
@@ -34,16 +36,20 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--sparsity must lie in [0, 1], got {args.sparsity}")
     if args.tokens < 1 or args.seq_len < 1:
         raise ValueError("--tokens and --seq-len must be positive")
+    from actsparse.placement import from_args
+
+    where = from_args(args)
     check_output_file(args.out)  # before loading and calibrating, not after
     text = calibration_text() if args.data is None else read_text_file(args.data, "--data")
     console = Console()
     with console.status(f"loading {args.model}"):
-        model, tokenizer = load_model(args.model)
+        model, tokenizer = load_model(args.model, where.dtype, where.device)
     batches = calibration_batches(tokenizer, text, args.tokens, args.seq_len)
     with console.status("calibrating"):
         thresholds = calibrate(model, batches, args.target, args.sparsity)
     save_thresholds(args.out, thresholds, args.model, args.target, args.sparsity)
     console.print(
-        f"{len(thresholds)} layers of {args.model} calibrated to {args.sparsity:.0%} {args.target} → {args.out}"
+        f"{len(thresholds)} layers of {args.model} ({where.dtype} on {where.device}) calibrated to "
+        f"{args.sparsity:.0%} {args.target} → {args.out}"
     )
     return 0

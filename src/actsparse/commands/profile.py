@@ -8,6 +8,7 @@ from pathlib import Path
 
 from actsparse.commands import at_least, check_output_file, read_text_file
 from actsparse.loading import DEFAULT_MODEL
+from actsparse.placement import add_placement_arguments
 from actsparse.spec import RULE_NAMES, TARGETS
 
 DEFAULT_TEXT = (
@@ -31,6 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--generate", type=at_least(0, "--generate"), default=8, help=f"greedy tokens to generate after {PROMPT!r}"
     )
     p.add_argument("--json", type=Path, help="also write the table as JSON here")
+    add_placement_arguments(p)
     return p
 
 
@@ -40,19 +42,21 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from actsparse import SparsitySpec, load_model, sparsify
+    from actsparse.placement import from_args
 
     value = args.value if args.rule == "threshold" else _number(args.value)
     if args.rule == "threshold":
         _check_calibration_file(Path(args.value))
     spec = SparsitySpec(args.target, args.rule, value)  # validated before any model work
+    where = from_args(args)
     text = read_text_file(args.text_file, "--text-file") if args.text_file else DEFAULT_TEXT
     if args.json:
         check_output_file(args.json)
     console = Console()
     with console.status(f"loading {args.model}"):
-        model, tokenizer = load_model(args.model)
-    batch = tokenizer(text, return_tensors="pt", truncation=True, max_length=args.max_tokens)
-    prompt = tokenizer(PROMPT, return_tensors="pt")
+        model, tokenizer = load_model(args.model, where.dtype, where.device)
+    batch = tokenizer(text, return_tensors="pt", truncation=True, max_length=args.max_tokens).to(model.device)
+    prompt = tokenizer(PROMPT, return_tensors="pt").to(model.device)
     with torch.no_grad(), sparsify(model, spec) as stats:
         model(**batch)
         prefill = stats.to_dict()
@@ -60,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
         tokens = _generate(model, tokenizer, prompt["input_ids"], args.generate)
     continuation = tokenizer.decode(tokens, skip_special_tokens=True)
 
-    table = Table(title=f"{args.model}: {spec.label} on {batch['input_ids'].shape[1]} tokens")
+    title = f"{args.model} ({where.dtype} on {where.device}): {spec.label} on {batch['input_ids'].shape[1]} tokens"
+    table = Table(title=title)
     table.add_column("layer", justify="right")
     table.add_column("sparsity", justify="right")
     for layer, s in prefill["prefill"]["per_layer"].items():
@@ -74,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
             "model": args.model,
             "spec": {"target": spec.target, "rule": spec.rule, "value": args.value},
             "tokens": int(batch["input_ids"].shape[1]),
+            "dtype": where.dtype,
+            "device": where.device,
             "stats": prefill,
             "prompt": PROMPT,
             "continuation": continuation,

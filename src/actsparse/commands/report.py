@@ -28,5 +28,7 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     console.print(f"wrote {len(paths)} files in {args.run_dir}:", highlight=False)
     for path in paths:
-        console.print(f"  {path.name}", highlight=False)
+        console.print(
+            f"  {path.relative_to(args.run_dir) if path.is_relative_to(args.run_dir) else path}", highlight=False
+        )
     return 0

