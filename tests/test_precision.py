@@ -75,9 +75,7 @@ def test_bad_device_or_dtype_is_refused_before_model_work(
 
 def test_unknown_dtype_is_an_argument_error(capsys: pytest.CaptureFixture, no_model: None) -> None:
     for command in ("sweep", "profile", "calibrate", "bench", "study"):
-        with pytest.raises(SystemExit) as exit_:
-            cli.main([command, "--dtype", "int8"])
-        assert exit_.value.code == 2
+        assert cli.main([command, "--dtype", "int8"]) == 2  # argparse's usage error, as an exit code
         assert "--dtype takes auto" in capsys.readouterr().err
 
 

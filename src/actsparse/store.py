@@ -261,11 +261,14 @@ def _check_bound(path: Path, key: str, stored: Any, value: Any) -> None:
         )
 
 
-def check_settings(run_dir: str | Path, settings: dict[str, Any]) -> dict[str, Any]:
+def check_settings(
+    run_dir: str | Path, settings: dict[str, Any], unbound_with_points: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Refuse `settings` that differ from those bound in `run_dir` (StoreError); reads only, writes nothing.
 
     Lets a command refuse a folder before it loads a model, and bind the folder only after the load.
-    Returns what the folder has bound (empty when there is no store yet).
+    `unbound_with_points` gives the value a setting has in a folder that stores points but never bound it
+    (one made before the setting existed). Returns what the folder has bound (empty when there is no store yet).
     """
     path = Path(run_dir) / RunStore.FILENAME
     if not path.exists():
@@ -278,6 +281,8 @@ def check_settings(run_dir: str | Path, settings: dict[str, Any]) -> dict[str, A
         if "meta" not in _tables(db):
             return {}
         stored = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
+        if unbound_with_points and "points" in _tables(db) and db.execute("SELECT 1 FROM points LIMIT 1").fetchone():
+            stored = {**unbound_with_points, **stored}
     except sqlite3.Error as err:
         raise StoreError(f"cannot read results file {path}: {err}") from None
     finally:

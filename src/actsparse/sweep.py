@@ -211,6 +211,10 @@ def reference_path(run_dir: Path, task: str) -> Path:
     return run_dir / "dense" / f"{task}.ref"
 
 
+UNBOUND_WITH_POINTS = {"dtype": "float32"}
+"""Settings of a folder that stores points from before the setting was bound (`store.check_settings`)."""
+
+
 def prepare(config: SweepConfig) -> tuple[RunStore, dict[str, list[int] | None]]:
     """Validate, open the store and fix each task's documents (all before loading a model)."""
     config.validate()
@@ -220,7 +224,7 @@ def prepare(config: SweepConfig) -> tuple[RunStore, dict[str, list[int] | None]]
     store = RunStore.open(config.out)
     try:
         if store.get_meta("dtype") is None and store.keys():  # a folder from before dtypes were bound
-            store.set_meta("dtype", "float32")
+            store.set_meta("dtype", UNBOUND_WITH_POINTS["dtype"])
         for key, value in config.settings().items():
             store.bind(key, value)
         doc_ids: dict[str, list[int] | None] = {}

@@ -28,7 +28,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "study",
         help="the paper's study on one model: 26-value grid, 4 targets, top_p and max_p, 10 tasks, every document",
         description=__doc__,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help="alias, folder, .gguf file or hub id")
     p.add_argument("--out", type=Path, default=None, help="run folder (default: runs/study-MODEL)")

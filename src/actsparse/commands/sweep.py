@@ -215,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
 
     from actsparse.placement import quiet_libraries
     from actsparse.store import RunStore, check_settings, check_writable
-    from actsparse.sweep import run_sweep
+    from actsparse.sweep import UNBOUND_WITH_POINTS, run_sweep
 
     if args.dtypes and args.dtype != "auto":
         raise ValueError("give --dtype or --dtypes, not both")
@@ -226,7 +226,8 @@ def run(args: argparse.Namespace) -> int:
         return _run_dtypes(args, config, console)
     config.validate()
     check_writable(config.out, create=False)
-    bound_settings = check_settings(config.out, config.settings())  # others stored there: refused before loading
+    # others stored there: refused before loading
+    bound_settings = check_settings(config.out, config.settings(), UNBOUND_WITH_POINTS)
     model, tokenizer = (None, None) if bound_settings.get("model") == config.model else _load_first(config)
     if config.search == "grid":
         _record_plan(config)
@@ -269,7 +270,7 @@ def _load_first(config: SweepConfig) -> tuple[Any, Any]:
         loading.check_model(config.model)
         return None, None
     where = config.placement
-    return loading.load_model(config.model, where.dtype, where.device, device_map=config.device_map)
+    return loading.load_model(config.model, dtype=where.dtype, device=where.device, device_map=config.device_map)
 
 
 def _record_plan(config: SweepConfig) -> None:

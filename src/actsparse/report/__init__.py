@@ -256,9 +256,12 @@ def write_report(run_dir: str | Path, resamples: int | None = None) -> list[Path
 
     run_dir = Path(run_dir)
     if is_precision_folder(run_dir):
+        from actsparse.precision import dtypes_of
         from actsparse.report.precision import write_precision_report
 
-        return write_precision_report(run_dir, resamples)
+        folders = [run_dir / dtype for dtype in dtypes_of(run_dir) if (run_dir / dtype / "results.sqlite").exists()]
+        written = [path for folder in folders for path in write_report(folder, resamples=resamples)]
+        return written + write_precision_report(run_dir, CSS, resamples)
     with RunStore.open(run_dir, create=False) as store:
         settings = store.get_meta("settings") or {}
     seed = int(settings.get("seed") or 0)

@@ -125,10 +125,9 @@ def _html_table(table: Table) -> str:
     return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def render(summary: dict[str, Any], image: Path | None) -> tuple[str, str]:
-    """(markdown, self-contained html) of a comparison."""
+def render(summary: dict[str, Any], image: Path | None, css: str) -> tuple[str, str]:
+    """(markdown, self-contained html, styled by `css`) of a comparison."""
     from actsparse.provenance import lines
-    from actsparse.report import CSS
 
     title = f"actsparse precision report: {summary.get('model')}"
     settings = summary.get("settings", {})
@@ -163,25 +162,22 @@ def render(summary: dict[str, Any], image: Path | None) -> tuple[str, str]:
         body += [f'<h3>{html.escape(dtype)} (<a href="{dtype}/report.html">full report</a>)</h3><ul>{items}</ul>']
     page = (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-        f"<style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+        f"<style>{css}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
     )
     return "\n".join(md) + "\n", page
 
 
-def write_precision_report(run_dir: str | Path, resamples: int | None = None) -> list[Path]:
-    """Each dtype's report in its folder, then the comparison (summary.json, report.md, report.html)."""
+def write_precision_report(run_dir: str | Path, css: str, resamples: int | None = None) -> list[Path]:
+    """The comparison of a `--dtypes` folder (summary.json, report.md, report.html, its plot); each dtype's
+    own report is `actsparse.report.write_report`'s, which calls this."""
     from actsparse.analysis import RESAMPLES
-    from actsparse.precision import dtypes_of, write_comparison
-    from actsparse.report import write_report
+    from actsparse.precision import write_comparison
 
     run_dir = Path(run_dir)
     written: list[Path] = []
-    for dtype in dtypes_of(run_dir):
-        if (run_dir / dtype / "results.sqlite").exists():
-            written += write_report(run_dir / dtype, resamples=resamples)
     summary = write_comparison(run_dir, resamples=resamples or RESAMPLES, seed=int(summary_seed(run_dir) or 0))
     image = performance_by_dtype(summary, run_dir / "performance_by_dtype.png")
-    md, page = render(summary, image)
+    md, page = render(summary, image, css)
     for name, text in (("report.md", md), ("report.html", page)):
         path = run_dir / name
         tmp = atomic_path(path)
