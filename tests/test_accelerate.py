@@ -196,11 +196,24 @@ def test_fused_kernel_runs_batch_one_threshold_decode(family, target, monkeypatc
     assert calls[0] == 3 * 2  # every decode step of both layers
     assert_close(fast, ref, 1e-5)
     assert fast_stats.counts() == ref_stats.counts()
-    ref, ref_stats = run_decode(model, sparsify(model, spec), batch=3, seed=8)
-    fast, fast_stats = run_decode(model, accelerate(model, spec), batch=3, seed=8)  # PyTorch kernels, same copies
-    assert calls[0] == 3 * 2
-    assert_close(fast, ref, 1e-5)
-    assert fast_stats.counts() == ref_stats.counts()
+
+
+@pytest.mark.skipif(not sparse_ffn_cpu.available(), reason="no C compiler for the fused kernel")
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+@pytest.mark.parametrize("rule", ["threshold", "top_k", "top_p"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_kernel_runs_every_rule_batches_and_bfloat16(family, rule, dtype, monkeypatch):
+    model = tiny_model(family, dtype=dtype)
+    spec = spec_for(rule)
+    for batch in (1, 3, MAX_SPARSE_BATCH):
+        ref, ref_stats = run_decode(model, sparsify(model, spec), batch=batch, seed=8)
+        calls = count_fused_calls(monkeypatch)
+        fast, fast_stats = run_decode(model, accelerate(model, spec), batch=batch, seed=8)
+        assert calls[0] == 3 * 2  # one call per decode step and layer, for the whole batch
+        assert_close(fast, ref, TOL[dtype])
+        if dtype == torch.float32:  # bf16 sums round differently: a tie may move across the rule
+            assert fast_stats.counts() == ref_stats.counts()
+        monkeypatch.undo()
 
 
 def test_pytorch_kernels_when_the_c_kernel_is_missing(monkeypatch):

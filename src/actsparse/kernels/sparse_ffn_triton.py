@@ -169,7 +169,7 @@ def sparse_rows_matmul(
     if batch > MAX_BATCH:
         raise ValueError(f"batch {batch} exceeds MAX_BATCH={MAX_BATCH}")
     x = x.contiguous()
-    weight_t = weight_t.contiguous()
+    weight_t = weight_t if weight_t.stride(1) == 1 else weight_t.contiguous()  # any row stride
     y = out if out is not None and out.is_contiguous() else torch.empty(batch, n_size, dtype=x.dtype, device=x.device)
     config = config or default_config(batch)
     block_b = max(1, triton.next_power_of_2(batch))
