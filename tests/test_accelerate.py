@@ -149,6 +149,37 @@ def test_model_is_restored_and_copies_dropped():
     assert all("forward" not in vars(m) for m in model.modules())
 
 
+@pytest.mark.parametrize("family", ["llama", "phi3"])  # separate gate/up, and one fused gate_up weight
+@pytest.mark.parametrize("rule", ["threshold", "max_p"])  # the fused C kernel, and the PyTorch kernels
+def test_weights_are_re_laid_out_in_place_not_copied(family, rule):
+    """No second copy of the weights: the kernels read the parameters' own storage, restored bit for bit."""
+    model = tiny_model(family)
+    params = dict(model.named_parameters())
+    before = {name: (p.data_ptr(), p.stride(), p.detach().clone()) for name, p in params.items()}
+    storage = sum(p.untyped_storage().nbytes() for p in params.values())
+    ids = torch.randint(1, 97, (1, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        dense = model(ids).logits
+        with sparsify(model, spec_for(rule)):
+            simulated = model(ids).logits
+        with accelerate(model, spec_for(rule)):
+            relaid = [name for name, p in params.items() if p.stride() != before[name][1]]
+            assert relaid and all("mlp" in name for name in relaid)
+            assert all(p.data_ptr() == before[name][0] for name, p in params.items())
+            steps = [m.forward.args[1] for m in model.modules() if "forward" in vars(m)]
+            for step in steps:  # every matrix a kernel reads lies in a parameter's storage
+                read = [*step.weights.__dict__.values(), *(step.fused.weights if step.fused else ())]
+                for t in (t for t in read if isinstance(t, torch.Tensor)):
+                    assert any(t.untyped_storage().data_ptr() == p.untyped_storage().data_ptr() for p in params.values())
+            assert sum(p.untyped_storage().nbytes() for p in params.values()) == storage
+            torch.testing.assert_close(model(ids).logits, simulated)  # the prefill's dense products run on them
+        after = model(ids).logits
+    assert torch.equal(after, dense)
+    for name, p in params.items():
+        ptr, stride, value = before[name]
+        assert p.data_ptr() == ptr and p.stride() == stride and torch.equal(p, value)
+
+
 def test_errors_before_and_during_work():
     model = tiny_model("llama")
     with pytest.raises(TypeError), accelerate(model, "top_p"):
@@ -157,7 +188,7 @@ def test_errors_before_and_during_work():
         pass
     ids = torch.randint(1, 97, (1, 4))
     with torch.no_grad():
-        model.model.layers[1].mlp.gate_proj.weight[0] = float("nan")  # before entry: weights are copied there
+        model.model.layers[1].mlp.gate_proj.weight[0] = float("nan")  # before entry: weights are re-laid out there
         out = model(ids, use_cache=True)  # dense prefill: NaN flows silently
         with accelerate(model, spec_for("threshold")), pytest.raises(NonFiniteActivationError, match="layer 1"):
             model(ids[:, :1], attention_mask=torch.ones(1, 5, dtype=torch.long), past_key_values=out.past_key_values)
