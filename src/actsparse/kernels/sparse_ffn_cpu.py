@@ -382,6 +382,9 @@ class FusedFFN:
     τ of the threshold rule, or ("top_k", k) / ("top_p", p) / ("threshold", τ).
     """
 
+    calls = 0
+    """Calls of the kernel in this process, all instances together (so that benchmarks can tell it ran)."""
+
     def __init__(
         self,
         gate_t: torch.Tensor,
@@ -437,6 +440,7 @@ class FusedFFN:
         if y.shape != x.shape or y.dtype != self.dtype or not y.is_contiguous():
             raise ValueError(f"out must be a contiguous {self.dtype} tensor of shape {tuple(x.shape)}")
         dtype, *rest = self._args
+        FusedFFN.calls += 1
         bad = lib.actsparse_sparse_ffn(
             x.data_ptr(),
             rows,
