@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch.nn import functional as F
 
 from actsparse.adapters import GatedWeights
-from actsparse.kernels import cbuild, sparse_ffn_cpu, sparse_ffn_triton
+from actsparse.kernels import cbuild, gather_gemv_triton, sparse_ffn_cpu, sparse_ffn_triton
 from actsparse.kernels.sparse_ffn import (
     layout,
     masked_rows_matmul,
@@ -129,6 +129,35 @@ def test_triton_kernel_matches_dense(dtype):
                 args[0].to(device), weight_t.to(device), out=out, config=config, keep=args[1]
             )
             assert y.data_ptr() == out.data_ptr()
+            if ref.norm() == 0:
+                assert bool((y == 0).all())
+            else:
+                assert rel_err(y.cpu(), ref) < TOL[dtype]
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not gather_gemv_triton.available(), reason="triton is not installed")
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+    reason="needs CUDA or TRITON_INTERPRET=1",
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gather_gemv_matches_dense_and_reads_only_kept_rows(dtype):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(3)
+    configs = [None, gather_gemv_triton.GatherConfig(8, 64, 2, 4)]
+    cases = ((1, 200, 130, 0.5), (1, 37, 300, 0.0), (5, 150, 70, 0.7), (8, 64, 64, 1.0), (4, 1100, 40, 0.9))
+    for (batch, k, n, sparsity), config in itertools.product(cases, configs):
+        for masked_inside in (False, True):
+            x, keep, weight_t = random_case(gen, batch, k, n, sparsity, dtype)
+            xs = torch.where(keep, x, 0)
+            ref = xs.double() @ weight_t.double()
+            weight_t[~keep.any(dim=0)] = float("nan")  # a dropped row that were read would poison the result
+            args = (x, keep.to(device)) if masked_inside else (xs, None)
+            y = gather_gemv_triton.gather_rows_matmul(
+                args[0].to(device), weight_t.to(device), keep=args[1], kept_fraction=1 - sparsity, config=config
+            )
+            assert bool(torch.isfinite(y).all())
             if ref.norm() == 0:
                 assert bool((y == 0).all())
             else:

@@ -114,6 +114,7 @@ def bench_gemv(shape: str, sparsities, device: str, dtype, args) -> list[dict]:
     from torch.nn import functional as F
 
     from actsparse.benchmarking import gemv_operands, sparse_input, time_calls
+    from actsparse.kernels import gather_gemv_triton
     from actsparse.kernels.sparse_ffn import masked_rows_matmul
 
     weights, weights_t, x = gemv_operands(shape, device, dtype, args.working_set)
@@ -132,12 +133,17 @@ def bench_gemv(shape: str, sparsities, device: str, dtype, args) -> list[dict]:
             "sparse": lambda i, xs=xs, keep=keep: masked_rows_matmul(xs, keep, weights_t[i % n]),
             "limit": lambda i, xk=x_kept, kt=kept_t: xk @ kt[i % n],
         }
+        if device == "cuda" and gather_gemv_triton.available():  # the two-stage kernel, beside the default one
+            fns["gather"] = lambda i, xs=xs, keep=keep, s=s: gather_gemv_triton.gather_rows_matmul(
+                xs, weights_t[i % n], keep, kept_fraction=1 - s
+            )
         before = _kernel_calls()
         us, timing = time_calls(fns, device, args.repeats, iters)
         measured = 1 - float(keep.float().mean())
-        records.append(
-            _record(device, dtype, shape, "gemv", s, us, measured_sparsity=measured, timing=timing, kernel=_ran(before))
-        )
+        record = _record(device, dtype, shape, "gemv", s, us, measured_sparsity=measured, timing=timing, kernel=_ran(before))
+        if "gather" in us:
+            record["gather_speedup"] = round(record["dense_us"] / us["gather"], 3)
+        records.append(record)
     return records
 
 
@@ -345,7 +351,7 @@ def run(args: argparse.Namespace) -> int:
     threads = torch.get_num_threads() if on_cpu else None
     title = f"decode speed on {device} ({dtype}" + (f", {threads} threads" if threads else "")
     table = Table(title=f"{title}; load average {load_average()} at the end)")
-    columns = ("op", "shape", "sparsity", "measured", "dense µs", "sparse µs", "speed-up", "limit µs", "limit ×")
+    columns = ("op", "shape", "sparsity", "measured", "dense µs", "sparse µs", "speed-up", "gather ×", "limit µs", "limit ×")
     for column in (*columns, "1/(1−s)", "kernel", "timing", "load"):
         table.add_column(column, justify="left" if column in ("op", "shape", "kernel") else "right")
     for r in records:
@@ -357,6 +363,7 @@ def run(args: argparse.Namespace) -> int:
             f"{r['dense_us']:.1f}",
             f"{r['sparse_us']:.1f}",
             f"{r['speedup']:.2f}×",
+            f"{r['gather_speedup']:.2f}×" if "gather_speedup" in r else "-",
             f"{r['limit_us']:.1f}" if "limit_us" in r else "-",
             f"{r['limit_speedup']:.2f}×" if "limit_speedup" in r else "-",
             f"{r['ideal']:.2f}×",
