@@ -170,7 +170,9 @@ def test_weights_are_re_laid_out_in_place_not_copied(family, rule):
             for step in steps:  # every matrix a kernel reads lies in a parameter's storage
                 read = [*step.weights.__dict__.values(), *(step.fused.weights if step.fused else ())]
                 for t in (t for t in read if isinstance(t, torch.Tensor)):
-                    assert any(t.untyped_storage().data_ptr() == p.untyped_storage().data_ptr() for p in params.values())
+                    assert any(
+                        t.untyped_storage().data_ptr() == p.untyped_storage().data_ptr() for p in params.values()
+                    )
             assert sum(p.untyped_storage().nbytes() for p in params.values()) == storage
             torch.testing.assert_close(model(ids).logits, simulated)  # the prefill's dense products run on them
         after = model(ids).logits

@@ -281,7 +281,9 @@ def test_activation_codes_and_shape_checks():
     assert sparse_ffn_cpu.activation_code(ACT2FN["gelu_pytorch_tanh"]) == 1
     assert sparse_ffn_cpu.activation_code(torch.relu) is None
     with pytest.raises(ValueError, match="float32"):
-        sparse_ffn_cpu.FusedFFN(torch.ones(3, 2, dtype=torch.bfloat16), torch.ones(3, 2), torch.ones(2, 3), 0, None, None)
+        sparse_ffn_cpu.FusedFFN(
+            torch.ones(3, 2, dtype=torch.bfloat16), torch.ones(3, 2), torch.ones(2, 3), 0, None, None
+        )
     with pytest.raises(ValueError, match="gate_t"):
         sparse_ffn_cpu.FusedFFN(torch.ones(3, 5), torch.ones(3, 5), torch.ones(2, 3), 0, None, None)
     with pytest.raises(ValueError, match="no rule"):
@@ -309,11 +311,16 @@ def threads():
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize(
-    "fused, rule, batch",
-    [(True, "threshold", 1), (True, "top_k", 1), (True, "top_p", 1), (True, "threshold", 4), (True, "top_k", 8)]
-    + [(False, "threshold", 1)],
-)
+FUSED_CASES = [
+    (True, "threshold", 1),
+    (True, "top_k", 1),
+    (True, "top_p", 1),
+    (True, "threshold", 4),
+    (True, "top_k", 8),
+]
+
+
+@pytest.mark.parametrize("fused, rule, batch", [*FUSED_CASES, (False, "threshold", 1)])
 def test_one_token_decode_is_bitwise_independent_of_the_thread_count(fused, rule, batch, threads):
     """The sparse products of decode tokens sum in an order fixed by the shapes, not by the threads.
 

@@ -21,9 +21,11 @@ __all__ = [
     "load_average",
     "lower_quartile",
     "parse_shape",
+    "prefill",
     "sparse_input",
     "time_calls",
     "time_pair",
+    "timed_step",
 ]
 
 
@@ -166,6 +168,23 @@ def decode_loop(model: Any, prompt: torch.Tensor, tokens: int) -> list[float]:
     return times
 
 
+def timed_step(model: Any, state: tuple[Any, torch.Tensor]) -> tuple[float, tuple[Any, torch.Tensor]]:
+    """µs of one greedy decode step from `state` (cache, last token), and the next state."""
+    cache, token = state
+    sync(token.device.type)
+    start = time.perf_counter()
+    out = model(token, past_key_values=cache, use_cache=True)
+    next_state = (out.past_key_values, out.logits[:, -1:].argmax(-1))
+    sync(token.device.type)
+    return (time.perf_counter() - start) * 1e6, next_state
+
+
+def prefill(model: Any, prompt: torch.Tensor) -> tuple[Any, torch.Tensor]:
+    """The decode state (cache, first greedy token) after a prefill of `prompt`."""
+    out = model(prompt, use_cache=True)
+    return out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+
 def llama3_8b_shaped(device: str, dtype: torch.dtype, layers: int = 32) -> Any:
     """A Llama-3-8B-shaped model with random weights (h 4096, d 14336, `layers` layers)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -180,5 +199,5 @@ def llama3_8b_shaped(device: str, dtype: torch.dtype, layers: int = 32) -> Any:
         max_position_embeddings=2048,
     )
     with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype).eval()
-    return model
+        model: Any = LlamaForCausalLM(config)
+    return model.to(dtype).eval()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import mmap
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import torch
 
@@ -63,10 +63,8 @@ def _buffer(params: list[torch.Tensor]) -> Iterator[torch.Tensor]:
     try:
         yield torch.frombuffer(region, dtype=torch.uint8)
     finally:
-        try:
+        with suppress(BufferError):  # a view of it still alive somewhere: the collector unmaps it
             region.close()
-        except BufferError:  # a view of it still alive somewhere: let the collector unmap it
-            pass
 
 
 def _relaid(p: torch.Tensor) -> bool:

@@ -2,7 +2,8 @@
 
 Weights are read transposed ([in, out], see `SparseFFNWeights`), so the row of a zeroed input
 entry is one contiguous run of memory that is never read; `layout` takes views where the model's
-weights already have that layout (`accelerate` re-lays them out in place, see `kernels.relayout`). `masked_rows_matmul(x, keep, w_t)` equals
+weights already have that layout (`accelerate` re-lays them out in place, see `kernels.relayout`).
+`masked_rows_matmul(x, keep, w_t)` equals
 `(x·keep) @ w_t` (its reference, `masked_rows_matmul_reference`) and picks the fastest path for the device:
 on CPU a weighted `embedding_bag` over the active rows (one pass, no copy) for one token and a
 gather of the union of active rows for a few; on CUDA the Triton kernel of `sparse_ffn_triton`.

@@ -41,7 +41,9 @@ RULE_CODES = {"threshold": 1, "top_k": 2, "top_p": 3}
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
-_SOURCE = topp_cpu._SOURCE + r"""
+_SOURCE = (
+    topp_cpu._SOURCE
+    + r"""
 #include <math.h>
 
 #define VL 16
@@ -122,7 +124,8 @@ static inline float scalar_bf16(const uint16_t *p) { return bf(*p); }
                               v[3 * nb + b], p0, p1, p2, p3);                                                       \
             }                                                                                                       \
             for (; k < m; k++)                                                                                      \
-                for (int b = 0; b < nb; b++) rows1_##T(acc + b * lda + t0, tn, base + idx[k] * stride, val[k * nb + b]); \
+                for (int b = 0; b < nb; b++)                                                                        \
+                    rows1_##T(acc + b * lda + t0, tn, base + idx[k] * stride, val[k * nb + b]);                     \
         }                                                                                                           \
     }
 
@@ -167,12 +170,15 @@ static void mid_part(job_t *job, int t, int nt) {
     int nb = job->nb;
     if (n <= 0) return;
     float *gate = (float *)calloc((size_t)(2 * nb * n), sizeof(float)), *up = gate + nb * n;
+    const int32_t *idx = job->in_idx;
+    const float *val = job->in_val;
+    int64_t m = job->in_kept;
     if (job->dtype) {
-        gather_bf16(gate, n, nb, n, (const uint16_t *)job->gate_t, job->gate_stride, c0, job->in_idx, job->in_val, job->in_kept);
-        gather_bf16(up, n, nb, n, (const uint16_t *)job->up_t, job->up_stride, c0, job->in_idx, job->in_val, job->in_kept);
+        gather_bf16(gate, n, nb, n, (const uint16_t *)job->gate_t, job->gate_stride, c0, idx, val, m);
+        gather_bf16(up, n, nb, n, (const uint16_t *)job->up_t, job->up_stride, c0, idx, val, m);
     } else {
-        gather_f32(gate, n, nb, n, (const float *)job->gate_t, job->gate_stride, c0, job->in_idx, job->in_val, job->in_kept);
-        gather_f32(up, n, nb, n, (const float *)job->up_t, job->up_stride, c0, job->in_idx, job->in_val, job->in_kept);
+        gather_f32(gate, n, nb, n, (const float *)job->gate_t, job->gate_stride, c0, idx, val, m);
+        gather_f32(up, n, nb, n, (const float *)job->up_t, job->up_stride, c0, idx, val, m);
     }
     for (int b = 0; b < nb; b++) {
         for (int64_t c = 0; c < n; c++) {
@@ -201,10 +207,12 @@ static void out_part(const job_t *job, int t, int nt) {
     int nb = job->nb;
     if (n <= 0) return;
     float *acc = (float *)calloc((size_t)(nb * n), sizeof(float));
+    const int32_t *idx = job->mid_idx;
+    const float *val = job->mid_val;
     if (job->dtype)
-        gather_bf16(acc, n, nb, n, (const uint16_t *)job->down_t, job->down_stride, c0, job->mid_idx, job->mid_val, job->mid_kept);
+        gather_bf16(acc, n, nb, n, (const uint16_t *)job->down_t, job->down_stride, c0, idx, val, job->mid_kept);
     else
-        gather_f32(acc, n, nb, n, (const float *)job->down_t, job->down_stride, c0, job->mid_idx, job->mid_val, job->mid_kept);
+        gather_f32(acc, n, nb, n, (const float *)job->down_t, job->down_stride, c0, idx, val, job->mid_kept);
     for (int b = 0; b < nb; b++) {
         for (int64_t c = 0; c < n; c++) {
             float v = acc[b * n + c] + bias_at(job->down_bias, job->dtype, c0 + c);
@@ -265,7 +273,8 @@ int actsparse_sparse_ffn(const void *x, int nb, int64_t h, int64_t d, int dtype,
                          int in_rule, double in_value, int mid_rule, double mid_value, int act, void *y,
                          int64_t *counts, int nthreads) {
     nb = nb < 1 ? 1 : nb > MAXB ? MAXB : nb;
-    float *xf = (float *)malloc((size_t)(nb * h) * sizeof(float)), *in_val = (float *)malloc((size_t)(nb * h) * sizeof(float));
+    float *xf = (float *)malloc((size_t)(nb * h) * sizeof(float));
+    float *in_val = (float *)malloc((size_t)(nb * h) * sizeof(float));
     unsigned char *in_keep = (unsigned char *)malloc((size_t)(nb * h));
     int32_t *in_idx = (int32_t *)malloc((size_t)h * sizeof(int32_t));
     for (int64_t j = 0; j < nb * h; j++) xf[j] = dtype ? bf(((const uint16_t *)x)[j]) : ((const float *)x)[j];
@@ -287,7 +296,8 @@ int actsparse_sparse_ffn(const void *x, int nb, int64_t h, int64_t d, int dtype,
         return 1;
     }
     nthreads = nthreads < 1 ? 1 : nthreads > 64 ? 64 : nthreads;
-    float *mid = (float *)malloc((size_t)(nb * d) * sizeof(float)), *mid_val = (float *)malloc((size_t)(nb * d) * sizeof(float));
+    float *mid = (float *)malloc((size_t)(nb * d) * sizeof(float));
+    float *mid_val = (float *)malloc((size_t)(nb * d) * sizeof(float));
     unsigned char *keep = (unsigned char *)malloc((size_t)(nb * d));
     int32_t *mid_idx = (int32_t *)malloc((size_t)d * sizeof(int32_t));
     job_t job = {nb, dtype, act, mid_rule, h, d, gate_stride, up_stride, down_stride, gate_t, up_t, down_t,
@@ -323,6 +333,7 @@ int actsparse_sparse_ffn(const void *x, int nb, int64_t h, int64_t d, int dtype,
     return bad_mid ? 2 : 0;
 }
 """
+)
 
 _P, _I64, _INT, _DBL = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
 
