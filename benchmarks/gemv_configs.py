@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from actsparse.commands.bench import _sparse_input, gemv_operands, time_pair
+from actsparse.benchmarking import gemv_operands, time_pair
+from actsparse.benchmarking import sparse_input as _sparse_input
 from actsparse.kernels.sparse_ffn_triton import GemvConfig, default_config, sparse_rows_matmul
 
 GRID = [

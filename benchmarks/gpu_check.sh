@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Every GPU check of the project in one call, for a session lent a CUDA machine (see the README): the
-# Triton kernels', accelerate's and the packed scorer's correctness on CUDA, then the top-p overhead, the
-# sparse GEMV / FFN speed tables, the Triton GEMV launch settings, and end-to-end decode. Each step has
-# its own time limit, so that one slow step cannot eat the others; 2.5 to 3 minutes in all on an H200.
-# Results go to $OUT (default /tmp/gpu-out). Uses the machine's own torch/triton/transformers, and the
-# package from this checkout's src/ (no install).
+# Triton kernels', accelerate's and the packed scorer's correctness on CUDA, then the sparse GEMV / FFN speed
+# tables (default masked-load kernel and the two-stage gather kernel, with the best dense baseline, the
+# measured sparsity and the pre-gathered "limit" row), the top-p overhead, the Triton GEMV launch settings,
+# end-to-end decode of a Llama-3-8B-shaped random model (threshold and top_k) and the peak memory inside
+# accelerate. Each step has its own time limit (450 s in all, under 8 minutes with start-up), so that one
+# slow step cannot eat the others. Results go to $OUT (default /tmp/gpu-out). Uses the machine's own
+# torch/triton/transformers, and the package from this checkout's src/ (no install).
 #
-#   benchmarks/gpu_check.sh            every check: kernels, then issue 12's (about 9 minutes in all)
-#   benchmarks/gpu_check.sh kernels    the kernel, scorer and decode checks only (2.5 to 3 minutes)
+#   benchmarks/gpu_check.sh            every check: kernels, then issue 12's (over 10 minutes: one call each
+#                                      of the two below fits the device tool's 600 s per command)
+#   benchmarks/gpu_check.sh kernels    the kernel, scorer, decode and memory checks only (under 8 minutes)
 #   benchmarks/gpu_check.sh issue12    issue 12's acceptance only (about 6 minutes): SmolLM2 and Gemma 3
 #                                      270M in bf16 agree with lm-eval's HFLM within 0.5 points per task,
 #                                      our docs/s >= 3x HFLM's best batch size on a Llama-3-8B-shaped random
@@ -63,19 +66,24 @@ issue12() {
   step "machine"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   "$py" -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)'
-  step "correctness: Triton top-p, sparse GEMV, accelerate on CUDA"
-  timeout 150 "$py" -m pytest -q -p no:cacheprovider -m "not slow" tests/test_fast_topp.py tests/test_sparse_ffn.py \
-    tests/test_accelerate.py tests/test_scorer.py -k "cuda or triton" -rs 2>&1 | tail -30
-  step "sparse GEMV and FFN, dense vs sparse (CUDA graphs)"
-  timeout 100 "$py" benchmarks/decode_speed.py --device cuda --ops gemv,ffn --repeats 20 --json "$out/decode.json"
+  step "correctness: Triton top-p, sparse GEMV (masked and gather), accelerate on CUDA"
+  timeout 110 "$py" -m pytest -q -p no:cacheprovider -m "not slow" tests/test_fast_topp.py tests/test_sparse_ffn.py \
+    tests/test_accelerate.py tests/test_scorer.py -k "cuda or triton or gather" -rs 2>&1 | tail -30
+  step "sparse GEMV (batch 1) and FFN, dense vs sparse vs limit (CUDA graphs)"
+  timeout 90 "$py" benchmarks/decode_speed.py --device cuda --ops gemv,ffn --sparsities 0,0.25,0.5,0.7,0.9 \
+    --repeats 15 --json "$out/decode.json"
   step "top-p overhead"
-  timeout 90 "$py" benchmarks/topp_overhead.py --devices cuda --shapes 576x1536,4096x14336 --tokens 1,2048 \
+  timeout 60 "$py" benchmarks/topp_overhead.py --devices cuda --shapes 4096x14336 --tokens 1,2048 --rounds 10 \
     --json "$out/topp.json"
-  step "Triton GEMV launch settings"
-  timeout 90 "$py" benchmarks/gemv_configs.py --repeats 8 --json "$out/configs.json"
-  step "end-to-end decode, Llama-3-8B-shaped random model"
-  timeout 80 "$py" benchmarks/decode_speed.py --device cuda --ops decode --sparsities 0,0.5,0.7 --repeats 3 \
-    --decode-tokens 16 --json "$out/e2e.json"
+  step "Triton GEMV launch settings, batch 1 and 4"
+  timeout 35 "$py" benchmarks/gemv_configs.py --repeats 5 --json "$out/configs.json"
+  timeout 25 "$py" benchmarks/gemv_configs.py --repeats 5 --batch 4 --sparsities 0.5 --json "$out/configs_b4.json"
+  step "end-to-end decode, Llama-3-8B-shaped random model (eager)"
+  timeout 100 "$py" benchmarks/decode_speed.py --device cuda --ops decode --sparsities 0.5 --repeats 2 \
+    --decode-tokens 16 --rules threshold,top_k --json "$out/e2e.json"
+  step "peak GPU memory inside accelerate vs outside (8 layers of the 8B shape)"
+  timeout 30 "$py" benchmarks/accelerate_memory.py --device cuda --random-8b --layers 8 --tokens 8 \
+    --json "$out/memory.json"
   [ "$which" = all ] && issue12
   step "done"
 } 2>&1 | tee "$out/log.txt"

@@ -5,8 +5,9 @@ FFN = the three matmuls and the activation of a gated FFN, down(silu(gate x) * u
 `rules.apply_mask`; `fast`: `rules.top_p`, the exact fast path (compiled CPU kernel with mask and zeroing
 fused / Triton); `mask+apply`: the fast keep-mask, then `rules.apply_mask` (what `sparsify` does, as it also
 needs the mask); `mask`: the fast keep-mask alone, not applied. All variants of one case are
-timed interleaved in one run and the best round kept; on CPU the default clock is this process's CPU
-time, so the ratios hold on a machine shared with other work (`--clock wall` for wall time).
+timed interleaved in one run and the best round kept, by the wall clock (`--clock cpu`: this process's
+CPU time instead, which charges a multithreaded matmul threads × its time). The machine's load average
+is printed with the table.
 
     python benchmarks/topp_overhead.py                      # CPU (float32), and CUDA (bf16) when present
     python benchmarks/topp_overhead.py --shapes 576x1536 --tokens 2048 --json out.json
@@ -22,6 +23,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from actsparse.benchmarking import load_average
 from actsparse.kernels.topp import top_p_mask_fast
 from actsparse.rules import apply_mask, top_p, top_p_mask_sort
 
@@ -110,16 +112,16 @@ def main() -> None:
     parser.add_argument("--tokens", default="1,2048", help="comma-separated token counts T")
     parser.add_argument("--devices", default="cpu,cuda", help="cpu and/or cuda (cuda skipped when absent)")
     parser.add_argument("--p", type=float, default=0.9)
-    parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds per case")
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds per case")
     parser.add_argument(
         "--cpu-max-gflop", type=float, default=100.0, help="skip CPU cases whose FFN exceeds this (0: no limit)"
     )
     parser.add_argument(
         "--clock",
         choices=("cpu", "wall"),
-        default="cpu",
-        help="CPU device: this process's CPU time over ~50 ms samples (steady on a shared machine), or the "
-        "wall time of single calls (use many --rounds; the best is kept). CUDA always uses wall time.",
+        default="wall",
+        help="CPU device: the wall time of single calls (the best of --rounds is kept), or this process's CPU "
+        "time over ~50 ms samples (counts every thread's time). CUDA always uses wall time.",
     )
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args()
@@ -128,6 +130,7 @@ def main() -> None:
     header = f"{'device':6} {'dtype':8} {'h x d':>11} {'T':>5} {'target':12} {'FFN ms':>9} " + " ".join(
         f"{name:>10}" for name in VARIANTS[1:]
     )
+    print(f"clock: {args.clock}; load average {load_average()}")
     print(header)
     for device in args.devices.split(","):
         if device == "cuda" and not torch.cuda.is_available():
@@ -148,6 +151,7 @@ def main() -> None:
                         f"{row['ffn_ms']:9.3f} {ratios}",
                         flush=True,
                     )
+    print(f"load average {load_average()} at the end")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

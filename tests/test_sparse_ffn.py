@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch.nn import functional as F
 
 from actsparse.adapters import GatedWeights
-from actsparse.kernels import cbuild, sparse_ffn_cpu, sparse_ffn_triton
+from actsparse.kernels import cbuild, gather_gemv_triton, sparse_ffn_cpu, sparse_ffn_triton
 from actsparse.kernels.sparse_ffn import (
     layout,
     masked_rows_matmul,
@@ -135,6 +135,35 @@ def test_triton_kernel_matches_dense(dtype):
                 assert rel_err(y.cpu(), ref) < TOL[dtype]
 
 
+@pytest.mark.triton
+@pytest.mark.skipif(not gather_gemv_triton.available(), reason="triton is not installed")
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+    reason="needs CUDA or TRITON_INTERPRET=1",
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gather_gemv_matches_dense_and_reads_only_kept_rows(dtype):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(3)
+    configs = [None, gather_gemv_triton.GatherConfig(8, 64, 2, 4)]
+    cases = ((1, 200, 130, 0.5), (1, 37, 300, 0.0), (5, 150, 70, 0.7), (8, 64, 64, 1.0), (4, 1100, 40, 0.9))
+    for (batch, k, n, sparsity), config in itertools.product(cases, configs):
+        for masked_inside in (False, True):
+            x, keep, weight_t = random_case(gen, batch, k, n, sparsity, dtype)
+            xs = torch.where(keep, x, 0)
+            ref = xs.double() @ weight_t.double()
+            weight_t[~keep.any(dim=0)] = float("nan")  # a dropped row that were read would poison the result
+            args = (x, keep.to(device)) if masked_inside else (xs, None)
+            y = gather_gemv_triton.gather_rows_matmul(
+                args[0].to(device), weight_t.to(device), keep=args[1], kept_fraction=1 - sparsity, config=config
+            )
+            assert bool(torch.isfinite(y).all())
+            if ref.norm() == 0:
+                assert bool((y == 0).all())
+            else:
+                assert rel_err(y.cpu(), ref) < TOL[dtype]
+
+
 def test_bench_command_writes_records(tmp_path):
     import json
 
@@ -201,7 +230,7 @@ def test_fused_kernel_matches_dense_reference(h, d, s_in, s_mid, act, bias, thre
     x[..., 0] = 0.0  # a natural zero
     tau_in = None if s_in is None else between(x.abs(), s_in)
     tau_mid = None if s_mid is None else between(intermediate(x, gate, up, act, tau_in, biases)[1].abs(), s_mid)
-    fused = sparse_ffn_cpu.FusedFFN(torch.cat([gate, up]).t(), down.t(), act, tau_in, tau_mid, biases)
+    fused = sparse_ffn_cpu.FusedFFN(gate.t(), up.t(), down.t(), act, tau_in, tau_mid, biases)
     ref, counts = fused_reference(x, gate, up, down, act, tau_in, tau_mid, biases)
     fused.counts.fill_(-1)
     out = torch.full_like(x, float("nan"))  # poisoned: every entry must be written
@@ -213,7 +242,7 @@ def test_fused_kernel_matches_dense_reference(h, d, s_in, s_mid, act, bias, thre
         torch.set_num_threads(previous)
     assert bad == 0 and y.data_ptr() == out.data_ptr()
     assert rel_err(y, ref) < 1e-5
-    assert fused.counts.tolist() == counts
+    assert fused.counts[0].tolist() == counts
 
 
 @needs_c
@@ -221,19 +250,28 @@ def test_fused_kernel_reads_only_kept_rows_and_flags_non_finite():
     gen = torch.Generator().manual_seed(5)
     h, d = 40, 70
     gate_up_t, down_t = torch.randn(h, 2 * d, generator=gen), torch.randn(d, h, generator=gen)
+    gate_t, up_t = gate_up_t[:, :d], gate_up_t[:, d:]  # views with a row stride of 2d, as Phi-3's fused weight
     x = torch.randn(1, h, generator=gen)
     tau_in = between(x.abs(), 0.5)
     gate_up_t[x[0].abs() <= tau_in] = float("nan")  # a dropped row that were read would poison the output
-    y, bad = sparse_ffn_cpu.FusedFFN(gate_up_t, down_t, 0, tau_in, None)(x)
+    fused = sparse_ffn_cpu.FusedFFN(gate_t, up_t, down_t, 0, tau_in, None)
+    assert fused.weights[0].data_ptr() == gate_up_t.data_ptr()  # no copy
+    y, bad = fused(x)
+    assert bad == 0 and bool(torch.isfinite(y).all())
+    k = int((x[0].abs() > tau_in).sum())
+    y, bad = sparse_ffn_cpu.FusedFFN(gate_t, up_t, down_t, 0, ("top_k", k), None)(x)  # the same rows by top-k
     assert bad == 0 and bool(torch.isfinite(y).all())
     tie = float(x[0].abs().max())  # threshold keeps |x| > τ: an entry equal to τ is dropped
-    fused = sparse_ffn_cpu.FusedFFN(gate_up_t.nan_to_num(0.0), down_t, 0, tie, None)
+    clean = gate_up_t.nan_to_num(0.0)
+    fused = sparse_ffn_cpu.FusedFFN(clean[:, :d], clean[:, d:], down_t, 0, tie, None)
     y, bad = fused(x)
-    assert bad == 0 and fused.counts[0].tolist() == [h, 0, h] and bool((y == 0).all())
+    assert bad == 0 and fused.counts[0].tolist() == [[h, 0, h], [0, d, d]] and bool((y == 0).all())
     x[0, 3] = float("inf")
-    assert sparse_ffn_cpu.FusedFFN(gate_up_t, down_t, 0, None, 0.1)(x)[1] == 2  # dense input: i turns NaN
+    assert sparse_ffn_cpu.FusedFFN(gate_t, up_t, down_t, 0, None, 0.1)(x)[1] == 2  # dense input: i turns NaN
+    assert sparse_ffn_cpu.FusedFFN(gate_t, up_t, down_t, 0, None, ("top_k", 3))(x)[1] == 2
     x[0, 3] = float("nan")
-    assert sparse_ffn_cpu.FusedFFN(gate_up_t, down_t, 0, 0.0, 0.1)(x)[1] == 1
+    assert sparse_ffn_cpu.FusedFFN(gate_t, up_t, down_t, 0, 0.0, 0.1)(x)[1] == 1
+    assert sparse_ffn_cpu.FusedFFN(gate_t, up_t, down_t, 0, ("top_p", 0.5), None)(x)[1] == 1
 
 
 def test_activation_codes_and_shape_checks():
@@ -243,9 +281,16 @@ def test_activation_codes_and_shape_checks():
     assert sparse_ffn_cpu.activation_code(ACT2FN["gelu_pytorch_tanh"]) == 1
     assert sparse_ffn_cpu.activation_code(torch.relu) is None
     with pytest.raises(ValueError, match="float32"):
-        sparse_ffn_cpu.FusedFFN(torch.ones(3, 4, dtype=torch.bfloat16), torch.ones(2, 3), 0, None, None)
-    with pytest.raises(ValueError, match="gate_up_t"):
-        sparse_ffn_cpu.FusedFFN(torch.ones(3, 5), torch.ones(2, 3), 0, None, None)
+        sparse_ffn_cpu.FusedFFN(
+            torch.ones(3, 2, dtype=torch.bfloat16), torch.ones(3, 2), torch.ones(2, 3), 0, None, None
+        )
+    with pytest.raises(ValueError, match="gate_t"):
+        sparse_ffn_cpu.FusedFFN(torch.ones(3, 5), torch.ones(3, 5), torch.ones(2, 3), 0, None, None)
+    with pytest.raises(ValueError, match="no rule"):
+        sparse_ffn_cpu.FusedFFN(torch.ones(3, 2), torch.ones(3, 2), torch.ones(2, 3), 0, ("max_p", 0.5), None)
+    fused = sparse_ffn_cpu.FusedFFN(torch.ones(3, 2), torch.ones(3, 2), torch.ones(2, 3), 0, None, None)
+    with pytest.raises(ValueError, match="1 to 8"):
+        fused(torch.ones(9, 3))
 
 
 def test_c_kernels_can_be_disabled(monkeypatch, tmp_path):
@@ -266,9 +311,18 @@ def threads():
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_one_token_decode_is_bitwise_independent_of_the_thread_count(fused, threads):
-    """The sparse products of one decode token sum in an order fixed by the shapes, not by the threads.
+FUSED_CASES = [
+    (True, "threshold", 1),
+    (True, "top_k", 1),
+    (True, "top_p", 1),
+    (True, "threshold", 4),
+    (True, "top_k", 8),
+]
+
+
+@pytest.mark.parametrize("fused, rule, batch", [*FUSED_CASES, (False, "threshold", 1)])
+def test_one_token_decode_is_bitwise_independent_of_the_thread_count(fused, rule, batch, threads):
+    """The sparse products of decode tokens sum in an order fixed by the shapes, not by the threads.
 
     Otherwise the output rounds differently at 1 and at 2 threads, and an entry of the next layer that lies
     within that rounding of τ is kept at one thread count and dropped at the other (issue 15).
@@ -278,11 +332,13 @@ def test_one_token_decode_is_bitwise_independent_of_the_thread_count(fused, thre
     gen = torch.Generator().manual_seed(0)
     h, d = 576, 1536  # SmolLM2's FFN
     w = gated(gen, h, d, torch.float32, bias=False)
-    x = torch.randn(1, h, generator=gen)
+    x = torch.randn(batch, h, generator=gen)
     tau_in, tau_mid = float(x.abs().median()), 0.05
     both = layout(w, True, True)
     if fused:
-        kernel = sparse_ffn_cpu.FusedFFN(both.gate_up_t, both.down_t, 0, tau_in, tau_mid)
+        values = {"threshold": (tau_in, tau_mid), "top_k": (h // 2, d // 2), "top_p": (0.7, 0.8)}[rule]
+        rules = [(rule, v) for v in values]
+        kernel = sparse_ffn_cpu.FusedFFN(both.gate_t, both.up_t, both.down_t, 0, *rules)
         run = lambda: kernel(x)[0]  # noqa: E731
     else:
         masks = {"input": tau_in, "intermediate": tau_mid}

@@ -3,11 +3,13 @@
 Prefill runs the `sparsify` simulation unchanged. In decode (one new token per sequence, at most
 `MAX_SPARSE_BATCH` sequences) each gated FFN runs sparse kernels: the rule keeps the same entries as
 in `sparsify` and they are counted the same way, but no zeroed copy is made: the products read only
-the weight rows of the entries kept. One float32 CPU token under the threshold rule on `input`,
-`intermediate` or `all_inputs` takes the fused C kernel (`kernels.sparse_ffn_cpu`, one call per
-FFN) when it compiled; everything else takes the PyTorch kernels of `kernels.sparse_ffn`. The
-transposed weight copies are made once on entry (so weights changed inside the block are not seen)
-and dropped on exit. FFNs without single gated weights (packed MoE experts) keep the simulation.
+the weight rows of the entries kept. Decode tokens of float32 or bfloat16 CPU FFNs under the threshold,
+top-k or top-p rule on `input`, `intermediate` or `all_inputs` take the fused C kernel
+(`kernels.sparse_ffn_cpu`, one call per FFN, up to `MAX_SPARSE_BATCH` tokens) when it compiled;
+everything else takes the PyTorch kernels of `kernels.sparse_ffn`. The kernels read the weights
+transposed, and no copy is made: on entry each weight the kernels read is re-laid out in its own
+storage (`kernels.relayout`: same shape, transposed strides, so dense code still runs on it) and on
+exit put back bit for bit. FFNs without single gated weights (packed MoE experts) keep the simulation.
 On CUDA, decode under the threshold rule never waits for the GPU: NaN or Inf in a decode activation
 raises at the block's exit instead of at the step (on CPU, at the step). The other rules wait once per
 vector and step: top_p's Triton kernel reads its NaN/Inf flag back, top_k and max_p read `check_finite`'s.
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from functools import partial
 
 import torch
@@ -27,7 +29,8 @@ from actsparse.adapters import FFN
 from actsparse.adapters.base import GatedWeights
 from actsparse.instrument import RuleSite, TokenContext, count_entries, instrumented, non_finite
 from actsparse.kernels import sparse_ffn_cpu
-from actsparse.kernels.sparse_ffn import SparseFFNWeights, layout, sparse_ffn
+from actsparse.kernels.relayout import transposed_in_place
+from actsparse.kernels.sparse_ffn import layout, rows_of, sparse_ffn
 from actsparse.kernels.sparse_ffn_cpu import FusedFFN
 from actsparse.rules import RULES
 from actsparse.spec import SparsitySpec
@@ -93,8 +96,8 @@ class _DecodeMasks:
                 raise non_finite(vector, self.layer)
         self._non_finite.clear()
 
-    def one_real_token(self) -> bool:
-        """Whether the current forward is one token that counts (not padding)."""
+    def all_real(self) -> bool:
+        """Whether every token of the current forward counts (none is padding)."""
         if self.tokens.unknown is not None:
             return False  # the PyTorch kernels' counting raises `PaddingUnknownError`
         real = self.tokens.real
@@ -102,58 +105,69 @@ class _DecodeMasks:
             self._real_seen, self._one_real = real, real is None or bool(real.all())
         return self._one_real
 
-    def record_fused(self, fused: FusedFFN, bad: int) -> None:
-        """Count a call of the fused kernel (its counts of input and intermediate), or raise on NaN/Inf."""
+    def record_fused(self, fused: FusedFFN, bad: int, rows: int) -> None:
+        """Count a call of the fused kernel on `rows` tokens (its counts of input and intermediate), or raise
+        on NaN/Inf."""
         for code, row, vector in ((1, 0, "input"), (2, 1, "intermediate")):
             if vector in self.spec.vectors:
                 if bad & code:
                     raise non_finite(vector, self.layer)
-                self.stats.record((self.layer, vector, self.tokens.phase, None), fused.counts[row])
+                counts = fused.counts[0, row] if rows == 1 else fused.counts[:rows, row].sum(dim=0)
+                self.stats.record((self.layer, vector, self.tokens.phase, None), counts)
 
 
-def _fused(spec: SparsitySpec, layer: int, weights: GatedWeights) -> FusedFFN | None:
-    """The fused C kernel of one FFN, when the rule, vectors, weights and activation allow it."""
-    if spec.rule != "threshold" or not set(spec.vectors) <= {"input", "intermediate"}:
-        return None
-    if weights.gate.device.type != "cpu" or weights.gate.dtype != torch.float32 or not sparse_ffn_cpu.available():
-        return None
+_FUSED_RULES = frozenset(sparse_ffn_cpu.RULE_CODES)
+
+
+def fusable(spec: SparsitySpec, weights: GatedWeights) -> bool:
+    """Whether the fused C kernel can run this FFN's decode steps (rule, vectors, device, dtype, activation)."""
+    if spec.rule not in _FUSED_RULES or not set(spec.vectors) <= {"input", "intermediate"}:
+        return False
+    if spec.rule == "top_p" and float(spec.value) >= 1.0:  # p = 1 keeps to the rules' own special case
+        return False
+    tensors = (weights.gate, weights.up, weights.down)
+    if any(t.device.type != "cpu" or t.dtype not in (torch.float32, torch.bfloat16) for t in tensors):
+        return False
+    return sparse_ffn_cpu.activation_code(weights.act) is not None and sparse_ffn_cpu.available()
+
+
+def _fused(spec: SparsitySpec, layer: int, weights: GatedWeights) -> FusedFFN:
+    """The fused C kernel of one FFN (`fusable`), reading the weights where they lie when re-laid out."""
     act = sparse_ffn_cpu.activation_code(weights.act)
-    if act is None:
-        return None
-    both = layout(weights, True, True)
-    assert both.gate_up_t is not None and both.down_t is not None
-    tau = {vector: spec.value_for(layer, vector) for vector in spec.vectors}
+    assert act is not None
+    sizes = {"input": weights.gate.shape[1], "intermediate": weights.gate.shape[0]}
+    rules: dict[str, float | tuple[str, float]] = {}
+    for vector in spec.vectors:
+        value = spec.value_for(layer, vector)
+        rules[vector] = (spec.rule, max(1, int(sizes[vector] * value)) if spec.rule == "top_k" else value)
     biases = (weights.gate_bias, weights.up_bias, weights.down_bias)
-    return FusedFFN(both.gate_up_t, both.down_t, act, tau.get("input"), tau.get("intermediate"), biases)
+    gate_t, up_t, down_t = (rows_of(w) for w in (weights.gate, weights.up, weights.down))
+    return FusedFFN(gate_t, up_t, down_t, act, rules.get("input"), rules.get("intermediate"), biases)
 
 
 class DecodeStep:
     """The decode step of one gated FFN under `accelerate`: its fused C kernel or the PyTorch kernels.
 
     `step(x)` takes decode tokens x [..., h] (at most `MAX_SPARSE_BATCH`), applies the rule and counts
-    into `stats` exactly as `sparsify` does; weights are laid out once, here.
+    into `stats` exactly as `sparsify` does. The kernels read views of `weights` when they are laid out
+    transposed in place (`kernels.relayout`), copies otherwise.
     """
 
     def __init__(
         self, spec: SparsitySpec, layer: int, weights: GatedWeights, tokens: TokenContext, stats: SparsityStats
     ):
         self.masks = _DecodeMasks(spec, layer, tokens, stats)
-        self.fused = _fused(spec, layer, weights)
+        self.fused = _fused(spec, layer, weights) if fusable(spec, weights) else None
         vectors = set(spec.vectors)
         sparse_input, sparse_intermediate = "input" in vectors, bool({"gate", "up", "intermediate"} & vectors)
-        if self.fused is None:
-            self.weights = layout(weights, sparse_input, sparse_intermediate)
-        else:  # the PyTorch kernels share the fused kernel's copies
-            gate_up_t, down_t = self.fused.weights
-            self.weights = SparseFFNWeights(
-                gate_up_t if sparse_input else None, down_t if sparse_intermediate else None, weights
-            )
+        self.weights = layout(weights, sparse_input, sparse_intermediate)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[:-1].numel()
-        if self.fused is not None and rows == 1 and x.dtype == torch.float32 and self.masks.one_real_token():
-            y, bad = self.fused(x)
-            self.masks.record_fused(self.fused, bad)
+        fused = self.fused
+        if fused is not None and rows <= sparse_ffn_cpu.MAX_BATCH and x.dtype == fused.dtype and self.masks.all_real():
+            y, bad = fused(x)
+            self.masks.record_fused(fused, bad, rows)
             return y
         y = sparse_ffn(x.reshape(rows, x.shape[-1]), self.weights, self.masks)
         return y.reshape(*x.shape[:-1], y.shape[-1])
@@ -168,23 +182,41 @@ def _decode_forward(
     return step(x)
 
 
+def _parameters_of(module: nn.Module, tensors: list[torch.Tensor]) -> list[nn.Parameter]:
+    """The module's parameters whose storage holds one of `tensors` (the whole weight behind a view)."""
+    storages = {t.untyped_storage().data_ptr() for t in tensors}
+    return [p for p in module.parameters() if p.untyped_storage().data_ptr() in storages]
+
+
 @contextmanager
 def accelerate(model: nn.Module, spec: SparsitySpec, layers: list[int] | None = None) -> Iterator[SparsityStats]:
-    """Like `sparsify(model, spec, layers)`, with sparse kernels in decode; restores the model on exit."""
+    """Like `sparsify(model, spec, layers)`, with sparse kernels in decode; restores the model on exit
+    (its weights too: the same bits at the same addresses)."""
     steps: list[DecodeStep] = []
+    relaid = ExitStack()
 
     def make_forward(ffn: FFN, tokens: TokenContext, stats: SparsityStats) -> Callable[..., torch.Tensor]:
         site = RuleSite(spec, ffn.layer, tokens, stats)
         weights = ffn.adapter.gated_weights(ffn.module)
         if weights is None:
             return partial(ffn.adapter.forward, ffn.module, site)
+        vectors = set(spec.vectors)
+        read: list[torch.Tensor] = []  # the matrices some kernel reads by rows
+        if fusable(spec, weights) or "input" in vectors:
+            read += [weights.gate, weights.up]
+        if fusable(spec, weights) or {"gate", "up", "intermediate"} & vectors:
+            read.append(weights.down)
+        relaid.enter_context(transposed_in_place(_parameters_of(ffn.module, read)))
+        weights = ffn.adapter.gated_weights(ffn.module)  # views of the re-laid parameters
+        assert weights is not None
         steps.append(DecodeStep(spec, ffn.layer, weights, tokens, stats))
         return partial(_decode_forward, ffn, steps[-1], site, tokens)
 
-    try:
-        with instrumented(model, spec, layers, make_forward) as stats:
-            yield stats
-            for step in steps:
-                step.masks.check()
-    finally:
-        steps.clear()  # drop the weight copies
+    with relaid:  # exits last: the weights are put back after the forwards
+        try:
+            with instrumented(model, spec, layers, make_forward) as stats:
+                yield stats
+                for step in steps:
+                    step.masks.check()
+        finally:
+            steps.clear()

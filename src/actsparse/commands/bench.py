@@ -3,10 +3,17 @@
 Three ops, each at sparsities 0, .25, .5, .7, .9: `gemv` (one weight matrix, out × in, the sparse
 kernel on a pre-sparsified input), `ffn` (a whole gated FFN with `all_inputs` sparsity: the
 threshold rule on the input and the intermediate, then the sparse products) and `decode` (tokens/s
-of greedy decoding of a model under `accelerate` with calibrated `all_inputs` thresholds). Weights
-rotate over copies filling `--working-set` MB so that they stream from memory as in decoding. The
-dense and sparse variants alternate within one run (call by call on CPU) and each keeps the lower
-quartile of its times, so that the ratio holds on a busy machine.
+of greedy decoding of a model under `accelerate` with calibrated `all_inputs` thresholds, and with
+top-k at the same nominal sparsity). Weights rotate over copies filling `--working-set` MB so that
+they stream from memory as in decoding. All variants of one row run interleaved in one run (call by
+call on CPU, wall clock) and each keeps the lower quartile of its times, so that the ratios hold on
+a busy machine (whose load average is printed). Honest figures:
+- dense = the faster of torch's own dense op and the same sparse kernel with nothing dropped;
+- the sparsity measured (the counts of the run) beside the nominal one, and 1/(1 − measured);
+- `limit`: a dense product over only the kept rows, gathered in advance (gemv, ffn), timed in the
+  same run: what a perfect sparse kernel would take;
+- `kernel`: the kernel that ran, checked by its call counter (fused-c, triton, pytorch).
+The harness lives in `actsparse.benchmarking`.
 """
 
 from __future__ import annotations
@@ -15,7 +22,6 @@ import argparse
 import json
 import math
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -52,190 +58,123 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--working-set", type=float, default=256.0, help="MB of weight copies to rotate over")
     p.add_argument("--decode-tokens", type=int, default=16, help="greedy tokens per decode repeat")
     p.add_argument("--model", default="smollm2-135m", help="model of the decode op on cpu")
+    p.add_argument("--rules", default="threshold,top_k", help="decode op: comma list of threshold, top_k")
+    p.add_argument("--layers", type=int, default=32, help="decode op on cuda: layers of the random 8B-shaped model")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     p.add_argument("--json", type=Path, help="write the records here")
-
-
-# --- timing ---------------------------------------------------------------------------------------
-
-
-def _sync(device: str) -> None:
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _low(times: list[float]) -> float:
-    """The lower quartile: robust to the preemptions of a shared machine, not to one lucky call."""
-    ordered = sorted(times)
-    return ordered[len(ordered) // 4]
-
-
-def time_pair(
-    dense: Callable[[int], Any], sparse: Callable[[int], Any], device: str, repeats: int, iters: int
-) -> tuple[float, float, str]:
-    """µs per call of dense(i) and sparse(i), i = call counter, timed back to back, and how they were timed.
-
-    On CPU each call is timed alone, dense and sparse alternating call by call, and each keeps the
-    lower quartile of its `repeats`·`iters` times ('cpu'). On CUDA, `iters` calls are captured in a
-    CUDA graph and replays alternate, best replay kept ('cuda-graph': kernel time without Python's
-    launch overhead, as a decode loop under CUDA graphs sees it); where capture fails, blocks of
-    `iters` eager calls, best block ('cuda-eager').
-    """
-    for fn in (dense, sparse):  # warm up
-        for i in range(min(iters, 3)):
-            fn(i)
-    if device == "cpu":
-        times: list[list[float]] = [[], []]
-        for i in range(repeats * iters):
-            for slot, fn in enumerate((dense, sparse)):
-                start = time.perf_counter()
-                fn(i)
-                times[slot].append((time.perf_counter() - start) * 1e6)
-        return _low(times[0]), _low(times[1]), "cpu"
-    try:
-        graphs = [_cuda_graph(fn, iters) for fn in (dense, sparse)]
-    except Exception:  # any capture failure: time eagerly instead
-        graphs = None
-    best = [math.inf, math.inf]
-    for _ in range(repeats):
-        for slot, fn in enumerate((dense, sparse)):
-            if graphs is not None:
-                best[slot] = min(best[slot], _replay_us(graphs[slot]) / iters)
-                continue
-            _sync(device)
-            start = time.perf_counter()
-            for i in range(iters):
-                fn(i)
-            _sync(device)
-            best[slot] = min(best[slot], (time.perf_counter() - start) / iters * 1e6)
-    return best[0], best[1], "cuda-eager" if graphs is None else "cuda-graph"
-
-
-def _cuda_graph(fn: Callable[[int], Any], iters: int):
-    """`iters` calls of fn captured in one CUDA graph (after a warm-up on a side stream)."""
-    import torch
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for i in range(iters):  # every call once: lazy set-up (kernel builds, cached constants) stays out of the graph
-            fn(i)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(iters):
-            fn(i)
-    return graph
-
-
-def _replay_us(graph) -> float:
-    """µs of one replay of `graph`, by CUDA events."""
-    import torch
-
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3
-
-
-def _record(
-    device: str, dtype: str, shape: str, op: str, s: float, dense_us: float, sparse_us: float, timing: str = ""
-) -> dict:
-    return {
-        "device": device,
-        "dtype": dtype,
-        "shape": shape,
-        "op": op,
-        "sparsity": s,
-        "dense_us": round(dense_us, 2),
-        "sparse_us": round(sparse_us, 2),
-        "speedup": round(dense_us / sparse_us, 3),
-        "limit": round(1 / (1 - s), 3),
-        "timing": timing,
-    }
-
-
-def _parse_shape(text: str) -> tuple[int, int]:
-    a, b = text.lower().replace("×", "x").split("x")
-    return int(a), int(b)
-
-
-def _copies(nbytes: int, working_set_mb: float) -> int:
-    return max(1, min(64, math.ceil(working_set_mb * 2**20 / nbytes)))
-
-
-def _sparse_input(x, s: float):
-    """x with its smallest-|x| fraction `s` of entries (per row) set to zero."""
-    import torch
-
-    n = x.shape[-1]
-    drop = round(s * n)
-    if drop == 0:
-        return x
-    idx = x.abs().topk(drop, dim=-1, largest=False).indices
-    return x.scatter(-1, idx, torch.zeros_like(x))
 
 
 # --- ops ------------------------------------------------------------------------------------------
 
 
-def gemv_operands(shape: str, device: str, dtype, working_set_mb: float, batch: int = 1):
-    """Copies of a random out × in weight filling `working_set_mb` (so that they stream from memory), their
-    transposes laid out for the sparse kernels, and an input x [batch, in]."""
-    import torch
+def _record(device: str, dtype, shape: str, op: str, s: float, us: dict[str, float], **extra) -> dict:
+    """One row: the best dense (torch's or the kernel's with nothing dropped), sparse, limit and ratios."""
+    from actsparse.benchmarking import load_average
 
-    out_f, in_f = _parse_shape(shape)
-    n = _copies(out_f * in_f * dtype.itemsize, working_set_mb)
-    weights = [torch.randn(out_f, in_f, device=device, dtype=dtype) / math.sqrt(in_f) for _ in range(n)]
-    weights_t = [w.t().contiguous() for w in weights]
-    return weights, weights_t, torch.randn(batch, in_f, device=device, dtype=dtype)
+    dense_us = min(us["dense_torch"], us.get("dense_kernel", math.inf))
+    measured = extra.pop("measured_sparsity", s)
+    record = {
+        "device": device,
+        "dtype": str(dtype).removeprefix("torch."),
+        "shape": shape,
+        "op": op,
+        "sparsity": s,
+        "measured_sparsity": round(measured, 4),
+        "dense_us": round(dense_us, 2),
+        "sparse_us": round(us["sparse"], 2),
+        "speedup": round(dense_us / us["sparse"], 3),
+        "limit": round(1 / (1 - s), 3),
+        "ideal": round(1 / max(1 - measured, 1e-9), 3),
+        **{f"{name}_us": round(value, 2) for name, value in us.items() if name != "sparse"},
+        "load": load_average(),
+        **extra,
+    }
+    if "limit" in us:
+        record["limit_speedup"] = round(dense_us / us["limit"], 3)
+    return record
+
+
+def _kernel_calls() -> dict[str, int]:
+    """Calls so far of the compiled kernels (fused C, Triton), to tell which one really ran."""
+    from actsparse.kernels import sparse_ffn_triton
+    from actsparse.kernels.sparse_ffn_cpu import FusedFFN
+
+    return {"fused-c": FusedFFN.calls, "triton": sparse_ffn_triton.launches()}
+
+
+def _ran(before: dict[str, int]) -> str:
+    after = _kernel_calls()
+    ran = [name for name in after if after[name] > before[name]]
+    return "+".join(ran) or "pytorch"
 
 
 def bench_gemv(shape: str, sparsities, device: str, dtype, args) -> list[dict]:
-    """Dense `F.linear(x, W)` vs `masked_rows_matmul(x, keep, Wᵀ)` for one out × in matrix."""
+    """Dense `F.linear(x, W)` and the kernel keeping everything vs `masked_rows_matmul(x, keep, Wᵀ)`, and
+    the limit: x's kept entries times the kept rows of Wᵀ, gathered beforehand."""
+    import torch
     from torch.nn import functional as F
 
+    from actsparse.benchmarking import gemv_operands, sparse_input, time_calls
+    from actsparse.kernels import gather_gemv_triton
     from actsparse.kernels.sparse_ffn import masked_rows_matmul
 
     weights, weights_t, x = gemv_operands(shape, device, dtype, args.working_set)
     n, (out_f, in_f) = len(weights), weights[0].shape
     iters = args.iters or max(2 * n, min(200, int(2e8 / (out_f * in_f))))
+    everything = torch.ones_like(x, dtype=torch.bool)
     records = []
     for s in sparsities:
-        xs = _sparse_input(x, s)
+        xs = sparse_input(x, s)
         keep = xs != 0
-
-        def dense(i: int):
-            return F.linear(x, weights[i % n])
+        rows = keep.any(dim=0).nonzero().view(-1)
+        x_kept, kept_t = xs[:, rows].contiguous(), [w[rows].contiguous() for w in weights_t]
 
         def sparse(i: int, xs=xs, keep=keep):
             return masked_rows_matmul(xs, keep, weights_t[i % n])
 
-        dense_us, sparse_us, timing = time_pair(dense, sparse, device, args.repeats, iters)
-        dtype_name = str(dtype).removeprefix("torch.")
-        records.append(_record(device, dtype_name, shape, "gemv", s, dense_us, sparse_us, timing))
+        def limit(i: int, xk=x_kept, kt=kept_t):
+            return xk @ kt[i % n]
+
+        def gather(i: int, xs=xs, keep=keep, s=s):
+            return gather_gemv_triton.gather_rows_matmul(xs, weights_t[i % n], keep, kept_fraction=1 - s)
+
+        fns: dict[str, Callable[[int], Any]] = {
+            "dense_torch": lambda i: F.linear(x, weights[i % n]),
+            "dense_kernel": lambda i: masked_rows_matmul(x, everything, weights_t[i % n]),
+            "sparse": sparse,
+            "limit": limit,
+        }
+        if device == "cuda" and gather_gemv_triton.available():  # the two-stage kernel, beside the default one
+            fns["gather"] = gather
+        before = _kernel_calls()
+        us, timing = time_calls(fns, device, args.repeats, iters)
+        measured = 1 - float(keep.float().mean())
+        record = _record(
+            device, dtype, shape, "gemv", s, us, measured_sparsity=measured, timing=timing, kernel=_ran(before)
+        )
+        if "gather" in us:
+            record["gather_speedup"] = round(record["dense_us"] / us["gather"], 3)
+        records.append(record)
     return records
 
 
 def bench_ffn(shape: str, sparsities, device: str, dtype, args) -> list[dict]:
-    """Dense gated FFN vs `accelerate`'s decode step (threshold rule on input and intermediate, counted;
-    the fused C kernel on CPU in float32 when it compiled)."""
+    """Dense gated FFN (torch's, and `accelerate`'s decode step with τ = 0) vs `accelerate`'s decode step
+    (threshold rule on input and intermediate, counted; the fused C kernel on CPU when it compiled), and the
+    limit: dense products over the kept rows only, gathered beforehand."""
     import torch
     from torch.nn import functional as F
 
     from actsparse.accelerate import DecodeStep
     from actsparse.adapters import GatedWeights
+    from actsparse.benchmarking import copies, parse_shape, time_calls
     from actsparse.calibrate import quantile_threshold
     from actsparse.instrument import TokenContext
     from actsparse.spec import SparsitySpec
     from actsparse.stats import SparsityStats
 
-    h, d = _parse_shape(shape)
-    n = _copies(3 * h * d * dtype.itemsize, args.working_set)
+    h, d = parse_shape(shape)
+    n = copies(3 * h * d * dtype.itemsize, args.working_set)
 
     def make() -> GatedWeights:
         gate, up = (torch.randn(d, h, device=device, dtype=dtype) / math.sqrt(h) for _ in range(2))
@@ -244,7 +183,6 @@ def bench_ffn(shape: str, sparsities, device: str, dtype, args) -> list[dict]:
 
     dense = [make() for _ in range(n)]
     x = torch.randn(1, h, device=device, dtype=dtype)
-    i_dense = F.silu(F.linear(x, dense[0].gate)) * F.linear(x, dense[0].up)
     iters = args.iters or max(2 * n, min(100, int(1e8 / (3 * h * d))))
 
     def dense_ffn(i: int):
@@ -253,67 +191,79 @@ def bench_ffn(shape: str, sparsities, device: str, dtype, args) -> list[dict]:
 
     tokens = TokenContext()
     tokens.phase = "decode"
-    records = []
-    for s in sparsities:
-        taus = {"input": quantile_threshold(x.abs(), s), "intermediate": quantile_threshold(i_dense.abs(), s)}
+
+    def steps_for(taus: dict[str, float]) -> tuple[list[DecodeStep], SparsityStats]:
         spec = SparsitySpec("all_inputs", "threshold", {0: taus})
         stats = SparsityStats(spec.vectors)
-        steps = [DecodeStep(spec, 0, w, tokens, stats) for w in dense]  # as `accelerate` runs each FFN
+        return [DecodeStep(spec, 0, w, tokens, stats) for w in dense], stats  # as `accelerate` runs each FFN
+
+    dense_steps, _ = steps_for({"input": 0.0, "intermediate": 0.0})
+    records = []
+    for s in sparsities:
+        tau_in = quantile_threshold(x.abs(), s)
+        keep_x = x.abs() > tau_in
+        xm = torch.where(keep_x, x, 0)
+        i_sparse = F.silu(F.linear(xm, dense[0].gate)) * F.linear(xm, dense[0].up)  # what the kernel masks
+        tau_mid = quantile_threshold(i_sparse.abs(), s)
+        steps, stats = steps_for({"input": tau_in, "intermediate": tau_mid})
+        rows_x = keep_x[0].nonzero().view(-1)
+        rows_i = (i_sparse.abs() > tau_mid)[0].nonzero().view(-1)
+        x_kept = x[:, rows_x].contiguous()
+        kept = [
+            (w.gate[:, rows_x].t().contiguous(), w.up[:, rows_x].t().contiguous(), w.down[:, rows_i].t().contiguous())
+            for w in dense
+        ]
+
+        def limit(i: int, kept=kept, x_kept=x_kept, rows_i=rows_i):
+            g_t, u_t, d_t = kept[i % n]
+            return (F.silu(x_kept @ g_t) * (x_kept @ u_t))[:, rows_i] @ d_t
 
         def sparse_step(i: int, steps=steps):
             return steps[i % n](x)
 
-        dense_us, sparse_us, timing = time_pair(dense_ffn, sparse_step, device, args.repeats, iters)
-        dtype_name = str(dtype).removeprefix("torch.")
-        records.append(_record(device, dtype_name, f"ffn {shape}", "ffn", s, dense_us, sparse_us, timing))
+        fns: dict[str, Callable[[int], Any]] = {
+            "dense_torch": dense_ffn,
+            "dense_kernel": lambda i: dense_steps[i % n](x),
+            "sparse": sparse_step,
+            "limit": limit,
+        }
+        before = _kernel_calls()
+        us, timing = time_calls(fns, device, args.repeats, iters)
+        counts = stats.counts()
+        zeroed = sum(c[0] for c in counts.values())
+        seen = sum(c[2] for c in counts.values())
+        records.append(
+            _record(
+                device,
+                dtype,
+                f"ffn {shape}",
+                "ffn",
+                s,
+                us,
+                measured_sparsity=zeroed / max(seen, 1),
+                timing=timing,
+                kernel=_ran(before),
+            )
+        )
     return records
 
 
-def _decode_loop(model, prompt, tokens: int) -> list[float]:
-    """µs of each greedy decode step after a prefill of `prompt` (the prefill is not timed)."""
-    out = model(prompt, use_cache=True)
-    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    times = []
-    for _ in range(tokens):
-        _sync(prompt.device.type)
-        start = time.perf_counter()
-        out = model(token, cache=cache, use_cache=True)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        _sync(prompt.device.type)
-        times.append((time.perf_counter() - start) * 1e6)
-    return times
-
-
-def _llama3_8b_shaped(device: str, dtype):
-    """A Llama-3-8B-shaped model with random weights (32 layers, h 4096, d 14336)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        max_position_embeddings=2048,
-    )
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype).eval()
-    return model
-
-
 def bench_decode(sparsities, device: str, dtype, args) -> list[dict]:
-    """Tokens/s of greedy decoding, dense vs `accelerate` with calibrated all_inputs thresholds."""
+    """Tokens/s of greedy decoding: dense (the model's own, and `accelerate` with τ = 0) vs `accelerate` with
+    calibrated all_inputs thresholds and with top-k at the same nominal sparsity, interleaved token by token
+    (each variant keeps its own cache; its `accelerate` block is entered around each of its steps, untimed)."""
+    from contextlib import nullcontext
+
     import torch
 
     from actsparse.accelerate import accelerate
+    from actsparse.benchmarking import llama3_8b_shaped, lower_quartile, prefill, timed_step
     from actsparse.calibrate import calibrate, calibration_batches, calibration_text
     from actsparse.loading import load_model
     from actsparse.spec import SparsitySpec
 
     if device == "cuda":
-        name, model = "llama3-8b-shaped (random)", _llama3_8b_shaped(device, dtype)
+        name, model = "llama3-8b-shaped (random)", llama3_8b_shaped(device, dtype, args.layers)
         generator = torch.Generator().manual_seed(0)
         batches = [{"input_ids": torch.randint(0, model.config.vocab_size, (2, 256), generator=generator)}]
         prompt = torch.randint(0, model.config.vocab_size, (1, 16), generator=generator).to(device)
@@ -322,21 +272,63 @@ def bench_decode(sparsities, device: str, dtype, args) -> list[dict]:
         model, tokenizer = load_model(args.model, dtype=dtype, device=device)
         batches = list(calibration_batches(tokenizer, calibration_text(), tokens=1024, seq_len=512))
         prompt = tokenizer("The capital of France is", return_tensors="pt")["input_ids"].to(device)
+    rules = [r.strip() for r in args.rules.split(",") if r.strip()]
+    unknown = set(rules) - {"threshold", "top_k"}
+    if unknown:
+        raise ValueError(f"unknown decode rules {sorted(unknown)}; choose from threshold, top_k")
     records = []
     with torch.no_grad():
         for s in sparsities:
-            spec = SparsitySpec("all_inputs", "threshold", calibrate(model, batches, "all_inputs", s))
-            times: list[list[float]] = [[], []]
-            for _ in range(args.repeats):
-                times[0] += _decode_loop(model, prompt, args.decode_tokens)
-                with accelerate(model, spec):
-                    times[1] += _decode_loop(model, prompt, args.decode_tokens)
-            dense_us, sparse_us = _low(times[0]), _low(times[1])
-            timing = "cuda-eager" if device == "cuda" else "cpu"
-            record = _record(device, str(dtype).removeprefix("torch."), name, "decode", s, dense_us, sparse_us, timing)
-            record["dense_tokens_per_s"] = round(1e6 / dense_us, 2)
-            record["sparse_tokens_per_s"] = round(1e6 / sparse_us, 2)
-            records.append(record)
+            taus = calibrate(model, batches, "all_inputs", s)
+            no_drop = {layer: dict.fromkeys(t, 0.0) for layer, t in taus.items()}  # the same kernels, all kept
+            specs = {"dense_kernel": SparsitySpec("all_inputs", "threshold", no_drop)}
+            if "threshold" in rules:
+                specs["threshold"] = SparsitySpec("all_inputs", "threshold", taus)
+            if "top_k" in rules:
+                specs["top_k"] = SparsitySpec("all_inputs", "top_k", 1.0 - s)
+            times: dict[str, list[float]] = {"dense_torch": [], **{key: [] for key in specs}}
+            seen: dict[str, list[float]] = {key: [0.0, 0.0] for key in specs}  # decode entries zeroed, seen
+            calls: dict[str, dict[str, int]] = {key: dict.fromkeys(_kernel_calls(), 0) for key in specs}
+
+            def block(key: str, specs=specs):
+                return nullcontext(None) if key == "dense_torch" else accelerate(model, specs[key])
+
+            for _ in range(args.repeats):  # token by token, every variant in turn: they share the machine's load
+                states = {}
+                for key in times:
+                    with block(key):
+                        states[key] = prefill(model, prompt)
+                for _ in range(args.decode_tokens):
+                    for key in times:
+                        before = _kernel_calls()
+                        with block(key) as stats:
+                            step_us, states[key] = timed_step(model, states[key])
+                        times[key].append(step_us)
+                        if stats is not None:
+                            for kernel, value in _kernel_calls().items():
+                                calls[key][kernel] += value - before[kernel]
+                            counts = [c for k, c in stats.counts().items() if k[2] == "decode"]
+                            seen[key][0] += sum(c[0] for c in counts)
+                            seen[key][1] += sum(c[2] for c in counts)
+            sparsity = {key: z / max(n, 1.0) for key, (z, n) in seen.items()}
+            ran = {key: "+".join(k for k, c in calls[key].items() if c) or "pytorch" for key in specs}
+            us = {key: lower_quartile(t) for key, t in times.items()}
+            for rule in (r for r in rules if r in specs):
+                row = {"dense_torch": us["dense_torch"], "dense_kernel": us["dense_kernel"], "sparse": us[rule]}
+                record = _record(
+                    device,
+                    dtype,
+                    f"{name} {rule}",
+                    "decode",
+                    s,
+                    row,
+                    measured_sparsity=sparsity[rule],
+                    timing="cuda-eager" if device == "cuda" else "cpu-wall",
+                    kernel=ran[rule],
+                )
+                record["dense_tokens_per_s"] = round(1e6 / record["dense_us"], 2)
+                record["sparse_tokens_per_s"] = round(1e6 / record["sparse_us"], 2)
+                records.append(record)
     return records
 
 
@@ -389,21 +381,41 @@ def run(args: argparse.Namespace) -> int:
         with console.status("end-to-end decode"):
             records += bench_decode(sparsities, device, dtype, args)
 
+    from actsparse.benchmarking import load_average
+
     threads = torch.get_num_threads() if on_cpu else None
-    title = f"decode speed on {device} ({dtype}" + (f", {threads} threads)" if threads else ")")
-    table = Table(title=title)
-    for column in ("op", "shape", "sparsity", "dense µs", "sparse µs", "speed-up", "1/(1−s)", "timing"):
-        table.add_column(column, justify="left" if column in ("op", "shape") else "right")
+    title = f"decode speed on {device} ({dtype}" + (f", {threads} threads" if threads else "")
+    table = Table(title=f"{title}; load average {load_average()} at the end)")
+    columns = (
+        "op",
+        "shape",
+        "sparsity",
+        "measured",
+        "dense µs",
+        "sparse µs",
+        "speed-up",
+        "gather ×",
+        "limit µs",
+        "limit ×",
+    )
+    for column in (*columns, "1/(1−s)", "kernel", "timing", "load"):
+        table.add_column(column, justify="left" if column in ("op", "shape", "kernel") else "right")
     for r in records:
         table.add_row(
             r["op"],
             r["shape"],
             f"{r['sparsity']:.2f}",
+            f"{r['measured_sparsity']:.3f}",
             f"{r['dense_us']:.1f}",
             f"{r['sparse_us']:.1f}",
             f"{r['speedup']:.2f}×",
-            f"{r['limit']:.2f}×",
+            f"{r['gather_speedup']:.2f}×" if "gather_speedup" in r else "-",
+            f"{r['limit_us']:.1f}" if "limit_us" in r else "-",
+            f"{r['limit_speedup']:.2f}×" if "limit_speedup" in r else "-",
+            f"{r['ideal']:.2f}×",
+            r["kernel"],
             r["timing"],
+            r["load"],
         )
     console.print(table)
     if args.json:

@@ -1,7 +1,9 @@
 """Sparse decode kernels: products that read only the weight rows of nonzero activations.
 
-Weights are laid out transposed ([in, out], see `SparseFFNWeights`), so the row of a zeroed input
-entry is one contiguous run of memory that is never read. `masked_rows_matmul(x, keep, w_t)` equals
+Weights are read transposed ([in, out], see `SparseFFNWeights`), so the row of a zeroed input
+entry is one contiguous run of memory that is never read; `layout` takes views where the model's
+weights already have that layout (`accelerate` re-lays them out in place, see `kernels.relayout`).
+`masked_rows_matmul(x, keep, w_t)` equals
 `(x·keep) @ w_t` (its reference, `masked_rows_matmul_reference`) and picks the fastest path for the device:
 on CPU a weighted `embedding_bag` over the active rows (one pass, no copy) for one token and a
 gather of the union of active rows for a few; on CUDA the Triton kernel of `sparse_ffn_triton`.
@@ -34,7 +36,8 @@ Masker = Callable[[str, torch.Tensor], "torch.Tensor | None"]
 class SparseFFNWeights:
     """One gated FFN laid out for sparse decode; a matrix is None where its input stays dense."""
 
-    gate_up_t: torch.Tensor | None  # [h, 2d]: W_g and W_u side by side, one row per input entry
+    gate_t: torch.Tensor | None  # [h, d]: W_g transposed, one row (contiguous) per input entry
+    up_t: torch.Tensor | None  # [h, d]: W_u transposed
     down_t: torch.Tensor | None  # [d, h]: W_d transposed, one row per intermediate entry
     dense: GatedWeights  # the model's own weights, for the products that stay dense
 
@@ -43,12 +46,17 @@ class SparseFFNWeights:
         return self.dense.gate.shape[0]
 
 
+def rows_of(w: torch.Tensor) -> torch.Tensor:
+    """wᵀ [in, out] with contiguous rows: a view when w's storage already holds it, else a copy."""
+    t = w.detach().t()
+    return t if t.stride(1) == 1 and t.stride(0) >= t.shape[1] else t.contiguous()
+
+
 def layout(weights: GatedWeights, sparse_input: bool, sparse_intermediate: bool) -> SparseFFNWeights:
-    """Copy the matrices whose input is sparse into the transposed, contiguous layout (once)."""
-    with torch.no_grad():
-        gate_up_t = torch.cat([weights.gate, weights.up], dim=0).t().contiguous() if sparse_input else None
-        down_t = weights.down.t().contiguous() if sparse_intermediate else None
-    return SparseFFNWeights(gate_up_t, down_t, weights)
+    """The transposed matrices whose input is sparse: views of weights re-laid out in place, else copies."""
+    gate_t, up_t = (rows_of(weights.gate), rows_of(weights.up)) if sparse_input else (None, None)
+    down_t = rows_of(weights.down) if sparse_intermediate else None
+    return SparseFFNWeights(gate_t, up_t, down_t, weights)
 
 
 def _cpu_rows_matmul(x: torch.Tensor, keep: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
@@ -104,11 +112,10 @@ def _masked(v: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
 
 def sparse_ffn(x: torch.Tensor, weights: SparseFFNWeights, keep: Masker) -> torch.Tensor:
     """FFN of decode tokens x [B, h], skipping the weight rows of the entries `keep` drops."""
-    dense, d = weights.dense, weights.intermediate_size
+    dense = weights.dense
     keep_x = keep("input", x)
-    if weights.gate_up_t is not None and keep_x is not None:
-        gate_up = masked_rows_matmul(x, keep_x, weights.gate_up_t)
-        gate, up = gate_up[:, :d], gate_up[:, d:]
+    if weights.gate_t is not None and weights.up_t is not None and keep_x is not None:
+        gate, up = masked_rows_matmul(x, keep_x, weights.gate_t), masked_rows_matmul(x, keep_x, weights.up_t)
         if dense.gate_bias is not None:
             gate = gate + dense.gate_bias
         if dense.up_bias is not None:

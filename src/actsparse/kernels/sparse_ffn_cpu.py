@@ -1,17 +1,22 @@
-"""Fused compiled CPU decode step of a gated FFN under the threshold rule (batch 1, float32).
+"""Fused compiled CPU decode step of a gated FFN (1 to `MAX_BATCH` tokens, float32 or bfloat16).
 
-One C call (built by `cbuild`) does what `sparse_ffn` does with ~40 PyTorch ops: the input mask
-|x| > τ_input, the products with the kept rows of the transposed fused [h, 2d] gate/up weights, the
-activation, i = σ(g)·u, its mask |i| > τ_intermediate, the products with the kept rows of the
-transposed [d, h] down weights, and the counts (zeroed, natural zeros, seen) of both vectors.
+One C call (built by `cbuild`) does what `sparse_ffn` does with ~40 PyTorch ops: the input mask, the
+products with the kept rows of the transposed gate and up weights, the activation, i = σ(g)·u, its
+mask, the products with the kept rows of the transposed down weights, and per token the counts
+(zeroed, natural zeros, seen) of both vectors. A vector's mask is the threshold rule |v| > τ, top-k or
+top-p (the radix select of `topp_cpu`, whose C source is compiled in), or none (dense). A batch reads the
+union of its tokens' kept rows once, each token's dropped entries weighing zero.
 Two phases, each split among the threads in whole blocks of 16 columns: first each thread computes
-its columns of g and u (sums over the kept input rows, in index order), the activation and the mask;
-then each thread sums its columns of the output over the kept intermediate entries, in index order.
-No sum is split between threads, so the output is bitwise the same at any thread count (a partial
-output per thread, summed at the end, would round differently at 1 and at 2 threads, and move an
-entry of the next layer across τ). Kept rows are read 4 at a time, with a software prefetch of the next
-4, so that skipped rows break neither the streams nor the hardware prefetcher. A vector left dense
-(τ None) keeps every entry. `available()` is False without a C compiler (or with
+its columns of g and u (sums over the kept input rows, in index order), the activation (and the
+threshold mask); then, after a barrier and a serial step (top-k/top-p select, counts, compaction in
+index order), each thread sums its columns of the output over the kept intermediate entries. No sum
+is split between threads, so the output is bitwise the same at any thread count (a partial output per
+thread, summed at the end, would round differently at 1 and at 2 threads, and move an entry of the
+next layer across τ). Kept rows are read 4 at a time, with a software prefetch of the next 4, so that
+skipped rows break neither the streams nor the hardware prefetcher; columns go in tiles so that a batch
+reuses each weight row from cache. Weights are read through row strides, so they can live in the model's
+own parameters (see `kernels.relayout`). bfloat16 sums in float32 and rounds g, u, σ(g), i and y
+to bfloat16 as PyTorch does. `available()` is False without a C compiler (or with
 ACTSPARSE_NO_CKERNEL=1); `accelerate` then uses the PyTorch kernels of `sparse_ffn`.
 """
 
@@ -24,19 +29,39 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from actsparse.kernels import cbuild
+from actsparse.kernels import cbuild, topp_cpu
 
-__all__ = ["FusedFFN", "activation_code", "available"]
+__all__ = ["MAX_BATCH", "RULE_CODES", "FusedFFN", "activation_code", "available"]
 
-_SOURCE = r"""
+MAX_BATCH = 8
+"""Most tokens of one call; they share the union of their masks."""
+
+RULE_CODES = {"threshold": 1, "top_k": 2, "top_p": 3}
+"""A vector's rule in the kernel (0: dense); its value is τ, k (a count) or p."""
+
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+_SOURCE = (
+    topp_cpu._SOURCE
+    + r"""
 #include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-#include <omp.h>
+
+#define VL 16
+#define MAXB 8
+#define TILE 256 /* columns of one tile, a multiple of VL: 4 rows of a tile stay in L1 across a batch */
 
 typedef float vf __attribute__((vector_size(64), aligned(4), may_alias)); /* 16 floats, unaligned */
-#define VL 16
+typedef uint16_t vh __attribute__((vector_size(32), aligned(2), may_alias)); /* 16 bfloat16 */
+typedef uint32_t vu __attribute__((vector_size(64)));
+
+static inline float bf(uint16_t v) { uint32_t u = (uint32_t)v << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline uint16_t to_bf(float f) { /* round to nearest even, as torch does (NaN stays NaN) */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+static inline float round_bf(float f) { return bf(to_bf(f)); }
 
 static inline float act_fn(float v, int act) {
     if (act == 0) return v / (1.0f + expf(-v)); /* SiLU, as torch computes it */
@@ -44,59 +69,89 @@ static inline float act_fn(float v, int act) {
     return 0.5f * v * (1.0f + tanhf(beta * (v + kappa * v * v * v)));
 }
 
-/* acc[0..n) += a0 w0 + a1 w1 + a2 w2 + a3 w3, prefetching the same columns of rows p0..p3. */
-static inline void rows4(float *restrict acc, int64_t n, const float *w0, const float *w1, const float *w2,
-                         const float *w3, float a0, float a1, float a2, float a3, const float *p0,
-                         const float *p1, const float *p2, const float *p3) {
-    int64_t c = 0;
-    for (; c + VL <= n; c += VL) {
-        __builtin_prefetch(p0 + c, 0, 1);
-        __builtin_prefetch(p1 + c, 0, 1);
-        __builtin_prefetch(p2 + c, 0, 1);
-        __builtin_prefetch(p3 + c, 0, 1);
-        vf s = *(const vf *)(acc + c);
-        s += a0 * *(const vf *)(w0 + c) + a1 * *(const vf *)(w1 + c);
-        s += a2 * *(const vf *)(w2 + c) + a3 * *(const vf *)(w3 + c);
-        *(vf *)(acc + c) = s;
-    }
-    for (; c < n; c++) acc[c] += a0 * w0[c] + a1 * w1[c] + a2 * w2[c] + a3 * w3[c];
+static inline vf load_f32(const float *p) { return *(const vf *)p; }
+static inline vf load_bf16(const uint16_t *p) {
+    vu w = __builtin_convertvector(*(const vh *)p, vu) << 16;
+    return (vf)w;
 }
+static inline float scalar_f32(const float *p) { return *p; }
+static inline float scalar_bf16(const uint16_t *p) { return bf(*p); }
 
-static inline void rows1(float *restrict acc, int64_t n, const float *w, float a) {
-    int64_t c = 0;
-    for (; c + VL <= n; c += VL) *(vf *)(acc + c) += a * *(const vf *)(w + c);
-    for (; c < n; c++) acc[c] += a * w[c];
-}
-
-/* acc[0..n) += sum_k val[k] * (rows + idx[k] * stride + off)[0..n). */
-static void gather_rows(float *acc, int64_t n, const float *rows, int64_t stride, int64_t off, const int32_t *idx,
-                        const float *val, int64_t m) {
-    int64_t k = 0;
-    for (; k + 4 <= m; k += 4) {
-        const float *w0 = rows + idx[k] * stride + off, *w1 = rows + idx[k + 1] * stride + off;
-        const float *w2 = rows + idx[k + 2] * stride + off, *w3 = rows + idx[k + 3] * stride + off;
-        int64_t q = k + 4 < m ? k + 4 : k; /* prefetch the next group of rows (none after the last) */
-        const float *p0 = rows + idx[q] * stride + off;
-        const float *p1 = rows + idx[q + 1 < m ? q + 1 : q] * stride + off;
-        const float *p2 = rows + idx[q + 2 < m ? q + 2 : q] * stride + off;
-        const float *p3 = rows + idx[q + 3 < m ? q + 3 : q] * stride + off;
-        rows4(acc, n, w0, w1, w2, w3, val[k], val[k + 1], val[k + 2], val[k + 3], p0, p1, p2, p3);
+/* gather_<T>: for each token b < nb, acc[b * lda + 0..n) += sum_k val[k * nb + b] * (w + idx[k] * stride + off)[0..n),
+   over k in index order, 4 rows at a time with the next 4 prefetched. Per column the order of the
+   additions is fixed by idx alone (not by n, the tiles or the thread). */
+#define GATHER(T, W)                                                                                                 \
+    static inline void rows4_##T(float *restrict acc, int64_t n, const W *w0, const W *w1, const W *w2,              \
+                                 const W *w3, float a0, float a1, float a2, float a3, const W *p0, const W *p1,     \
+                                 const W *p2, const W *p3) {                                                        \
+        int64_t c = 0;                                                                                              \
+        for (; c + VL <= n; c += VL) {                                                                              \
+            __builtin_prefetch(p0 + c, 0, 1);                                                                       \
+            __builtin_prefetch(p1 + c, 0, 1);                                                                       \
+            __builtin_prefetch(p2 + c, 0, 1);                                                                       \
+            __builtin_prefetch(p3 + c, 0, 1);                                                                       \
+            vf s = *(const vf *)(acc + c);                                                                          \
+            s += a0 * load_##T(w0 + c) + a1 * load_##T(w1 + c);                                                     \
+            s += a2 * load_##T(w2 + c) + a3 * load_##T(w3 + c);                                                     \
+            *(vf *)(acc + c) = s;                                                                                   \
+        }                                                                                                           \
+        for (; c < n; c++)                                                                                          \
+            acc[c] += a0 * scalar_##T(w0 + c) + a1 * scalar_##T(w1 + c) + a2 * scalar_##T(w2 + c) +                 \
+                      a3 * scalar_##T(w3 + c);                                                                      \
+    }                                                                                                               \
+    static inline void rows1_##T(float *restrict acc, int64_t n, const W *w, float a) {                             \
+        int64_t c = 0;                                                                                              \
+        for (; c + VL <= n; c += VL) *(vf *)(acc + c) += a * load_##T(w + c);                                      \
+        for (; c < n; c++) acc[c] += a * scalar_##T(w + c);                                                        \
+    }                                                                                                               \
+    static void gather_##T(float *acc, int64_t lda, int nb, int64_t n, const W *w, int64_t stride, int64_t off,    \
+                           const int32_t *idx, const float *val, int64_t m) {                                       \
+        int64_t tile = nb == 1 ? n : TILE; /* one token: whole rows, one stream each */ \
+        for (int64_t t0 = 0; t0 < n; t0 += tile) {                                                                  \
+            int64_t tn = n - t0 < tile ? n - t0 : tile;                                                             \
+            const W *base = w + off + t0;                                                                           \
+            int64_t k = 0;                                                                                          \
+            for (; k + 4 <= m; k += 4) {                                                                            \
+                const W *w0 = base + idx[k] * stride, *w1 = base + idx[k + 1] * stride;                             \
+                const W *w2 = base + idx[k + 2] * stride, *w3 = base + idx[k + 3] * stride;                         \
+                int64_t q = k + 4 < m ? k + 4 : k; /* prefetch the next group of rows (none after the last) */      \
+                const W *p0 = base + idx[q] * stride, *p1 = base + idx[q + 1 < m ? q + 1 : q] * stride;             \
+                const W *p2 = base + idx[q + 2 < m ? q + 2 : q] * stride;                                           \
+                const W *p3 = base + idx[q + 3 < m ? q + 3 : q] * stride;                                           \
+                const float *v = val + k * nb;                                                                      \
+                for (int b = 0; b < nb; b++)                                                                        \
+                    rows4_##T(acc + b * lda + t0, tn, w0, w1, w2, w3, v[b], v[nb + b], v[2 * nb + b],               \
+                              v[3 * nb + b], p0, p1, p2, p3);                                                       \
+            }                                                                                                       \
+            for (; k < m; k++)                                                                                      \
+                for (int b = 0; b < nb; b++)                                                                        \
+                    rows1_##T(acc + b * lda + t0, tn, base + idx[k] * stride, val[k * nb + b]);                     \
+        }                                                                                                           \
     }
-    for (; k < m; k++) rows1(acc, n, rows + idx[k] * stride + off, val[k]);
-}
+
+GATHER(f32, float)
+GATHER(bf16, uint16_t)
 
 typedef struct {
-    int64_t h, d;
-    const float *gate_up_t, *down_t, *gate_bias, *up_bias;
+    int nb, dtype, act, mid_rule;
+    int64_t h, d, gate_stride, up_stride, down_stride;
+    const void *gate_t, *up_t, *down_t, *gate_bias, *up_bias, *down_bias;
+    double mid_value;
     const int32_t *in_idx;
     const float *in_val;
     int64_t in_kept;
-    int sparse_mid, act;
-    double tau_mid;
-    float *mid; /* [d]: the intermediate */
-    unsigned char *keep; /* [d]: its mask */
-    int64_t mid_counts[64][3];
+    float *mid; /* [nb][d]: the intermediate */
+    unsigned char *keep; /* [nb][d]: its mask */
+    const int32_t *mid_idx;
+    const float *mid_val;
+    int64_t mid_kept;
+    void *y;
 } job_t;
+
+static inline float bias_at(const void *b, int dtype, int64_t c) {
+    if (!b) return 0.0f;
+    return dtype ? bf(((const uint16_t *)b)[c]) : ((const float *)b)[c];
+}
 
 /* Columns [c0, c1) of n of part t of nt, in whole blocks of VL (the same code path for a column at any nt). */
 static void columns(int64_t n, int t, int nt, int64_t *c0, int64_t *c1) {
@@ -107,95 +162,153 @@ static void columns(int64_t n, int t, int nt, int64_t *c0, int64_t *c1) {
     *c0 = *c0 < *c1 ? *c0 : *c1;
 }
 
-/* Part t of nt of the intermediate: g and u of its entries, i = act(g)·u, the mask and the counts. */
+/* Part t of nt of the intermediate: g and u of its entries for every token, i = act(g)·u and the threshold mask. */
 static void mid_part(job_t *job, int t, int nt) {
     int64_t d = job->d, c0, c1;
     columns(d, t, nt, &c0, &c1);
     int64_t n = c1 - c0;
-    float *acc = (float *)calloc((size_t)(2 * n + 1), sizeof(float));
-    float *gate = acc, *up = acc + n;
-    gather_rows(gate, n, job->gate_up_t, 2 * d, c0, job->in_idx, job->in_val, job->in_kept);
-    gather_rows(up, n, job->gate_up_t, 2 * d, d + c0, job->in_idx, job->in_val, job->in_kept);
-    int64_t kept = 0, natural = 0, bad = 0;
-    for (int64_t c = 0; c < n; c++) {
-        float g = gate[c] + (job->gate_bias ? job->gate_bias[c0 + c] : 0.0f);
-        float u = up[c] + (job->up_bias ? job->up_bias[c0 + c] : 0.0f);
-        float v = act_fn(g, job->act) * u;
-        natural += v == 0.0f;
-        bad += !isfinite(v);
-        unsigned char k = !job->sparse_mid || (double)fabsf(v) > job->tau_mid;
-        job->mid[c0 + c] = v;
-        job->keep[c0 + c] = k;
-        kept += k;
+    int nb = job->nb;
+    if (n <= 0) return;
+    float *gate = (float *)calloc((size_t)(2 * nb * n), sizeof(float)), *up = gate + nb * n;
+    const int32_t *idx = job->in_idx;
+    const float *val = job->in_val;
+    int64_t m = job->in_kept;
+    if (job->dtype) {
+        gather_bf16(gate, n, nb, n, (const uint16_t *)job->gate_t, job->gate_stride, c0, idx, val, m);
+        gather_bf16(up, n, nb, n, (const uint16_t *)job->up_t, job->up_stride, c0, idx, val, m);
+    } else {
+        gather_f32(gate, n, nb, n, (const float *)job->gate_t, job->gate_stride, c0, idx, val, m);
+        gather_f32(up, n, nb, n, (const float *)job->up_t, job->up_stride, c0, idx, val, m);
     }
-    job->mid_counts[t][0] = n - kept;
-    job->mid_counts[t][1] = natural;
-    job->mid_counts[t][2] = bad;
-    free(acc);
+    for (int b = 0; b < nb; b++) {
+        for (int64_t c = 0; c < n; c++) {
+            float g = gate[b * n + c] + bias_at(job->gate_bias, job->dtype, c0 + c);
+            float u = up[b * n + c] + bias_at(job->up_bias, job->dtype, c0 + c);
+            float v;
+            if (job->dtype) {
+                g = round_bf(g);
+                u = round_bf(u);
+                v = round_bf(round_bf(act_fn(g, job->act)) * u);
+            } else {
+                v = act_fn(g, job->act) * u;
+            }
+            job->mid[b * d + c0 + c] = v;
+            job->keep[b * d + c0 + c] = job->mid_rule != 1 || (double)fabsf(v) > job->mid_value;
+        }
+    }
+    free(gate);
 }
 
-/* Part t of nt of the output: its columns of W_d over the kept intermediate entries (idx, val, m). */
-static void out_part(const job_t *job, const int32_t *idx, const float *val, int64_t m, float *y,
-                     const float *down_bias, int t, int nt) {
+/* Part t of nt of the output: its columns of W_d over the kept intermediate entries, for every token. */
+static void out_part(const job_t *job, int t, int nt) {
     int64_t h = job->h, c0, c1;
     columns(h, t, nt, &c0, &c1);
     int64_t n = c1 - c0;
-    memset(y + c0, 0, (size_t)n * sizeof(float));
-    gather_rows(y + c0, n, job->down_t, h, c0, idx, val, m);
-    if (down_bias)
-        for (int64_t c = c0; c < c1; c++) y[c] += down_bias[c];
+    int nb = job->nb;
+    if (n <= 0) return;
+    float *acc = (float *)calloc((size_t)(nb * n), sizeof(float));
+    const int32_t *idx = job->mid_idx;
+    const float *val = job->mid_val;
+    if (job->dtype)
+        gather_bf16(acc, n, nb, n, (const uint16_t *)job->down_t, job->down_stride, c0, idx, val, job->mid_kept);
+    else
+        gather_f32(acc, n, nb, n, (const float *)job->down_t, job->down_stride, c0, idx, val, job->mid_kept);
+    for (int b = 0; b < nb; b++) {
+        for (int64_t c = 0; c < n; c++) {
+            float v = acc[b * n + c] + bias_at(job->down_bias, job->dtype, c0 + c);
+            if (job->dtype) ((uint16_t *)job->y)[b * h + c0 + c] = to_bf(v);
+            else ((float *)job->y)[b * h + c0 + c] = v;
+        }
+    }
+    free(acc);
 }
 
-/* The kept entries of v [n] in index order: their indices and values; returns how many. */
-static int64_t compact(const unsigned char *keep, const float *v, int64_t n, int32_t *idx, float *val) {
+/* The mask of one vector v [nb][n] (float32) under rule 0-3 (dense, |v| > value, top-k, top-p) into keep, where
+   rule 1 has not already written it. */
+static void select_keep(const float *v, int nb, int64_t n, int rule, double value, unsigned char *keep) {
+    if (rule == 0) memset(keep, 1, (size_t)(nb * n));
+    else if (rule == 1)
+        for (int64_t j = 0; j < nb * n; j++) keep[j] = (double)fabsf(v[j]) > value;
+    else select_rows(v, 0, 0, nb, n, rule == 2, value, keep, NULL);
+}
+
+/* Per token the counts (zeroed, natural zeros, seen) of v [nb][n] into counts[b * 6 + 0..3), the union of the
+   tokens' kept entries (in index order) into idx, and their values per token (0 where a token drops one)
+   into val [m][nb]; returns m. Sets *bad if v holds NaN or Inf. */
+static int64_t compact(const float *v, const unsigned char *keep, int nb, int64_t n, int32_t *idx, float *val,
+                       int64_t *counts, int *bad) {
     int64_t m = 0;
-    for (int64_t c = 0; c < n; c++) {
-        if (keep[c]) {
-            idx[m] = (int32_t)c;
-            val[m++] = v[c];
+    for (int b = 0; b < nb; b++) {
+        int64_t kept = 0, natural = 0;
+        for (int64_t j = 0; j < n; j++) {
+            float x = v[b * n + j];
+            kept += keep[b * n + j];
+            natural += x == 0.0f;
+            *bad |= !isfinite(x);
         }
+        counts[b * 6] = n - kept;
+        counts[b * 6 + 1] = natural;
+        counts[b * 6 + 2] = n;
+    }
+    for (int64_t j = 0; j < n; j++) {
+        unsigned char any = 0;
+        for (int b = 0; b < nb; b++) any |= keep[b * n + j];
+        if (!any) continue;
+        idx[m] = (int32_t)j;
+        for (int b = 0; b < nb; b++) val[m * nb + b] = keep[b * n + j] ? v[b * n + j] : 0.0f;
+        m++;
     }
     return m;
 }
 
-/* y [h] = W_d (m_i ⊙ σ(W_g (m_x ⊙ x) + b_g) ⊙ (W_u (m_x ⊙ x) + b_u)) + b_d with m_x = |x| > tau_in
-   (all ones if !sparse_in) and m_i = |i| > tau_mid (all ones if !sparse_mid); gate_up_t [h, 2d] holds
-   W_gᵀ and W_uᵀ side by side, down_t [d, h] is W_dᵀ; biases may be NULL. counts [2][3] receives
-   (zeroed, natural zeros, seen) of x and i. Returns bit 1 if x (when sparse_in) and bit 2 if i holds
-   NaN or Inf; after bit 1 nothing else is written. One thread runs without entering OpenMP. */
-int actsparse_sparse_ffn(const float *x, int64_t h, int64_t d, const float *gate_up_t, const float *down_t,
-                         const float *gate_bias, const float *up_bias, const float *down_bias, int sparse_in,
-                         double tau_in, int sparse_mid, double tau_mid, int act, float *y, int64_t *counts,
-                         int nthreads) {
+/* y [nb][h] = W_d (m_i ⊙ σ(W_g (m_x ⊙ x) + b_g) ⊙ (W_u (m_x ⊙ x) + b_u)) + b_d per token, with m_x and m_i the
+   masks of the input and intermediate rules (code 0-3, value). gate_t, up_t [h][d] hold W_gᵀ and W_uᵀ and
+   down_t [d][h] holds W_dᵀ, each row-contiguous with its own row stride; dtype 0 float32, 1 bfloat16 for x,
+   y, weights and biases (which may be NULL). counts [nb][2][3] receives (zeroed, natural zeros, seen) of x and
+   i per token. Returns bit 1 if x (under a rule) and bit 2 if i holds NaN or Inf; after bit 1 nothing else
+   is written. One thread runs without entering OpenMP. */
+int actsparse_sparse_ffn(const void *x, int nb, int64_t h, int64_t d, int dtype, const void *gate_t,
+                         int64_t gate_stride, const void *up_t, int64_t up_stride, const void *down_t,
+                         int64_t down_stride, const void *gate_bias, const void *up_bias, const void *down_bias,
+                         int in_rule, double in_value, int mid_rule, double mid_value, int act, void *y,
+                         int64_t *counts, int nthreads) {
+    nb = nb < 1 ? 1 : nb > MAXB ? MAXB : nb;
+    float *xf = (float *)malloc((size_t)(nb * h) * sizeof(float));
+    float *in_val = (float *)malloc((size_t)(nb * h) * sizeof(float));
+    unsigned char *in_keep = (unsigned char *)malloc((size_t)(nb * h));
     int32_t *in_idx = (int32_t *)malloc((size_t)h * sizeof(int32_t));
-    float *in_val = (float *)malloc((size_t)h * sizeof(float));
-    int64_t kept = 0, natural = 0;
-    int bad = 0;
-    for (int64_t j = 0; j < h; j++) {
-        float v = x[j];
-        natural += v == 0.0f;
-        bad |= !isfinite(v);
-        if (!sparse_in || (double)fabsf(v) > tau_in) {
-            in_idx[kept] = (int32_t)j;
-            in_val[kept++] = v;
-        }
+    for (int64_t j = 0; j < nb * h; j++) xf[j] = dtype ? bf(((const uint16_t *)x)[j]) : ((const float *)x)[j];
+    int bad_in = 0;
+    for (int64_t j = 0; j < nb * h; j++) bad_in |= !isfinite(xf[j]);
+    int64_t in_kept = 0;
+    if (!(in_rule && bad_in)) {
+        select_keep(xf, nb, h, in_rule, in_value, in_keep);
+        int ignored = 0;
+        int64_t in_counts[MAXB * 6];
+        in_kept = compact(xf, in_keep, nb, h, in_idx, in_val, in_counts, &ignored);
+        for (int b = 0; b < nb; b++) memcpy(counts + b * 6, in_counts + b * 6, 3 * sizeof(int64_t));
     }
-    if (sparse_in && bad) {
-        free(in_idx);
+    free(xf);
+    free(in_keep);
+    if (in_rule && bad_in) {
         free(in_val);
+        free(in_idx);
         return 1;
     }
     nthreads = nthreads < 1 ? 1 : nthreads > 64 ? 64 : nthreads;
-    float *mid = (float *)malloc((size_t)d * sizeof(float)), *mid_val = (float *)malloc((size_t)d * sizeof(float));
-    unsigned char *keep = (unsigned char *)malloc((size_t)d);
+    float *mid = (float *)malloc((size_t)(nb * d) * sizeof(float));
+    float *mid_val = (float *)malloc((size_t)(nb * d) * sizeof(float));
+    unsigned char *keep = (unsigned char *)malloc((size_t)(nb * d));
     int32_t *mid_idx = (int32_t *)malloc((size_t)d * sizeof(int32_t));
-    job_t job = {h, d, gate_up_t, down_t, gate_bias, up_bias, in_idx, in_val, kept, sparse_mid, act, tau_mid,
-                 mid, keep, {{0}}};
-    int64_t mid_kept = 0;
+    job_t job = {nb, dtype, act, mid_rule, h, d, gate_stride, up_stride, down_stride, gate_t, up_t, down_t,
+                 gate_bias, up_bias, down_bias, mid_value, in_idx, in_val, in_kept, mid, keep, mid_idx, mid_val, 0, y};
+    int bad_mid = 0;
+    int64_t mid_counts[MAXB * 6];
     if (nthreads == 1) {
         mid_part(&job, 0, 1);
-        mid_kept = compact(keep, mid, d, mid_idx, mid_val);
-        out_part(&job, mid_idx, mid_val, mid_kept, y, down_bias, 0, 1);
+        if (mid_rule > 1) select_keep(mid, nb, d, mid_rule, mid_value, keep);
+        job.mid_kept = compact(mid, keep, nb, d, mid_idx, mid_val, mid_counts, &bad_mid);
+        out_part(&job, 0, 1);
     } else {
 #pragma omp parallel num_threads(nthreads)
         {
@@ -203,37 +316,32 @@ int actsparse_sparse_ffn(const float *x, int64_t h, int64_t d, const float *gate
             mid_part(&job, t, nt);
 #pragma omp barrier
 #pragma omp single
-            mid_kept = compact(keep, mid, d, mid_idx, mid_val);
-            out_part(&job, mid_idx, mid_val, mid_kept, y, down_bias, t, nt);
+            {
+                if (mid_rule > 1) select_keep(mid, nb, d, mid_rule, mid_value, keep);
+                job.mid_kept = compact(mid, keep, nb, d, mid_idx, mid_val, mid_counts, &bad_mid);
+            }
+            out_part(&job, t, nt);
         }
     }
-    counts[0] = h - kept;
-    counts[1] = natural;
-    counts[2] = h;
-    counts[3] = counts[4] = 0;
-    counts[5] = d;
-    int64_t mid_bad = 0;
-    for (int t = 0; t < nthreads; t++) {
-        counts[3] += job.mid_counts[t][0];
-        counts[4] += job.mid_counts[t][1];
-        mid_bad += job.mid_counts[t][2];
-    }
+    for (int b = 0; b < nb; b++) memcpy(counts + b * 6 + 3, mid_counts + b * 6, 3 * sizeof(int64_t));
     free(mid);
     free(mid_val);
     free(keep);
     free(mid_idx);
     free(in_idx);
     free(in_val);
-    return mid_bad ? 2 : 0;
+    return bad_mid ? 2 : 0;
 }
 """
+)
 
 _P, _I64, _INT, _DBL = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
 
 
 def _declare(lib: ctypes.CDLL) -> None:
     fn = lib.actsparse_sparse_ffn
-    fn.argtypes = [_P, _I64, _I64, _P, _P, _P, _P, _P, _INT, _DBL, _INT, _DBL, _INT, _P, _P, _INT]
+    fn.argtypes = [_P, _INT, _I64, _I64, _INT, _P, _I64, _P, _I64, _P, _I64, _P, _P, _P, _INT, _DBL, _INT, _DBL]
+    fn.argtypes += [_INT, _P, _P, _INT]
     fn.restype = _INT
 
 
@@ -259,70 +367,97 @@ def activation_code(act: Callable[[torch.Tensor], torch.Tensor]) -> int | None:
     return None
 
 
-def _pointer(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
+def _rule(rule: float | tuple[str, float] | None) -> tuple[int, float]:
+    """(code, value) of a vector's rule: None dense, a float τ of the threshold rule, or (name, value)."""
+    if rule is None:
+        return 0, 0.0
+    if isinstance(rule, tuple):
+        name, value = rule
+        if name not in RULE_CODES:
+            raise ValueError(f"the fused kernel has no rule {name!r}; it has {sorted(RULE_CODES)}")
+        return RULE_CODES[name], float(value)
+    return RULE_CODES["threshold"], float(rule)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t [K, N] with contiguous rows (a view when it has them, else a copy)."""
+    t = t.detach()
+    return t if t.stride(-1) == 1 and t.stride(0) >= t.shape[1] else t.contiguous()
 
 
 class FusedFFN:
-    """One gated FFN prepared for the fused kernel (float32, CPU, contiguous weights kept alive here).
+    """One gated FFN prepared for the fused kernel (float32 or bfloat16 CPU weights, referenced, not copied).
 
-    `gate_up_t` [h, 2d] is [W_gᵀ | W_uᵀ], `down_t` [d, h] is W_dᵀ; a τ of None leaves that vector dense.
+    `gate_t`, `up_t` [h, d] are W_gᵀ and W_uᵀ and `down_t` [d, h] is W_dᵀ, each with contiguous rows
+    (any row stride: they may be views of the model's parameters). A vector's rule is None (dense),
+    τ of the threshold rule, or ("top_k", k) / ("top_p", p) / ("threshold", τ).
     """
+
+    calls = 0
+    """Calls of the kernel in this process, all instances together (so that benchmarks can tell it ran)."""
 
     def __init__(
         self,
-        gate_up_t: torch.Tensor,
+        gate_t: torch.Tensor,
+        up_t: torch.Tensor,
         down_t: torch.Tensor,
         act: int,
-        tau_input: float | None,
-        tau_intermediate: float | None,
+        input_rule: float | tuple[str, float] | None,
+        intermediate_rule: float | tuple[str, float] | None,
         biases: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] = (None, None, None),
     ):
         h, d = down_t.shape[1], down_t.shape[0]
-        tensors = [gate_up_t, down_t, *(b for b in biases if b is not None)]
-        if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
-            raise ValueError("the fused CPU kernel takes float32 CPU weights")
-        if gate_up_t.shape != (h, 2 * d):
-            raise ValueError(f"gate_up_t is {tuple(gate_up_t.shape)}, expected {(h, 2 * d)}")
-        self.h, self.d = h, d
-        self.weights = (gate_up_t.detach().contiguous(), down_t.detach().contiguous())
-        self._biases = [None if b is None else b.detach().float().contiguous() for b in biases]
+        dtype = down_t.dtype
+        tensors = [gate_t, up_t, down_t, *(b for b in biases if b is not None)]
+        if dtype not in _DTYPES or any(t.dtype != dtype or t.device.type != "cpu" for t in tensors):
+            raise ValueError("the fused CPU kernel takes float32 or bfloat16 CPU weights of one dtype")
+        if gate_t.shape != (h, d) or up_t.shape != (h, d):
+            raise ValueError(f"gate_t and up_t are {tuple(gate_t.shape)} and {tuple(up_t.shape)}, expected {(h, d)}")
+        self.h, self.d, self.dtype = h, d, dtype
+        self.weights = (_rows(gate_t), _rows(up_t), _rows(down_t))
+        self._biases = [None if b is None else b.detach().contiguous() for b in biases]
+        (in_code, in_value), (mid_code, mid_value) = _rule(input_rule), _rule(intermediate_rule)
+        g, u, w = self.weights
         self._args = (
-            self.weights[0].data_ptr(),
-            self.weights[1].data_ptr(),
-            *(_pointer(b) for b in self._biases),
-            int(tau_input is not None),
-            float(tau_input or 0.0),
-            int(tau_intermediate is not None),
-            float(tau_intermediate or 0.0),
+            _DTYPES[dtype],
+            g.data_ptr(),
+            g.stride(0),
+            u.data_ptr(),
+            u.stride(0),
+            w.data_ptr(),
+            w.stride(0),
+            *(None if b is None else b.data_ptr() for b in self._biases),
+            in_code,
+            in_value,
+            mid_code,
+            mid_value,
             act,
         )
-        self.counts = torch.zeros(2, 3, dtype=torch.long)
-        """(zeroed, natural zeros, seen) of the input and the intermediate in the last call."""
+        self.counts = torch.zeros(MAX_BATCH, 2, 3, dtype=torch.long)
+        """Per token of the last call, (zeroed, natural zeros, seen) of the input and the intermediate."""
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-        """FFN of one token x [..., h] (float32): the output and the NaN/Inf flags (1 input, 2 intermediate).
-
-        Written into `out` (contiguous, x's shape) when given.
-        """
-        if x.shape[:-1].numel() != 1 or x.shape[-1] != self.h or x.dtype != torch.float32:
-            raise ValueError(f"the fused kernel takes one float32 token of size {self.h}, got {tuple(x.shape)}")
+        """FFN of 1 to `MAX_BATCH` tokens x [..., h] (the weights' dtype): the output and the NaN/Inf flags
+        (1 input, 2 intermediate). Written into `out` (contiguous, x's shape) when given."""
+        rows = x.shape[:-1].numel()
+        if not 1 <= rows <= MAX_BATCH or x.shape[-1] != self.h or x.dtype != self.dtype:
+            raise ValueError(
+                f"the fused kernel takes 1 to {MAX_BATCH} {self.dtype} tokens of size {self.h}, got {tuple(x.shape)}"
+            )
         lib = _library()
         assert lib is not None, "call only when available()"
         x = x.contiguous()
-        y = torch.empty(x.shape, dtype=torch.float32) if out is None else out
-        if y.shape != x.shape or y.dtype != torch.float32 or not y.is_contiguous():
-            raise ValueError(f"out must be a contiguous float32 tensor of shape {tuple(x.shape)}")
-        (gate_up, down, bg, bu, bd, *rest) = self._args
+        y = torch.empty(x.shape, dtype=self.dtype) if out is None else out
+        if y.shape != x.shape or y.dtype != self.dtype or not y.is_contiguous():
+            raise ValueError(f"out must be a contiguous {self.dtype} tensor of shape {tuple(x.shape)}")
+        dtype, *rest = self._args
+        FusedFFN.calls += 1
         bad = lib.actsparse_sparse_ffn(
             x.data_ptr(),
+            rows,
             self.h,
             self.d,
-            gate_up,
-            down,
-            bg,
-            bu,
-            bd,
+            dtype,
             *rest,
             y.data_ptr(),
             self.counts.data_ptr(),

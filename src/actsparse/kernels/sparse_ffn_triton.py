@@ -28,7 +28,7 @@ try:
 except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton = None
 
-__all__ = ["MAX_BATCH", "GemvConfig", "available", "default_config", "sparse_rows_matmul"]
+__all__ = ["MAX_BATCH", "GemvConfig", "available", "default_config", "launches", "sparse_rows_matmul"]
 
 MAX_BATCH = 8
 """Largest number of tokens the kernel serves; the union of their masks decides the rows read."""
@@ -37,6 +37,14 @@ MAX_BATCH = 8
 def available() -> bool:
     """Whether the triton package is importable."""
     return triton is not None
+
+
+_LAUNCHES = [0]
+
+
+def launches() -> int:
+    """Launches of the sparse GEMV from Python in this process (a captured graph's replays not counted)."""
+    return _LAUNCHES[0]
 
 
 if triton is not None:
@@ -169,7 +177,7 @@ def sparse_rows_matmul(
     if batch > MAX_BATCH:
         raise ValueError(f"batch {batch} exceeds MAX_BATCH={MAX_BATCH}")
     x = x.contiguous()
-    weight_t = weight_t.contiguous()
+    weight_t = weight_t if weight_t.stride(1) == 1 else weight_t.contiguous()  # any row stride
     y = out if out is not None and out.is_contiguous() else torch.empty(batch, n_size, dtype=x.dtype, device=x.device)
     config = config or default_config(batch)
     block_b = max(1, triton.next_power_of_2(batch))
@@ -178,6 +186,7 @@ def sparse_rows_matmul(
     partial, ticket = _scratch(x.device, split_k * block_b * n_size if split_k > 1 else 1, programs_n)
     if keep is not None:
         keep = keep.contiguous().view(torch.uint8) if keep.dtype == torch.bool else keep.contiguous()
+    _LAUNCHES[0] += 1
     _sparse_rows_gemv[(programs_n, split_k)](
         x,
         x if keep is None else keep,
