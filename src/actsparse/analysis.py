@@ -231,10 +231,10 @@ def analyse_curve(
         if curve.doc_counts is None
         else percentile_interval(bootstrap_critical(curve, weights, threshold, sparsity=False), level)
     )
-    perf, x = curve.resampled(weights)
+    perf, _ = curve.resampled(weights)
     per_task = {}
     task_perf = curve.task_performance()
-    for i, task in enumerate(tasks):
+    for task in tasks:
         if curve.doc_counts is not None:  # this task's own resampled sparsity
             zeroed, seen = curve.doc_counts[task]
             w = np.asarray(weights[task], dtype=float)
@@ -292,7 +292,7 @@ def predicted_documents(
     while high * largest - low * largest > max(1.0, 0.05 * low * largest):
         mid = math.sqrt(low * high)
         low, high = (mid, high) if half_width(mid) > target else (low, mid)
-    return int(math.ceil(high * largest))
+    return math.ceil(high * largest)
 
 
 def mean_kl(docs: Sequence[DocResult]) -> float | None:
@@ -429,7 +429,7 @@ def summarize(
         )
     dense_ids = {t: sorted(d.doc_id for d in dense[t].docs) for t in tasks}
     weights = draw_weights({t: len(dense_ids[t]) for t in tasks}, resamples, np.random.default_rng(seed))
-    measures = {"accuracy": {t: None for t in tasks}, "low_noise": low_noise}
+    measures: dict[str, dict[str, str | None]] = {"accuracy": dict.fromkeys(tasks), "low_noise": low_noise}
     results: dict[str, dict[tuple[str, str], CurveAnalysis]] = {}
     records: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
     power: dict[str, Any] = {}
@@ -597,16 +597,16 @@ __all__ = [
     "achieved_sparsity",
     "agreement",
     "analyse_curve",
+    "bootstrap_critical",
     "critical_sparsity",
     "critical_sparsity_batch",
-    "bootstrap_critical",
     "draw_weights",
     "low_noise_metric",
+    "mean_kl",
+    "normalized_performance",
     "paired_differences",
     "percentile_interval",
     "predicted_documents",
-    "mean_kl",
-    "normalized_performance",
     "ratio",
     "resample_weights",
     "summarize",

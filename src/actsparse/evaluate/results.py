@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-
 SPARSITY_ZEROED = "sparsity_zeroed"
 SPARSITY_SEEN = "sparsity_seen"
 """DocResult.metrics keys of a sparse document's own counts (entries zeroed, entries seen over its real

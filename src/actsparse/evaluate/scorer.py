@@ -713,9 +713,10 @@ def _score_batch(
             metrics, answer = {"exact_match": exact_match(text, request.answers)}, text
             if reference is None:
                 keep.generated[d] = generations[d]
-        if not isinstance(request, Generation) and all(s.counts is not None for s in mine):
-            metrics[SPARSITY_ZEROED] = float(sum(s.counts[0] for s in mine))  # type: ignore[index]
-            metrics[SPARSITY_SEEN] = float(sum(s.counts[1] for s in mine))  # type: ignore[index]
+        counts = [s.counts for s in mine]
+        if not isinstance(request, Generation) and all(c is not None for c in counts):
+            metrics[SPARSITY_ZEROED] = float(sum(c[0] for c in counts if c is not None))
+            metrics[SPARSITY_SEEN] = float(sum(c[1] for c in counts if c is not None))
         kept, kl, positions = _distributions(mine, d, reference)
         if kept is not None:
             keep.topk[d] = kept
