@@ -374,8 +374,10 @@ def summarize(
     seed: int = 0,
     level: float = LEVEL,
     threshold: float = THRESHOLD,
+    power: bool = True,
 ) -> dict[str, Any]:
-    """Everything the report needs, as a JSON-ready dict (the content of summary.json)."""
+    """Everything the report needs, as a JSON-ready dict (the content of summary.json).
+    `power`: also predict the documents each curve needs for a ±2-point interval (the slow part)."""
     dense: dict[str, TaskResult] = {}
     sparse: dict[tuple[str, str, float], dict[str, TaskResult]] = {}
     for key, result in store.items():
@@ -432,7 +434,7 @@ def summarize(
     measures: dict[str, dict[str, str | None]] = {"accuracy": dict.fromkeys(tasks), "low_noise": low_noise}
     results: dict[str, dict[tuple[str, str], CurveAnalysis]] = {}
     records: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
-    power: dict[str, Any] = {}
+    power_curves: dict[str, Any] = {}
     resampled_sparsity = True
     for measure, keys in measures.items():
         critical_m: dict[str, Any] = {}
@@ -444,12 +446,12 @@ def summarize(
             resampled_sparsity &= curve.doc_counts is not None
             results[measure][(target, rule)] = analysis
             label = f"{target}/{rule}"
-            needed = predicted_documents(curve, POWER_TARGET, resamples, seed, level, threshold)
+            needed = predicted_documents(curve, POWER_TARGET, resamples, seed, level, threshold) if power else None
             critical_m[label] = _critical_record(analysis.critical, analysis.ci, curve.params) | {
                 "half_width": analysis.half_width,
                 "ci_fixed_sparsity": analysis.ci_fixed_sparsity,
             }
-            power.setdefault(label, {})[measure] = {
+            power_curves.setdefault(label, {})[measure] = {
                 "half_width": analysis.half_width,
                 "documents": max(len(v) for v in ids.values()),
                 "documents_needed": needed,
@@ -471,7 +473,7 @@ def summarize(
             "low_noise_metrics": {t: low_noise[t] or dense[t].metric for t in tasks},
             "headline": "low_noise",
             "paired_differences": paired_differences(results, level),
-            "power": {"target_half_width": POWER_TARGET, "curves": power},
+            "power": {"target_half_width": POWER_TARGET, "curves": power_curves},
             "sparsity_resampled": bool(results["accuracy"]) and resampled_sparsity,
             "splits": {t: dense[t].split for t in tasks},
             "metrics": {t: dense[t].metric for t in tasks},

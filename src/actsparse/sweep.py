@@ -73,6 +73,7 @@ class SweepConfig:
     search: str = "grid"  # 'grid' (every value) or 'bisect' (`actsparse.search`, values = the scan grid)
     precision: float = DEFAULT_PRECISION  # bisect: width of the final bracket, in achieved sparsity
     refine: bool = False  # bisect: go on between grid neighbours, on the value itself
+    until_ci: float | None = None  # add batches of --limit documents until every half-width ≤ this (adaptive.py)
     _tasks: list[Any] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -106,6 +107,13 @@ class SweepConfig:
             raise ValueError(f"unknown search {self.search!r}; choose from {', '.join(SEARCHES)}")
         if not 0 < self.precision < 1:
             raise ValueError(f"--precision is a fraction of sparsity in (0, 1), got {self.precision}")
+        if self.until_ci is not None:
+            if not 0 < self.until_ci < 1:
+                raise ValueError(f"--until-ci is a half-width in sparsity in (0, 1), got {self.until_ci}")
+            if self.limit is None:
+                raise ValueError("--until-ci adds documents beyond --limit: give a --limit, not 'all'")
+            if self.backend != "native":
+                raise ValueError("--until-ci needs the native backend (it adds documents to the dense reference)")
         if self.accelerate:
             try:
                 import actsparse.accelerate  # noqa: F401
@@ -236,6 +244,11 @@ def run_sweep(
             else:
                 store.set_meta("search", {"method": "grid"})
                 driver.grid(show_progress)
+            if config.until_ci is not None:
+                from actsparse.adaptive import until_ci
+
+                with _progress(show_progress, 0) as advance:
+                    until_ci(driver, config.until_ci, advance)
     finally:
         executor.close()
     return write_summary(config.out, resamples=config.resamples, seed=config.seed)
