@@ -22,7 +22,7 @@ def _config(out: Path, target: float):
 
 def _contents(out: Path) -> dict:
     with RunStore.open(out, create=False) as store:
-        return {key: [(d.doc_id, d.score, d.metrics) for d in store.get(key).docs] for key in store.keys()}
+        return {key: [(d.doc_id, d.score, d.metrics) for d in store.get(key).docs] for key in store.keys()}  # noqa: SIM118
 
 
 def _history(out: Path) -> list[dict]:
@@ -83,7 +83,7 @@ def test_until_ci_stops_when_the_target_width_is_reached(exhausted, tmp_path):
 
 def test_until_ci_survives_a_kill_between_batches(exhausted, tmp_path, monkeypatch):
     _, history = exhausted
-    target, j = _target(history)
+    target, _ = _target(history)
     model, tokenizer = tiny_lm()
     out = tmp_path / "killed"
     calls = []

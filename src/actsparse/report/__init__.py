@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from actsparse.report import low_noise
 from actsparse.store import atomic_path
 
 Table = tuple[list[str], list[list[str]]]
@@ -79,6 +80,7 @@ def tables(summary: dict[str, Any]) -> dict[str, Table]:
             f"{p['value']:g}",
             _pct(p["sparsity"]),
             _num(p["normalized"]),
+            _num(p.get("normalized_low_noise")),
             *[_pct(p["scores"].get(t)) for t in tasks],
             _num(p["kl"], 4),
             _pct(p["agreement"]),
@@ -86,8 +88,20 @@ def tables(summary: dict[str, Any]) -> dict[str, Table]:
         ]
         for p in summary["points"]
     ]
+    out |= low_noise.tables(summary)
     out["Every point"] = (
-        ["target", "rule", "value", "sparsity", "normalised", *tasks, "mean KL", "agreement", "tasks done"],
+        [
+            "target",
+            "rule",
+            "value",
+            "sparsity",
+            "normalised",
+            "normalised (low-noise)",
+            *tasks,
+            "mean KL",
+            "agreement",
+            "tasks done",
+        ],
         point_rows,
     )
     return out
@@ -128,6 +142,7 @@ def _intro(summary: dict[str, Any]) -> list[str]:
         f"Intervals: {boot.get('level', 0.95):.0%} paired bootstrap over documents, {boot.get('resamples')} "
         "resamples, the same resample for dense and sparse. Mean KL(dense ‖ sparse) over scored tokens and "
         "the agreement of chosen answers with the dense model are paired, low-noise signals of damage.",
+        *low_noise.intro(summary),
         *_search(summary.get("search", {})),
     ]
 
@@ -163,7 +178,14 @@ def render(summary: dict[str, Any], images: Sequence[Path]) -> tuple[str, str]:
     table_map = tables(summary)
     md = [f"# {title}", "", *_intro(summary), ""]
     body = [f"<h1>{html.escape(title)}</h1>", *(f"<p>{html.escape(p)}</p>" for p in _intro(summary))]
-    order = ["Dense scores", "Critical sparsity (average over tasks)", "Critical sparsity per task (95 % CI)"]
+    order = [
+        "Dense scores",
+        low_noise.HEADLINE,
+        low_noise.DIFFERENCES,
+        "Critical sparsity (average over tasks)",
+        "Critical sparsity per task (95 % CI)",
+        low_noise.POWER,
+    ]
     for name in order:
         if name in table_map:
             md += [f"## {name}", "", _md_table(table_map[name]), ""]
