@@ -54,7 +54,7 @@ def tables(summary: dict[str, Any]) -> dict[str, Table]:
                 label,
                 _cell(c),
                 _cell(a),
-                _ratio(c.get("half_width"), a.get("half_width")),
+                "– (lower bound)" if c.get("lower_bound") else _ratio(c.get("half_width"), a.get("half_width")),
                 "–" if not fixed else f"[{_pct(fixed[0])}, {_pct(fixed[1])}]",
             ]
         )
