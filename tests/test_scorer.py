@@ -10,7 +10,7 @@ from tiny import FAMILIES, tiny_lm, tiny_task
 
 from actsparse import accelerate, sparsify
 from actsparse.evaluate import DenseReference, evaluate_task, scorer
-from actsparse.evaluate.metrics import choice_metrics, cut_at_stop, exact_match, topk_kl
+from actsparse.evaluate.metrics import choice_metrics, cut_at_stop, exact_match, gold_probability, topk_kl
 from actsparse.evaluate.packing import make_tree, pack, plan_rows
 from actsparse.evaluate.scorer import (
     Encoder,
@@ -92,7 +92,8 @@ def test_padding_invariance():
     task = tiny_task(n_docs=9, seed=3)
     one, _ = evaluate_task(model, tokenizer, task, batch_size=1)
     many, _ = evaluate_task(model, tokenizer, task, batch_size=9)
-    assert [d.metrics for d in one.docs] == [d.metrics for d in many.docs]
+    for a, b in zip(one.docs, many.docs, strict=True):
+        assert a.score == b.score and a.metrics == pytest.approx(b.metrics, abs=1e-5)
     groups = groups_of(tokenizer, task)
     pad = Encoder(tokenizer).pad
     alone = [ll for g in groups for s in score_groups(model, [g], pad) for ll in s.lls]
@@ -110,7 +111,9 @@ def test_metrics_follow_the_log_likelihoods():
         pred = max(range(len(lls)), key=lambda i: (lls[i], -i))
         norm = [ll / len(c) for ll, c in zip(lls, request.choices, strict=True)]
         pred_norm = max(range(len(norm)), key=lambda i: (norm[i], -i))
-        assert doc.metrics == {"acc": float(pred == request.gold), "acc_norm": float(pred_norm == request.gold)}
+        expected = {"acc": float(pred == request.gold), "acc_norm": float(pred_norm == request.gold)}
+        assert {k: doc.metrics[k] for k in expected} == expected
+        assert doc.metrics["p_gold"] == pytest.approx(gold_probability(lls, request.choices, request.gold), abs=1e-5)
         assert doc.answer == str(pred) and doc.score == doc.metrics["acc"]
 
 
@@ -366,7 +369,9 @@ def test_evaluate_task_packed_equals_cached_with_reference_and_accelerate(tmp_pa
     task = tiny_task(n_docs=10, seed=8)
     packed, reference = evaluate_task(model, tokenizer, task, batch_size=4)
     cached, cached_reference = evaluate_task(model, tokenizer, task, batch_size=4, packing=False)
-    assert [d.metrics for d in packed.docs] == [d.metrics for d in cached.docs]
+    assert [d.score for d in packed.docs] == [d.score for d in cached.docs]
+    for a, b in zip(packed.docs, cached.docs, strict=True):
+        assert a.metrics == pytest.approx(b.metrics, abs=1e-5)  # p_gold: from log-likelihoods equal to ~1e-6
     for doc in reference.topk:
         assert torch.equal(reference.topk[doc][0], cached_reference.topk[doc][0])
         assert torch.allclose(reference.topk[doc][1], cached_reference.topk[doc][1], atol=1e-5)

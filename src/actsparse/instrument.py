@@ -129,6 +129,9 @@ class RuleSite:
             raise non_finite(vector, self.layer, expert) from None
         real = self.tokens.rows(v, token_index)
         self.stats.record((self.layer, vector, self.tokens.phase, expert), count_entries(v, keep, real))
+        if self.stats.per_token is not None:  # a scorer is counting per document
+            known = self.tokens.real
+            self.stats.per_token.add(keep, real, token_index, None if known is None else known.numel())
         if self.stats.step is not None:  # a diffusion scorer is counting per denoising step
             self.stats.steps.record(self.stats.step, self.layer, vector, keep if real is None else keep[real], expert)
         return sparse

@@ -111,6 +111,55 @@ def _ratios(store: dict[tuple[int, int], torch.Tensor], num: int, den: int, per_
     return {step: n / d for step, (n, d) in pooled.items() if d}
 
 
+class TokenCounts:
+    """[zeroed, seen] per token of the forwards run while a scorer holds it, summed over layers and
+    vectors: the scorer adds up each document's tokens (per-document sparsity, for the bootstrap).
+
+    Every count `SparsityStats.record` receives meanwhile is also totalled, so `table()` returns None
+    (not a wrong split) when some path counted entries without telling which tokens they came from."""
+
+    def __init__(self) -> None:
+        self._rows: torch.Tensor | None = None  # [N, 2] int64 over the forward's flattened tokens
+        self._expected: torch.Tensor | None = None  # [zeroed, seen] of every record
+        self._valid = True
+
+    def expect(self, counts: torch.Tensor) -> None:
+        total = counts[[0, 2]].to(torch.int64)
+        self._expected = total if self._expected is None else self._expected + total
+
+    def add(
+        self, keep: torch.Tensor, real: torch.Tensor | None, token_index: torch.Tensor | None, tokens: int | None
+    ) -> None:
+        """Count one keep-mask [..., n]: its rows are the forward's tokens, or `token_index` of its `tokens`."""
+        with torch.no_grad():
+            n = keep.shape[-1]
+            zeroed = (n - keep.sum(dim=-1)).reshape(-1).to(torch.int64)
+            seen = torch.full_like(zeroed, n)
+            if real is not None:
+                zeroed, seen = zeroed * real.reshape(-1), seen * real.reshape(-1)
+            rows = torch.stack([zeroed, seen], dim=-1)
+            if token_index is not None:
+                if tokens is None:
+                    self._valid = False
+                    return
+                rows = torch.zeros((tokens, 2), dtype=torch.int64, device=keep.device).index_add_(
+                    0, token_index.reshape(-1), rows
+                )
+            if self._rows is None:
+                self._rows = rows.clone()
+            elif self._rows.shape == rows.shape:
+                self._rows += rows.to(self._rows.device)
+            else:
+                self._valid = False
+
+    def table(self) -> torch.Tensor | None:
+        """[N, 2] per-token (zeroed, seen) on the CPU; None when nothing or not everything was attributed."""
+        if not self._valid or self._rows is None or self._expected is None:
+            return None
+        rows = self._rows.cpu()
+        return rows if rows.sum(0).tolist() == self._expected.cpu().tolist() else None
+
+
 class SparsityStats:
     """Accumulated counts of one instrumentation. `vectors` are those its spec sparsifies.
 
@@ -122,9 +171,12 @@ class SparsityStats:
         self._counts: dict[Key, torch.Tensor] = {}
         self.step: int | None = None
         self.steps = StepStats()
+        self.per_token: TokenCounts | None = None  # set by a scorer that counts per document
 
     def record(self, key: Key, counts: torch.Tensor) -> None:
         """Add a [zeroed, natural_zeros, seen] count vector for `key`."""
+        if self.per_token is not None:
+            self.per_token.expect(counts)
         if key in self._counts:
             self._counts[key] += counts
         else:

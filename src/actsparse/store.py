@@ -12,7 +12,7 @@ import math
 import os
 import sqlite3
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -197,6 +197,32 @@ class RunStore:
             )
         return True
 
+    def add_docs(
+        self, key: PointKey, docs: Sequence[DocResult], sparsity: dict[str, Any], seconds: float = 0.0
+    ) -> bool:
+        """Add documents to a stored point (`sweep --until-ci`) and replace its sparsity, atomically;
+        False (nothing written) if any of them is stored already. KeyError if the point is not stored."""
+        with _transaction(self._db):
+            point_id = self._point_id(key)
+            if point_id is None:
+                raise KeyError(f"no stored point {key}")
+            ids = [int(d.doc_id) for d in docs]
+            marks = ",".join("?" * len(ids))
+            held = self._db.execute(
+                f"SELECT COUNT(*) FROM docs WHERE point_id = ? AND doc_id IN ({marks})", (point_id, *ids)
+            ).fetchone()[0]
+            if held:
+                return False
+            self._db.executemany(
+                "INSERT INTO docs (point_id, doc_id, score, metrics, answer, kl, tokens) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [_doc_row(point_id, d) for d in docs],
+            )
+            self._db.execute(
+                "UPDATE points SET sparsity = ?, seconds = seconds + ? WHERE id = ?",
+                (json.dumps(sparsity), seconds, point_id),
+            )
+        return True
+
     def get(self, key: PointKey) -> TaskResult | None:
         """The stored result of a point, documents in doc_id order, or None."""
         row = self._db.execute(
@@ -230,6 +256,11 @@ class RunStore:
             (key.target, key.rule, float(key.value), key.task),
         ).fetchone()
         return None if row is None else int(row[0])
+
+
+def _doc_row(point_id: int, d: DocResult) -> tuple:
+    kl = None if d.kl is None or not math.isfinite(d.kl) else float(d.kl)
+    return (point_id, int(d.doc_id), float(d.score), json.dumps(d.metrics), str(d.answer), kl, int(d.tokens))
 
 
 class _transaction:

@@ -74,6 +74,7 @@ class SweepConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:N (`actsparse.placement`); bound to the run folder
     dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16; bound too
     argv: Sequence[str] | None = None  # the command line that started the run (provenance), if any
+    until_ci: float | None = None  # add batches of --limit documents until every half-width ≤ this (adaptive.py)
     _tasks: list[Any] = field(default_factory=list, init=False, repr=False)
     _placement: Any = field(default=None, init=False, repr=False)
 
@@ -111,6 +112,13 @@ class SweepConfig:
             raise ValueError(f"unknown search {self.search!r}; choose from {', '.join(SEARCHES)}")
         if not 0 < self.precision < 1:
             raise ValueError(f"--precision is a fraction of sparsity in (0, 1), got {self.precision}")
+        if self.until_ci is not None:
+            if not 0 < self.until_ci < 1:
+                raise ValueError(f"--until-ci is a half-width in sparsity in (0, 1), got {self.until_ci}")
+            if self.limit is None:
+                raise ValueError("--until-ci adds documents beyond --limit: give a --limit, not 'all'")
+            if self.backend != "native":
+                raise ValueError("--until-ci needs the native backend (it adds documents to the dense reference)")
         if self.accelerate:
             try:
                 import actsparse.accelerate  # noqa: F401
@@ -273,6 +281,11 @@ def run_sweep(
             else:
                 store.set_meta("search", {"method": "grid"})
                 driver.grid(show_progress)
+            if config.until_ci is not None:
+                from actsparse.adaptive import until_ci
+
+                with SweepProgress(show_progress, prefix=f"{driver.label} until-ci") as progress:
+                    until_ci(driver, config.until_ci, progress.advance)
     finally:
         executor.close()
     return write_summary(config.out, resamples=config.resamples, seed=config.seed)

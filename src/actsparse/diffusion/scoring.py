@@ -20,7 +20,14 @@ from torch import nn
 
 from actsparse.diffusion.denoisers import Denoiser, denoiser_for
 from actsparse.evaluate.encode import Encoder
-from actsparse.evaluate.metrics import choice_metrics, cut_at_stop, exact_match, topk_kl
+from actsparse.evaluate.metrics import (
+    GOLD_PROBABILITY,
+    choice_metrics,
+    cut_at_stop,
+    exact_match,
+    gold_probability,
+    topk_kl,
+)
 from actsparse.evaluate.reference import DenseReference
 from actsparse.evaluate.results import DocResult, TaskResult
 from actsparse.instrument import active_stats
@@ -271,7 +278,10 @@ def _score_batch(
             )
         for d in choice_docs:
             mine = [j for j, r in enumerate(rows) if r[0] == d]
-            metrics, pred, pred_norm = choice_metrics([lls[j] for j in mine], choices[d].choices, choices[d].gold)
+            doc_lls = [lls[j] for j in mine]
+            metrics, pred, pred_norm = choice_metrics(doc_lls, choices[d].choices, choices[d].gold)
+            normalized = task.metric == "acc_norm"
+            metrics[GOLD_PROBABILITY] = gold_probability(doc_lls, choices[d].choices, choices[d].gold, normalized)
             kl, n = _kl_or_keep(torch.cat([scored[j] for j in mine]), d, reference, keep)
             answer = str(pred_norm if task.metric == "acc_norm" else pred)
             out.append((d, DocResult(d, metrics[task.metric], metrics, answer, kl, n)))

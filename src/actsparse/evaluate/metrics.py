@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import string
 from collections.abc import Sequence
 
@@ -63,3 +64,23 @@ def topk_kl(ref_logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     q_tail = (1 - q.sum(-1)).clamp(min=TAIL_RESOLUTION)
     tail = torch.where(p_tail > TAIL_RESOLUTION, p_tail * (p_tail.clamp(min=TAIL_RESOLUTION).log() - q_tail.log()), 0.0)
     return (head + tail).clamp(min=0)
+
+
+GOLD_PROBABILITY = "p_gold"
+"""DocResult.metrics key of the low-noise measure of multiple choice and greedy-match tasks (higher is better)."""
+BITS_PER_BYTE = "bpb"
+"""DocResult.metrics key of bits per byte (lower is better; normalised performance = dense / sparse)."""
+
+
+def gold_probability(lls: Sequence[float], choices: Sequence[str], gold: int, normalized: bool = False) -> float:
+    """Probability of the gold choice under a softmax over the choices' log-likelihoods: the expected
+    accuracy of sampling an answer. `normalized`: per character of the choice text, as acc_norm ranks."""
+    values = [ll / len(c) if c else float("-inf") for ll, c in zip(lls, choices, strict=True)] if normalized else lls
+    scores = torch.tensor(values, dtype=torch.float64)
+    return float(scores.softmax(0)[gold]) if torch.isfinite(scores).any() else float("nan")
+
+
+def bits_per_byte(nll_nats: float, text: str) -> float:
+    """Summed negative log-likelihood (nats) of `text` in bits per UTF-8 byte (OLMo's definition)."""
+    size = len(text.encode("utf-8"))
+    return nll_nats / math.log(2) / size if size else float("nan")

@@ -9,6 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+SPARSITY_ZEROED = "sparsity_zeroed"
+SPARSITY_SEEN = "sparsity_seen"
+"""DocResult.metrics keys of a sparse document's own counts (entries zeroed, entries seen over its real
+tokens, every layer): the bootstrap resamples achieved sparsity with the documents."""
+
 
 @dataclass
 class DocResult:

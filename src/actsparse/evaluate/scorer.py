@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,11 +27,19 @@ from torch import nn
 
 from actsparse.evaluate.budget import CPU_TOKENS, Budget, OutOfMemory, auto_budget, free_memory
 from actsparse.evaluate.encode import Encoder, Group
-from actsparse.evaluate.metrics import choice_metrics, cut_at_stop, exact_match, topk_kl
+from actsparse.evaluate.metrics import (
+    GOLD_PROBABILITY,
+    choice_metrics,
+    cut_at_stop,
+    exact_match,
+    gold_probability,
+    topk_kl,
+)
 from actsparse.evaluate.packing import PackedRows, Tree, make_tree, pack, plan_rows
 from actsparse.evaluate.reference import DenseReference
-from actsparse.evaluate.results import DocResult, TaskResult
+from actsparse.evaluate.results import SPARSITY_SEEN, SPARSITY_ZEROED, DocResult, TaskResult
 from actsparse.instrument import active_stats, counted_as_prefill, set_real_tokens
+from actsparse.stats import TokenCounts
 from actsparse.tasks import Completion, Generation, MultipleChoice, Request, Task, get_task, select_docs
 
 TOPK = 32
@@ -48,6 +57,7 @@ class GroupScore:
     argmax: list[list[int]]
     ids: torch.Tensor
     logp: torch.Tensor
+    counts: list[int] | None = None  # [zeroed, seen] of the group's tokens under `sparsify`, when counted
 
 
 def _left_pad(seqs: Sequence[Sequence[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,9 +242,42 @@ def _score_packed(
     scores: list[GroupScore | None] = [None] * len(groups)
     for forward in forwards:
         batch = pack(trees, forward, pad, dtype, device)
-        for i, score in _read_packed(model, groups, batch, k, reference):
+        with _token_counts(model) as counts:
+            read = list(_read_packed(model, groups, batch, k, reference))
+        table = _table(counts, batch.real.shape)
+        for i, score in read:
+            if table is not None:
+                r, at = batch.where[i]
+                score.counts = table[r, at : at + len(trees[i])].sum(0).tolist()
             scores[i] = score
     return scores  # type: ignore[return-value]
+
+
+@contextmanager
+def _token_counts(model: nn.Module) -> Iterator[TokenCounts | None]:
+    """Per-token sparsity counts of the forwards run in the block, when one `sparsify` block is running."""
+    running = active_stats(model)
+    if len(running) != 1:
+        yield None
+        return
+    counts = running[0].per_token = TokenCounts()
+    try:
+        yield counts
+    finally:
+        running[0].per_token = None
+
+
+def _table(counts: TokenCounts | None, shape: torch.Size) -> torch.Tensor | None:
+    """The block's per-token [zeroed, seen] as [B, T, 2] for a forward of `shape` [B, T], or None."""
+    table = None if counts is None else counts.table()
+    if table is None or table.shape[0] != shape[0] * shape[1]:
+        return None
+    return table.reshape(shape[0], shape[1], 2)
+
+
+def _add_counts(total: list[int] | None, rows: torch.Tensor) -> list[int]:
+    add = rows.reshape(-1, 2).sum(0).tolist()
+    return add if total is None else [total[0] + add[0], total[1] + add[1]]
 
 
 def _read_packed(
@@ -348,9 +391,15 @@ def _score_cached(
     # the vocabulary projection runs only at scored positions: each row's last n + 1 (a flat [N, V])
     width = ids.shape[1]
     scored = torch.arange(width, device=device) >= width - 1 - torch.tensor(prefixes, device=device)[:, None]
-    out = model(
-        input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True, logits_to_keep=scored
-    )
+    with _token_counts(model) as counts:
+        out = model(
+            input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True, logits_to_keep=scored
+        )
+    table = _table(counts, ids.shape)
+    group_counts: list[list[int] | None] = [None] * len(groups)
+    counted = table is not None
+    if table is not None:
+        group_counts = [_add_counts(None, table[b]) for b in range(len(groups))]
     cache = out.cache
     reads: list[dict[int, tuple]] = []
     at = 0
@@ -374,7 +423,8 @@ def _score_cached(
             cids[r, : len(tokens) - 1] = torch.tensor(tokens[:-1], dtype=torch.long)
             cmask[r, : len(tokens) - 1] = 1
         cids, cmask = cids.to(device), cmask.to(device)
-        with counted_as_prefill(model):  # one-token chunks too: they are scored text, not generated
+        # one-token chunks too are counted as prefill: they are scored text, not generated
+        with counted_as_prefill(model), _token_counts(model) as counts:
             logits = model(
                 input_ids=cids,
                 attention_mask=torch.cat([mask[index], cmask], dim=1),
@@ -383,6 +433,11 @@ def _score_cached(
                 use_cache=True,
                 logits_to_keep=cmask.bool(),  # real positions only, flat [N, V]
             ).logits
+        table = _table(counts, cids.shape)
+        counted = counted and table is not None
+        if table is not None:
+            for r, (b, _, _) in enumerate(chunk):
+                group_counts[b] = _add_counts(group_counts[b], table[r])
         at = 0
         for b, i, tokens in chunk:
             m = len(tokens) - 1
@@ -390,10 +445,11 @@ def _score_cached(
             at += m
         del part, logits
     out_scores = []
-    for g, n, read in zip(groups, prefixes, reads, strict=True):
+    for b, (g, n, read) in enumerate(zip(groups, prefixes, reads, strict=True)):
         tops = [read[o][2] for o in sorted(read)]
         ids_k, logp_k = torch.cat([t[0] for t in tops]), torch.cat([t[1] for t in tops])
         out_scores.append(_combine(g, n, {o: v[:2] for o, v in read.items()}, ids_k, logp_k))
+        out_scores[-1].counts = group_counts[b] if counted else None
     return out_scores
 
 
@@ -673,14 +729,19 @@ def _score_batch(
         if isinstance(request, MultipleChoice):
             metrics, pred, pred_norm = choice_metrics(lls, request.choices, request.gold)
             answer = str(pred_norm if task.metric == "acc_norm" else pred)
+            metrics[GOLD_PROBABILITY] = gold_probability(lls, request.choices, request.gold, task.metric == "acc_norm")
         elif isinstance(request, Completion):
-            metrics = {"acc": float(mine[0].greedy[0])}
+            metrics = {"acc": float(mine[0].greedy[0]), GOLD_PROBABILITY: math.exp(mine[0].lls[0])}
             answer = tokenizer.decode(mine[0].argmax[0])
         else:
             text = cut_at_stop(tokenizer.decode(generations[d], skip_special_tokens=True), request.until)
             metrics, answer = {"exact_match": exact_match(text, request.answers)}, text
             if reference is None:
                 keep.generated[d] = generations[d]
+        counts = [s.counts for s in mine]
+        if not isinstance(request, Generation) and all(c is not None for c in counts):
+            metrics[SPARSITY_ZEROED] = float(sum(c[0] for c in counts if c is not None))
+            metrics[SPARSITY_SEEN] = float(sum(c[1] for c in counts if c is not None))
         kept, kl, positions = _distributions(mine, d, reference)
         if kept is not None:
             keep.topk[d] = kept

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from actsparse.report import low_noise
 from actsparse.report.reading import censor_note, censored, describe_missing, missing, reached, settled
 from actsparse.store import atomic_path
 
@@ -103,6 +104,7 @@ def tables(summary: dict[str, Any]) -> dict[str, Table]:
             f"{p['value']:g}",
             _pct(p["sparsity"]),
             _num(p["normalized"]),
+            _num(p.get("normalized_low_noise")),
             *[_pct(p["scores"].get(t)) for t in tasks],
             _num(p["kl"], 4),
             _pct(p["agreement"]),
@@ -110,8 +112,20 @@ def tables(summary: dict[str, Any]) -> dict[str, Table]:
         ]
         for p in summary["points"]
     ]
+    out |= low_noise.tables(summary)
     out["Every point"] = (
-        ["target", "rule", "value", "sparsity", "normalised", *tasks, "mean KL", "agreement", "tasks done"],
+        [
+            "target",
+            "rule",
+            "value",
+            "sparsity",
+            "normalised",
+            "normalised (low-noise)",
+            *tasks,
+            "mean KL",
+            "agreement",
+            "tasks done",
+        ],
         point_rows,
     )
     return out
@@ -155,6 +169,7 @@ def _intro(summary: dict[str, Any]) -> list[str]:
         "Curves show each point's 95 % paired-bootstrap band of score / dense score. An interval marked "
         "censored reaches the lowest or highest sparsity its curve measured: the true end may lie beyond it "
         "(extend the grid there).",
+        *low_noise.intro(summary),
         *_search(summary.get("search", {})),
         *_partial(summary),
     ]
@@ -206,8 +221,11 @@ def render(summary: dict[str, Any], images: Sequence[Path]) -> tuple[str, str]:
     body = [f"<h1>{html.escape(title)}</h1>", *(f"<p>{html.escape(p)}</p>" for p in _intro(summary))]
     order = [
         "Dense scores",
+        low_noise.HEADLINE,
+        low_noise.DIFFERENCES,
         "Critical sparsity (average over tasks)",
         "Critical sparsity per task (95 % CI)",
+        low_noise.POWER,
         "Missing points",
     ]
     for name in order:
