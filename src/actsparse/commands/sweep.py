@@ -51,7 +51,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help="alias, folder, .gguf file or hub id")
     p.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="comma-separated targets")
-    p.add_argument("--rules", default="top_p", help="comma-separated rules: top_p, top_k, max_p")
+    p.add_argument(
+        "--rules",
+        default="top_p",
+        help="comma-separated rules: top_p, top_k, max_p; the field's methods: threshold (values = target "
+        "sparsities, calibrated per point), wina_top_p, wina_top_k, top_p_outlier (value p), predictor (value p)",
+    )
     p.add_argument(
         "--values",
         default=None,
@@ -67,6 +72,18 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="documents scored together")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the intervals")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    methods = p.add_argument_group("methods (threshold, top_p_outlier, predictor)")
+    methods.add_argument(
+        "--allocation",
+        default="uniform",
+        help="threshold: uniform (the same sparsity in every layer) or greedy (TEAL's per-layer allocation)",
+    )
+    methods.add_argument(
+        "--outlier-m", type=float, default=100.0, help="top_p_outlier: keep |v| > m × the row's median |v|"
+    )
+    methods.add_argument("--calibration", type=Path, help="calibration text file (default: the built-in text)")
+    methods.add_argument("--calibration-tokens", type=int, default=4096, help="calibration tokens to read")
+    methods.add_argument("--predictor-rank", type=int, default=64, help="predictor: rank of each layer's predictor")
     scale = p.add_argument_group("scale out")
     scale.add_argument(
         "--executor", choices=EXECUTORS, default="local", help="local: in this process; ray: a Ray task per point"
@@ -151,6 +168,11 @@ def run(args: argparse.Namespace) -> int:
         search=args.search,
         precision=args.precision,
         refine=args.refine,
+        allocation=args.allocation,
+        outlier_m=args.outlier_m,
+        calibration=args.calibration,
+        calibration_tokens=args.calibration_tokens,
+        predictor_rank=args.predictor_rank,
         diffusion=DiffusionOptions(
             mc_samples=args.mc_samples,
             gen_length=args.gen_length,
