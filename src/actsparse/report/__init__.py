@@ -196,6 +196,9 @@ def write_report(run_dir: str | Path, resamples: int | None = None) -> list[Path
     summary = write_summary(run_dir, resamples=resamples or RESAMPLES, seed=int(settings.get("seed") or 0))
     if not summary["dense"]:
         raise ValueError(f"{run_dir} has no dense baseline yet: run `actsparse sweep --out {run_dir}` first")
+    from actsparse.outliers import load_outliers
+
+    summary["outliers"] = load_outliers(run_dir)  # heatmaps mark the layers with massive activations
     images = save_figures(summary, run_dir)
     from actsparse.report.diffusion import save_step_figures
 

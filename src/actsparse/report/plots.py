@@ -13,6 +13,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
+from actsparse.report.outliers import mark_outlier_layers
+
 TARGET_COLORS = {
     "input": "#1f77b4",
     "gate": "#2ca02c",
@@ -132,6 +134,7 @@ def heatmap(summary: Summary, target: str) -> Figure:
         ax.set_yticks(range(0, len(layers), step), [str(layers[i]) for i in range(0, len(layers), step)])
         ax.set_xlabel(f"{rule} value")
         ax.set_ylabel("layer")
+        mark_outlier_layers(ax, summary, target, layers)
         ax.set_title(f"{target} · {rule}", fontsize=11)
         if len(layers) * len(pts) <= 200:
             for i, row in enumerate(grid):
