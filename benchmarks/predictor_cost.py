@@ -40,7 +40,9 @@ def _predicted(run_dir: Path) -> list[dict]:
     return records
 
 
-def bench(h: int, d: int, rank: int, sparsity: float, rounds: int, reps: int, clock: str, layers: int) -> dict[str, float]:
+def bench(
+    h: int, d: int, rank: int, sparsity: float, rounds: int, reps: int, clock: str, layers: int
+) -> dict[str, float]:
     """Best time per FFN of each variant, one token passing through `layers` FFNs of distinct weights
     (so that, as in a real decode step, the weights do not stay in cache between calls)."""
     torch.manual_seed(0)
@@ -111,7 +113,9 @@ def bench(h: int, d: int, rank: int, sparsity: float, rounds: int, reps: int, cl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run-dir", type=Path, help="a sweep folder with trained predictors (their shape, rank, sparsity)")
+    parser.add_argument(
+        "--run-dir", type=Path, help="a sweep folder with trained predictors (their shape, rank, sparsity)"
+    )
     parser.add_argument("--shape", default="576x1536", help="h x d (default: SmolLM2-135M)")
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--sparsity", type=float, default=0.5, help="predicted sparsity, without --run-dir")
@@ -137,8 +141,10 @@ def main() -> None:
         f"shape h={h} d={d}, float32, batch 1, {args.layers} layers, {args.threads} thread(s), {args.clock} clock, "
         f"best of {args.rounds} rounds; times per FFN"
     )
-    print(f"{'p':>5} {'rank':>4} {'sparsity':>8} | {'dense µs':>8} {'pred µs':>8} {'sparse µs':>9} {'net µs':>8} {'limit µs':>8} | "
-          f"{'net speed-up':>12} {'limit':>6} {'1/(1-s)':>7} {'pred FLOPs/FFN':>14}")  # fmt: skip
+    print(
+        f"{'p':>5} {'rank':>4} {'sparsity':>8} | {'dense µs':>8} {'pred µs':>8} {'sparse µs':>9} {'net µs':>8} "
+        f"{'limit µs':>8} | {'net speed-up':>12} {'limit':>6} {'1/(1-s)':>7} {'pred FLOPs/FFN':>14}"
+    )
     for rank, s, p in cases:
         t = bench(h, d, rank, s, args.rounds, args.reps, args.clock, args.layers)
         row = {
@@ -152,9 +158,10 @@ def main() -> None:
         }
         out.append(row)
         print(
-            f"{'' if p is None else f'{p:g}':>5} {rank:>4} {s:>8.1%} | {row['dense_us']:>8.1f} {row['predictor_us']:>8.1f} "
-            f"{row['sparse_us']:>9.1f} {row['net_us']:>8.1f} {row['limit_us']:>8.1f} | {row['net_speedup']:>11.2f}× "
-            f"{row['limit_speedup']:>5.2f}× {1 / (1 - s):>6.2f}× {row['flops_ratio']:>14.1%}"
+            f"{'' if p is None else f'{p:g}':>5} {rank:>4} {s:>8.1%} | {row['dense_us']:>8.1f} "
+            f"{row['predictor_us']:>8.1f} {row['sparse_us']:>9.1f} {row['net_us']:>8.1f} {row['limit_us']:>8.1f} | "
+            f"{row['net_speedup']:>11.2f}× {row['limit_speedup']:>5.2f}× {1 / (1 - s):>6.2f}× "
+            f"{row['flops_ratio']:>14.1%}"
         )
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))

@@ -8,14 +8,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_rules import DTYPES, SHAPES, make_vector
+from tiny import tiny_model
 
 from actsparse.methods import method_mask, point_spec, reference_method_mask, sparsify
 from actsparse.methods.allocation import ErrorCurves, allocate
 from actsparse.methods.outlier_topp import top_p_outlier_mask
 from actsparse.methods.wina import column_norms, wina_top_k_mask, wina_top_p_mask
 from actsparse.spec import SparsitySpec
-from tests.test_rules import DTYPES, SHAPES, make_vector
-from tests.tiny import tiny_model
 
 KINDS = ["random", "tied", "zeros", "outliers", "all_zero", "one_huge"]
 
@@ -52,7 +52,12 @@ def norms_for(n: int, kind: str, seed: int) -> torch.Tensor:
 
 
 @settings(max_examples=150, deadline=None)
-@given(v=vectors, p=fractions, rule=st.sampled_from(["wina_top_p", "wina_top_k"]), nk=st.sampled_from(["random", "tied", "zero"]))
+@given(
+    v=vectors,
+    p=fractions,
+    rule=st.sampled_from(["wina_top_p", "wina_top_k"]),
+    nk=st.sampled_from(["random", "tied", "zero"]),
+)
 def test_wina_masks_equal_reference(v: torch.Tensor, p: float, rule: str, nk: str) -> None:
     norms = norms_for(v.shape[-1], nk, seed=int(v.numel()))
     fn = wina_top_p_mask if rule == "wina_top_p" else wina_top_k_mask
@@ -122,11 +127,15 @@ def test_method_rules_run_on_a_model_and_count(rule: str, target: str) -> None:
 def test_greedy_allocation_meets_the_target_and_prefers_cheap_layers() -> None:
     levels = np.round(np.arange(0, 1.0 - 1e-9, 0.05), 6)
     cheap, costly = levels**2 * 0.01, levels**2
-    curves = ErrorCurves([(0, "input"), (1, "input")], np.array([10.0, 10.0]), np.stack([cheap, costly]), np.zeros((2, 201)))
+    curves = ErrorCurves(
+        [(0, "input"), (1, "input")], np.array([10.0, 10.0]), np.stack([cheap, costly]), np.zeros((2, 201))
+    )
     alloc = allocate(curves, 0.4)
     assert alloc.mean() == pytest.approx(0.4)
     assert alloc[0] > alloc[1]
-    weighted = ErrorCurves([(0, "input"), (1, "intermediate")], np.array([10.0, 30.0]), np.stack([costly, costly]), np.zeros((2, 201)))
+    weighted = ErrorCurves(
+        [(0, "input"), (1, "intermediate")], np.array([10.0, 30.0]), np.stack([costly, costly]), np.zeros((2, 201))
+    )
     alloc = allocate(weighted, 0.5)
     assert (alloc * np.array([10, 30])).sum() / 40 == pytest.approx(0.5)
     assert allocate(curves, 0.0).tolist() == [0.0, 0.0]

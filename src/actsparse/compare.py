@@ -70,7 +70,8 @@ def load_methods(run_dir: str | Path) -> tuple[list[Method], dict[str, Any]]:
     with RunStore.open(run_dir, create=False) as store:
         settings = store.get_meta("settings") or {}
         meta = {k: store.get_meta(k) for k in ("allocation", "outlier_m", "predictor_rank")}
-        dense, sparse = {}, {}
+        dense: dict[str, Any] = {}
+        sparse: dict[tuple[str, str], dict[float, dict[str, Any]]] = {}
         for key, result in store.items():
             if key.is_dense:
                 dense[key.task] = result
@@ -97,7 +98,10 @@ def load_methods(run_dir: str | Path) -> tuple[list[Method], dict[str, Any]]:
                 agreement=np.array([_nanmean(a) for a in agrees]),
                 dense={t: {d.doc_id: d.score for d in dense[t].docs} for t in tasks},
                 scores={t: [{d.doc_id: d.score for d in p[t].docs} for p in pts] for t in tasks},
-                extra={"values": values, **({"predictor": _predictor_quality(run_dir, target)} if rule == "predictor" else {})},
+                extra={
+                    "values": values,
+                    **({"predictor": _predictor_quality(run_dir, target)} if rule == "predictor" else {}),
+                },
             )
         )
     return methods, settings
@@ -136,8 +140,7 @@ def _boot_critical(method: Method, ids: dict[str, list[int]], weights: dict[str,
         scores = np.array([[point[i] for i in doc_ids] for point in method.scores[task]])  # [m, n]
         w = weights[task]
         per_task.append(ratio(w @ scores.T, (w @ dense)[:, None]))
-    perf = np.nanmean(np.stack(per_task), axis=0)
-    return critical_sparsity_batch(method.sparsity, perf)[0]
+    return critical_sparsity_batch(method.sparsity, _task_mean(per_task))[0]
 
 
 def _shared_ids(methods: Sequence[Method]) -> dict[str, list[int]]:
@@ -186,7 +189,7 @@ def compare(
                 "agreement": {f"{s:g}": interpolate(m.sparsity, m.agreement, s, 1.0) for s in MATCHED},
                 **m.extra,
             }
-            if base_boot is not None and m is not baseline:
+            if base_boot is not None and base_value is not None and m is not baseline:
                 diff = boot - base_boot
                 row["diff_to_top_p"] = value - base_value
                 row["diff_ci"] = [float(x) for x in np.nanpercentile(diff, q)]
@@ -210,7 +213,15 @@ def _point_perf(m: Method, ids: dict[str, list[int]], weights: dict[str, np.ndar
         dense = np.array([m.dense[task][i] for i in doc_ids])
         scores = np.array([[point.get(i, math.nan) for i in doc_ids] for point in m.scores[task]])
         per_task.append(ratio(weights[task] @ scores.T, (weights[task] @ dense)[:, None]))
-    return np.nanmean(np.stack(per_task), axis=0)
+    return _task_mean(per_task)
+
+
+def _task_mean(per_task: list[np.ndarray]) -> np.ndarray:
+    """Mean over tasks, leaving out NaN (a resample whose dense score is 0); NaN where every task is."""
+    stack = np.stack(per_task)
+    count = (~np.isnan(stack)).sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, np.nansum(stack, axis=0) / np.maximum(count, 1), np.nan)
 
 
 def _pct(x: float | None) -> str:
@@ -238,7 +249,11 @@ def markdown(rows_by_target: dict[str, list[dict[str, Any]]], model: str, comman
         for r in rows:
             bound = "≥ " if r["lower_bound"] else ""
             crit = f"{bound}{_pct(r['critical'])} [{_pct(r['ci'][0])}, {_pct(r['ci'][1])}]"
-            diff = "–" if "diff_ci" not in r else f"{100 * r['diff_to_top_p']:+.1f} [{100 * r['diff_ci'][0]:+.1f}, {100 * r['diff_ci'][1]:+.1f}]"
+            diff = (
+                "–"
+                if "diff_ci" not in r
+                else f"{100 * r['diff_to_top_p']:+.1f} [{100 * r['diff_ci'][0]:+.1f}, {100 * r['diff_ci'][1]:+.1f}]"
+            )
             cells = [r["method"], crit, diff]
             cells += [_num(r["kl"][f"{s:g}"]) for s in MATCHED] + [_pct(r["agreement"][f"{s:g}"]) for s in MATCHED]
             lines.append("| " + " | ".join(cells) + " |")
@@ -247,7 +262,8 @@ def markdown(rows_by_target: dict[str, list[dict[str, Any]]], model: str, comman
                 f = q["flops_per_token"]
                 lines.append(
                     f"\npredictor p = {q['p']:g} (rank {q['rank']}): held-out recall {q['recall']:.1%}, precision "
-                    f"{q['precision']:.1%}; {f['predictor']:,} FLOPs per token, {f['predictor'] / f['ffn']:.1%} of the FFN's {f['ffn']:,}"
+                    f"{q['precision']:.1%}; {f['predictor']:,} FLOPs per token, "
+                    f"{f['predictor'] / f['ffn']:.1%} of the FFN's {f['ffn']:,}"
                 )
         lines.append("")
     return "\n".join(lines)
@@ -268,7 +284,9 @@ def plot(methods: Sequence[Method], target: str, rows: list[dict[str, Any]], mod
         r = by_label.get(m.label)
         if r is not None:
             ax_p.errorbar(
-                100 * r["critical"], THRESHOLD, xerr=[[100 * (r["critical"] - r["ci"][0])], [100 * (r["ci"][1] - r["critical"])]],
+                100 * r["critical"],
+                THRESHOLD,
+                xerr=[[100 * (r["critical"] - r["ci"][0])], [100 * (r["ci"][1] - r["critical"])]],
                 fmt="*", ms=12, color=line.get_color(), capsize=3,
             )  # fmt: skip
         ax_k.plot(np.r_[0, m.sparsity] * 100, np.r_[0, m.kl], "o-", color=line.get_color(), label=m.label)
@@ -281,6 +299,7 @@ def plot(methods: Sequence[Method], target: str, rows: list[dict[str, Any]], mod
     ax_k.set_xlabel("achieved sparsity (%)")
     ax_k.set_ylabel("mean KL(dense ‖ sparse)")
     ax_k.set_yscale("symlog", linthresh=1e-3)
+    ax_k.set_ylim(bottom=0)
     ax_k.set_title("KL at matched sparsity (dotted)", fontsize=10)
     ax_p.legend(fontsize=8)
     fig.suptitle(f"{model}: methods on {target}", fontsize=12)
@@ -300,7 +319,9 @@ def write_comparison(
         models.add(settings.get("model"))
         for key in ("limit", "seed"):
             if key in seen_docs and seen_docs[key] != settings.get(key):
-                raise ValueError(f"{run_dir} used {key} = {settings.get(key)!r}, another run {seen_docs[key]!r}: not comparable")
+                raise ValueError(
+                    f"{run_dir} used {key} = {settings.get(key)!r}, another run {seen_docs[key]!r}: not comparable"
+                )
             seen_docs[key] = settings.get(key)
         methods += found
     if len(models) > 1:
@@ -318,7 +339,9 @@ def write_comparison(
     model = str(next(iter(models)))
     paths = [out / "compare.md", out / "compare.json"]
     paths[0].write_text(markdown(rows, model, command), encoding="utf-8")
-    paths[1].write_text(json.dumps({"model": model, "runs": [str(r) for r in run_dirs], "targets": rows}, indent=2, default=float))
+    paths[1].write_text(
+        json.dumps({"model": model, "runs": [str(r) for r in run_dirs], "targets": rows}, indent=2, default=float)
+    )
     import matplotlib.pyplot as plt
 
     for target, target_rows in rows.items():

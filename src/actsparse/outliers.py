@@ -114,7 +114,11 @@ def find_outliers(
 
 def massive_layers(records: Sequence[LayerOutliers] | dict[str, Any], vector: str = "input") -> list[int]:
     """The layers whose `vector` holds massive activations (records, or an outliers.json's content)."""
-    rows = records.get("layers", []) if isinstance(records, dict) else [asdict(r) | {"massive": r.massive} for r in records]
+    rows = (
+        records.get("layers", [])
+        if isinstance(records, dict)
+        else [asdict(r) | {"massive": r.massive} for r in records]
+    )
     return sorted({int(r["layer"]) for r in rows if r["vector"] == vector and r["massive"]})
 
 
@@ -145,7 +149,15 @@ def load_outliers(folder: str | Path) -> dict[str, Any] | None:
 
 def table(records: Sequence[LayerOutliers]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the per-layer table."""
-    header = ["layer", "vector", "max |v|", "max ratio", "median ratio", "tokens with one", "dimensions (share of tokens)"]
+    header = [
+        "layer",
+        "vector",
+        "max |v|",
+        "max ratio",
+        "median ratio",
+        "tokens with one",
+        "dimensions (share of tokens)",
+    ]
     rows = []
     for r in records:
         dims = ", ".join(f"{d} ({share:.1%})" for d, share in r.dims) or "–"
@@ -170,12 +182,19 @@ def plot(records: Sequence[LayerOutliers], model: str, m: float) -> Any:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    vectors = sorted({r.vector for r in records}, key=lambda v: list(DEFAULT_VECTORS).index(v) if v in DEFAULT_VECTORS else 9)
+    vectors = sorted(
+        {r.vector for r in records}, key=lambda v: list(DEFAULT_VECTORS).index(v) if v in DEFAULT_VECTORS else 9
+    )
     fig, axes = plt.subplots(1, len(vectors), figsize=(6 * len(vectors), 4.2), squeeze=False)
     for ax, vector in zip(axes[0], vectors, strict=True):
         rows = [r for r in records if r.vector == vector]
         layers = [r.layer for r in rows]
-        ax.bar(layers, [r.max_ratio for r in rows], color=["tab:red" if r.massive else "tab:blue" for r in rows], label="max over tokens")
+        ax.bar(
+            layers,
+            [r.max_ratio for r in rows],
+            color=["tab:red" if r.massive else "tab:blue" for r in rows],
+            label="max over tokens",
+        )
         ax.plot(layers, [r.median_ratio for r in rows], "k.-", label="median over tokens")
         ax.axhline(m, color="gray", ls="--", lw=1, label=f"m = {m:g}")
         ax.set_yscale("log")

@@ -13,7 +13,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "compare",
         help="compare methods across run folders: critical sparsity, KL/agreement at matched sparsity, Δ to top_p",
     )
-    p.add_argument("run_dirs", type=Path, nargs="+", help="--out folders of `actsparse sweep` (same model and documents)")
+    p.add_argument(
+        "run_dirs", type=Path, nargs="+", help="--out folders of `actsparse sweep` (same model and documents)"
+    )
     p.add_argument("--out", type=Path, help="folder for compare.md/.json/.png (default: the first run folder)")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the intervals")
     return p

@@ -15,7 +15,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--vectors", default="input,intermediate", help="comma-separated vectors to measure")
     p.add_argument("--data", type=Path, help="a plain-text file (default: built-in public-domain text)")
     p.add_argument("--tokens", type=int, default=4096, help="calibration tokens to read")
-    p.add_argument("--out", type=Path, help="folder for outliers.json/.md/.png (a sweep's run folder: its report marks them)")
+    p.add_argument(
+        "--out", type=Path, help="folder for outliers.json/.md/.png (a sweep's run folder: its report marks them)"
+    )
     return p
 
 
@@ -50,7 +52,10 @@ def run(args: argparse.Namespace) -> int:
     md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(r) + " |" for r in rows]
     massive = {v: sorted({r.layer for r in records if r.vector == v and r.massive}) for v in vectors}
-    md += ["", *(f"- massive activations in `{v}`: layers {', '.join(map(str, ls)) or 'none'}" for v, ls in massive.items())]
+    md += [
+        "",
+        *(f"- massive activations in `{v}`: layers {', '.join(map(str, ls)) or 'none'}" for v, ls in massive.items()),
+    ]
     (out / "outliers.md").write_text("\n".join(md) + "\n")
     fig = plot(records, args.model, args.m)
     fig.savefig(out / "outliers.png", dpi=110)

@@ -98,7 +98,9 @@ class MethodOptions:
         return out
 
 
-def method_mask(spec: SparsitySpec, layer: int, vector: str, v: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+def method_mask(
+    spec: SparsitySpec, layer: int, vector: str, v: torch.Tensor, x: torch.Tensor | None = None
+) -> torch.Tensor:
     """Keep-mask of a method rule at (layer, vector); `x` is the FFN input (the predictor reads it)."""
     if spec.rule in WINA_BASE:
         norms = spec.data[layer][vector]
@@ -164,7 +166,9 @@ def sparsify(model: nn.Module, spec: SparsitySpec, layers: list[int] | None = No
         yield stats
 
 
-def point_spec(model: nn.Module, tokenizer: Any, target: str, rule: str, value: float, options: MethodOptions | None) -> SparsitySpec:
+def point_spec(
+    model: nn.Module, tokenizer: Any, target: str, rule: str, value: float, options: MethodOptions | None
+) -> SparsitySpec:
     """The spec that runs a sweep point: the plain spec for the rules, the method's data resolved otherwise."""
     options = options or MethodOptions()
     if rule == "threshold":
@@ -179,5 +183,7 @@ def point_spec(model: nn.Module, tokenizer: Any, target: str, rule: str, value: 
     if rule == "predictor":
         from actsparse.methods.predictor import cached_predictors
 
-        return SparsitySpec(target, rule, spec.value, data=cached_predictors(model, tokenizer, target, spec.value, options))
+        return SparsitySpec(
+            target, rule, spec.value, data=cached_predictors(model, tokenizer, target, spec.value, options)
+        )
     return spec

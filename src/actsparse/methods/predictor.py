@@ -2,10 +2,11 @@
 intermediate entries, trained on calibration text to guess which entries top-p (value p) keeps.
 
 Fitted in closed form (reduced-rank ridge regression of the ±1 keep targets), so that it takes seconds
-per layer on a CPU rather than a training loop. Used as the rule `predictor` (target `intermediate`, `gate` or `up`): the entries predicted kept
-(logit > 0) are kept, the rest zeroed, so an engine could skip rows of W_g, W_u and columns of W_d
-before computing them. Its recall and precision are measured on held-out calibration tokens (the last
-quarter), and its cost per token is counted: 2·r·(h + d) FLOPs against the FFN's 6·h·d.
+per layer on a CPU rather than a training loop. Used as the rule `predictor` (target `intermediate`,
+`gate` or `up`): the entries predicted kept (logit > 0) are kept, the rest zeroed, so an engine could
+skip rows of W_g, W_u and columns of W_d before computing them. Its recall and precision are measured
+on held-out calibration tokens (the last quarter), and its cost per token is counted: 2·r·(h + d)
+FLOPs against the FFN's 6·h·d.
 """
 
 from __future__ import annotations
@@ -66,7 +67,9 @@ class PredictorMetrics:
     predicted_sparsity: float
 
 
-def _collect(model: nn.Module, batches: list[dict[str, torch.Tensor]], vector: str) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+def _collect(
+    model: nn.Module, batches: list[dict[str, torch.Tensor]], vector: str
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """layer → (x [N, h], v [N, d]) of the dense model on the batches' real tokens."""
     ffns = select_ffns(model, None)
     xs: dict[int, list[torch.Tensor]] = {f.layer: [] for f in ffns}
@@ -93,25 +96,25 @@ def fit_low_rank(x: torch.Tensor, keep: torch.Tensor, rank: int, ridge: float = 
     """Reduced-rank ridge regression of ±1 keep targets on standardised x, in closed form.
 
     W = (XᵀX + λI)⁻¹ XᵀY fits every entry; the fitted values X W are projected on their top `rank`
-    right singular vectors V (eigenvectors of Wᵀ XᵀX W), so logits = Vᵀ-projected W: A = (W V)ᵀ, B = V.
+    right singular vectors V (those of Lᵀ W, with L Lᵀ = XᵀX + λI), so that A = (W V)ᵀ and B = V.
     """
-    x = x.double()
+    x = x.float()
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
     xn = (x - mean) / std
-    y = keep.double() * 2 - 1
+    y = keep.float() * 2 - 1
     y_mean = y.mean(0)
-    gram = xn.T @ xn
-    lam = ridge * float(gram.diagonal().mean())
-    w = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), xn.T @ (y - y_mean))  # [h, d]
+    gram = (xn.T @ xn).double()
+    gram += ridge * float(gram.diagonal().mean()) * torch.eye(gram.shape[0], dtype=gram.dtype)
+    chol = torch.linalg.cholesky(gram)
+    w = torch.cholesky_solve((xn.T @ (y - y_mean)).double(), chol)  # [h, d]
     rank = min(rank, w.shape[0], w.shape[1])
-    _, vectors = torch.linalg.eigh(w.T @ gram @ w)  # ascending eigenvalues
-    v = vectors[:, -rank:]  # [d, r]
-    a = (w @ v).T / std  # [r, h], the standardisation folded in
+    v = torch.linalg.svd(chol.T @ w, full_matrices=False).Vh[:rank].T  # [d, r]
+    a = (w @ v).T / std.double()  # [r, h], the standardisation folded in
     predictor = LowRankPredictor(x.shape[1], keep.shape[1], rank)
     with torch.no_grad():
         predictor.a.weight.copy_(a)
         predictor.b.weight.copy_(v)
-        predictor.b.bias.copy_(y_mean - v @ (a @ mean))
+        predictor.b.bias.copy_(y_mean.double() - v @ (a @ mean.double()))
     return predictor.requires_grad_(False)
 
 
@@ -140,7 +143,9 @@ def train_predictors(
     return predictors, metrics
 
 
-def cached_predictors(model: nn.Module, tokenizer: Any, target: str, p: float, options: Any) -> dict[int, LowRankPredictor]:
+def cached_predictors(
+    model: nn.Module, tokenizer: Any, target: str, p: float, options: Any
+) -> dict[int, LowRankPredictor]:
     """Trained predictors for (model, target, p, rank, text), from RUN_DIR/calibration/ when there."""
     from actsparse.calibrate import calibration_batches
     from actsparse.methods.thresholds import cache_file, model_id

@@ -33,7 +33,9 @@ def column_norms(model: nn.Module) -> Norms:
     for ffn in find_ffns(model):
         w = ffn.adapter.gated_weights(ffn.module)
         if w is None:
-            raise ValueError(f"WINA needs the dense weights of layer {ffn.layer}'s FFN (packed experts are not supported)")
+            raise ValueError(
+                f"WINA needs the dense weights of layer {ffn.layer}'s FFN (packed experts are not supported)"
+            )
         with torch.no_grad():
             x_norm = (w.gate.double().square().sum(0) + w.up.double().square().sum(0)).sqrt()
             d_norm = w.down.double().square().sum(0).sqrt()
@@ -67,5 +69,7 @@ def reference_wina_mask(v: torch.Tensor, rule: str, value: float, norms: torch.T
     check_finite(values)
     weights = [float(x) for x in norms.double().tolist()]
     rows = values.reshape(-1, v.shape[-1]).tolist()
-    keep = [_reference_row([abs(x) * w for x, w in zip(row, weights, strict=True)], WINA_BASE[rule], value) for row in rows]
+    keep = [
+        _reference_row([abs(x) * w for x, w in zip(row, weights, strict=True)], WINA_BASE[rule], value) for row in rows
+    ]
     return torch.tensor(keep, dtype=torch.bool).reshape(v.shape).to(v.device)

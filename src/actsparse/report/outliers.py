@@ -25,7 +25,9 @@ def mark_outlier_layers(ax: Any, summary: dict[str, Any], target: str, layers: l
         return
     ticks = [i for i, layer in enumerate(layers) if layer in marked]
     ax.set_yticks(sorted(set(ax.get_yticks().astype(int).tolist()) | set(ticks)))
-    ax.set_yticklabels([f"◆ {layers[i]}" if layers[i] in marked else str(layers[i]) for i in ax.get_yticks().astype(int)])
+    ax.set_yticklabels(
+        [f"◆ {layers[i]}" if layers[i] in marked else str(layers[i]) for i in ax.get_yticks().astype(int)]
+    )
     for label, i in zip(ax.get_yticklabels(), ax.get_yticks().astype(int), strict=True):
         if layers[i] in marked:
             label.set_color("tab:red")
