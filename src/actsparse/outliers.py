@@ -3,8 +3,11 @@ with |v| orders of magnitude above the rest, which take most of the L1 norm that
 
 On calibration text, per layer and vector: the largest per-token ratio max|v| / median|v|, its median
 over tokens, how often a token holds an entry above m × its median (default m = 100, as
-`top_p_outlier` uses), and the dimensions where those entries sit. A layer is *massive* when any
-calibration token holds such an entry; `outliers.json` in a run folder lets every report mark them.
+`top_p_outlier` uses), and the dimensions where those entries sit. A layer is *massive* when such
+entries sit in fixed dimensions, as massive activations do: its most frequent dimension is above the
+bar on at least half of the tokens that hold one. (The intermediate vector's heavy tail puts some entry
+above 100 × the median on many tokens, scattered over dimensions: that is not flagged.) `outliers.json`
+in a run folder lets every report mark these layers.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ class LayerOutliers:
 
     @property
     def massive(self) -> bool:
-        return self.token_fraction > 0
+        return self.token_fraction > 0 and bool(self.dims) and self.dims[0][1] >= 0.5 * self.token_fraction
 
 
 class _Stats:
@@ -110,6 +113,15 @@ def find_outliers(
             )
         )
     return out
+
+
+def records_from(data: dict[str, Any]) -> list[LayerOutliers]:
+    """The records of an outliers.json's content."""
+    fields = set(LayerOutliers.__dataclass_fields__)
+    return [
+        LayerOutliers(**{k: v for k, v in r.items() if k in fields} | {"dims": [tuple(d) for d in r["dims"]]})
+        for r in data["layers"]
+    ]
 
 
 def massive_layers(records: Sequence[LayerOutliers] | dict[str, Any], vector: str = "input") -> list[int]:

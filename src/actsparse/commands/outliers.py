@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--tokens must be positive")
     out = args.out or Path("runs") / "outliers" / Path(args.model).name
     from actsparse.calibrate import calibration_batches, calibration_text
-    from actsparse.outliers import find_outliers, plot, save_outliers, table
+    from actsparse.outliers import find_outliers, table
 
     text = calibration_text(args.data)
     console = Console()
@@ -46,19 +46,9 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer = load_model(args.model)
     with console.status("measuring"):
         records = find_outliers(model, calibration_batches(tokenizer, text, args.tokens), args.m, vectors)
-    path = save_outliers(out, records, args.model, args.m)
+    path = write_outputs(out, records, args.model, args.m)
     header, rows = table(records)
-    md = [f"# Massive activations of {args.model} (m = {args.m:g}, {records[0].tokens} calibration tokens)", ""]
-    md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    md += ["| " + " | ".join(r) + " |" for r in rows]
     massive = {v: sorted({r.layer for r in records if r.vector == v and r.massive}) for v in vectors}
-    md += [
-        "",
-        *(f"- massive activations in `{v}`: layers {', '.join(map(str, ls)) or 'none'}" for v, ls in massive.items()),
-    ]
-    (out / "outliers.md").write_text("\n".join(md) + "\n")
-    fig = plot(records, args.model, args.m)
-    fig.savefig(out / "outliers.png", dpi=110)
     from rich.table import Table
 
     shown = Table(*header)
@@ -69,3 +59,24 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"massive activations in {v}: layers {', '.join(map(str, ls)) or 'none'}", highlight=False)
     console.print(f"wrote {path}, {out / 'outliers.md'}, {out / 'outliers.png'}", highlight=False)
     return 0
+
+
+def write_outputs(out: Path, records: list, model: str, m: float) -> Path:
+    """outliers.json, outliers.md (the table) and outliers.png into `out`; returns the JSON's path."""
+    from actsparse.outliers import plot, save_outliers, table
+
+    path = save_outliers(out, records, model, m)
+    header, rows = table(records)
+    md = [f"# Massive activations of {model} (m = {m:g}, {records[0].tokens} calibration tokens)", ""]
+    md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    md += ["| " + " | ".join(r) + " |" for r in rows]
+    vectors = sorted({r.vector for r in records})
+    massive = {v: sorted({r.layer for r in records if r.vector == v and r.massive}) for v in vectors}
+    md += [
+        "",
+        *(f"- massive activations in `{v}`: layers {', '.join(map(str, ls)) or 'none'}" for v, ls in massive.items()),
+    ]
+    (out / "outliers.md").write_text("\n".join(md) + "\n")
+    fig = plot(records, model, m)
+    fig.savefig(out / "outliers.png", dpi=110)
+    return path
