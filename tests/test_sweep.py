@@ -164,7 +164,7 @@ def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--values", "0.9,abc"], "--values must be 'paper' or numbers"),
         (["--targets", "input,outputs"], "unknown target 'outputs'"),
         (["--rules", "top_q"], "unknown rule 'top_q'"),
-        (["--rules", "threshold"], "unknown rule 'threshold'"),
+        (["--rules", "threshold", "--values", "0.5,1.5"], "threshold's values are target sparsities in [0, 1]"),
         (["--limit", "-3"], "--limit must be at least 1"),
         (["--backend", "vllm"], "invalid choice: 'vllm'"),
     ],

@@ -9,7 +9,7 @@ from typing import Any
 
 from actsparse.commands import HelpFormatter
 
-COMMANDS = ("profile", "sweep", "study", "report", "calibrate", "bench", "tasks", "models")
+COMMANDS = ("profile", "sweep", "study", "report", "calibrate", "bench", "tasks", "models", "outliers", "compare")
 """Subcommand modules under actsparse.commands; each has `add_parser(subparsers)` and `run(args)`."""
 
 

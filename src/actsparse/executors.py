@@ -39,6 +39,7 @@ class PointContext:
     dtype: str = "float32"
     device: str = "cpu"
     device_map: str | None = None  # e.g. 'auto': spread the model over the worker's GPUs (accelerate)
+    methods: Any = None  # `methods.MethodOptions`: calibration text, allocation, m, cache folder
 
 
 @dataclass
@@ -72,7 +73,7 @@ def instrument(model: Any, spec: SparsitySpec, accelerate: bool = False) -> Any:
         from actsparse.accelerate import accelerate as accelerated
 
         return accelerated(model, spec)
-    from actsparse.instrument import sparsify
+    from actsparse.methods import sparsify
 
     return sparsify(model, spec)
 
@@ -94,7 +95,10 @@ def evaluate_point(key: PointKey, context: PointContext, progress: Progress | No
     reference = context.references.get(key.task) if context.backend == "native" else None
     if context.backend == "native" and reference is None:
         raise ValueError(f"no dense reference for task {key.task!r}: run its dense point first")
-    with torch.no_grad(), instrument(model, SparsitySpec(key.target, key.rule, key.value), context.accelerate) as stats:
+    from actsparse.methods import point_spec
+
+    spec = point_spec(model, tokenizer, key.target, key.rule, key.value, context.methods)
+    with torch.no_grad(), instrument(model, spec, context.accelerate) as stats:
         result, _ = _evaluate(model, tokenizer, key.task, context, reference, progress)
     result.sparsity = stats.to_dict()
     return PointOutcome(result, None, time.perf_counter() - start)

@@ -124,7 +124,7 @@ class RuleSite:
         if vector not in self.spec.vectors:
             return v
         try:
-            sparse, keep = masked(v, self.spec.rule, self.spec.value_for(self.layer, vector))
+            sparse, keep = self.masked(vector, v)
         except NonFiniteActivationError:
             raise non_finite(vector, self.layer, expert) from None
         real = self.tokens.rows(v, token_index)
@@ -135,6 +135,10 @@ class RuleSite:
         if self.stats.step is not None:  # a diffusion scorer is counting per denoising step
             self.stats.steps.record(self.stats.step, self.layer, vector, keep if real is None else keep[real], expert)
         return sparse
+
+    def masked(self, vector: str, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sparsified v, keep-mask) of the spec's rule; `actsparse.methods` overrides it per method."""
+        return masked(v, self.spec.rule, self.spec.value_for(self.layer, vector))
 
 
 def select_ffns(model: nn.Module, layers: list[int] | None) -> list[FFN]:

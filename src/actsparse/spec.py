@@ -15,7 +15,10 @@ TARGETS: tuple[str, ...] = ("input", "gate", "up", "intermediate", "all_inputs")
 VECTORS: tuple[str, ...] = ("input", "gate", "up", "intermediate")
 """The four activation vectors a rule can act on."""
 
-RULE_NAMES: tuple[str, ...] = ("top_p", "top_k", "max_p", "threshold")
+RULE_NAMES: tuple[str, ...] = (
+    "top_p", "top_k", "max_p", "threshold", "wina_top_p", "wina_top_k", "top_p_outlier", "predictor",
+)  # fmt: skip
+"""The rules of `actsparse.rules`, then the field's other methods (`actsparse.methods`)."""
 
 Thresholds = dict[int, dict[str, float]]
 """Calibrated thresholds: layer index → {vector: τ}."""
@@ -39,12 +42,15 @@ class SparsitySpec:
 
     `value` is p for top_p and max_p, the kept fraction f for top_k, and for `threshold` either a
     mapping layer → τ (or layer → {vector: τ}) or the path of a file written by `actsparse calibrate`.
+    `data` is what a method of `actsparse.methods` resolved from the model (WINA's column norms,
+    top_p_outlier's factor m, the trained predictors); None for the rules of `actsparse.rules`.
     """
 
     target: str
     rule: str
     value: Any
     thresholds: Thresholds = field(default_factory=dict, compare=False, repr=False)
+    data: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         check_target(self.target)

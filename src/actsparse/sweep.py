@@ -37,8 +37,8 @@ DEFAULT_LIMIT = 80
 under 15 minutes on 2 CPU cores. For a study use `--limit all --values paper` and more tasks: paired
 statistics help, but 80 documents still leave intervals of several points of sparsity."""
 
-SWEEP_RULES: tuple[str, ...] = tuple(r for r in RULE_NAMES if r != "threshold")
-"""Rules a sweep can grid over (threshold needs a calibration file per point: use `profile`)."""
+SWEEP_RULES: tuple[str, ...] = RULE_NAMES
+"""Rules a sweep can grid over; for `threshold` each value is a target sparsity, calibrated per point."""
 
 BACKENDS = ("native", "lm-eval")
 SEARCHES = ("grid", "bisect")
@@ -75,6 +75,11 @@ class SweepConfig:
     dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16; bound too
     argv: Sequence[str] | None = None  # the command line that started the run (provenance), if any
     until_ci: float | None = None  # add batches of --limit documents until every half-width ≤ this (adaptive.py)
+    allocation: str = "uniform"  # threshold: 'uniform' or TEAL's 'greedy' per-layer allocation
+    outlier_m: float = 100.0  # top_p_outlier: entries above m × the row median are always kept
+    calibration: Path | None = None  # threshold, predictor: calibration text (None: the built-in one)
+    calibration_tokens: int = 4096
+    predictor_rank: int = 64
     _tasks: list[Any] = field(default_factory=list, init=False, repr=False)
     _placement: Any = field(default=None, init=False, repr=False)
 
@@ -93,7 +98,16 @@ class SweepConfig:
             raise ValueError("no values given")
         for rule in self.rules:
             for value in self.values:
-                SparsitySpec(self.targets[0], rule, value)  # raises on a value outside [0, 1]
+                if rule == "threshold" and not 0.0 <= float(value) <= 1.0:
+                    raise ValueError(f"threshold's values are target sparsities in [0, 1], got {value}")
+                if rule != "threshold":
+                    SparsitySpec(self.targets[0], rule, value)  # raises on a value outside [0, 1]
+        self.method_options().validate()
+        if "predictor" in self.rules and not set(self.targets) <= {"gate", "up", "intermediate"}:
+            raise ValueError("the predictor rule guesses d-dimensional masks: targets gate, up or intermediate only")
+        method_rules = sorted(set(self.rules) & {"wina_top_p", "wina_top_k", "top_p_outlier", "predictor", "threshold"})
+        if self.accelerate and method_rules:
+            raise ValueError(f"--accelerate runs the rules of actsparse.rules only, not {', '.join(method_rules)}")
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; choose from {', '.join(BACKENDS)}")
         if self.limit is not None and self.limit < 1:
@@ -167,6 +181,14 @@ class SweepConfig:
             self.validate()
         return self._tasks
 
+    def method_options(self) -> Any:
+        """The methods' settings (`actsparse.methods.MethodOptions`), caching into the run folder."""
+        from actsparse.methods import MethodOptions
+
+        return MethodOptions(
+            self.allocation, self.outlier_m, self.calibration, self.calibration_tokens, self.predictor_rank, self.out
+        )
+
     def executor_for(self) -> Executor:
         """The executor these settings name (`executors.make_executor`, which checks its options)."""
         return make_executor(self.executor, self.address, self.gpus_per_point, self.cpus_per_point, self.runtime_env)
@@ -181,6 +203,7 @@ class SweepConfig:
             "accelerate": self.accelerate,
             "diffusion": asdict(self.diffusion),
             **self.placement.binding(),  # device kind and dtype: one folder never mixes precisions
+            **self.method_options().settings(list(self.rules)),
         }
 
 
@@ -406,6 +429,7 @@ class _Driver:
                 dtype=where.dtype,
                 device=where.device,
                 device_map=config.device_map,
+                methods=config.method_options(),
             )
         if needs_references and config.backend == "native":
             from actsparse.evaluate import DenseReference

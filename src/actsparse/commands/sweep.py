@@ -76,7 +76,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help="alias, folder, .gguf file or hub id")
     p.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help=f"comma-separated: {one_of(TARGETS)}")
-    p.add_argument("--rules", default="top_p", help=f"comma-separated: {one_of(SWEEP_RULES)}")
+    p.add_argument(
+        "--rules",
+        default="top_p",
+        help=f"comma-separated: {one_of(SWEEP_RULES)}; for threshold the values are target sparsities "
+        "(calibrated per point), for wina_*, top_p_outlier and predictor they are p (or f)",
+    )
     p.add_argument(
         "--values",
         default=None,
@@ -120,6 +125,18 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "every point until every curve's critical sparsity (low-noise measure) has a 95%% interval of at most "
         "± HALF_WIDTH (e.g. 0.02), or the tasks run out; each batch is stored as it finishes",
     )
+    methods = p.add_argument_group("methods (threshold, top_p_outlier, predictor)")
+    methods.add_argument(
+        "--allocation",
+        default="uniform",
+        help="threshold: uniform (the same sparsity in every layer) or greedy (TEAL's per-layer allocation)",
+    )
+    methods.add_argument(
+        "--outlier-m", type=float, default=100.0, help="top_p_outlier: keep |v| > m × the row's median |v|"
+    )
+    methods.add_argument("--calibration", type=Path, help="calibration text file (default: the built-in text)")
+    methods.add_argument("--calibration-tokens", type=int, default=4096, help="calibration tokens to read")
+    methods.add_argument("--predictor-rank", type=int, default=64, help="predictor: rank of each layer's predictor")
     scale = p.add_argument_group("scale out")
     scale.add_argument(
         "--executor", choices=EXECUTORS, default="local", help="local: in this process; ray: a Ray task per point"
@@ -207,6 +224,11 @@ def config_from_args(args: argparse.Namespace):
         precision=args.precision,
         refine=args.refine,
         until_ci=args.until_ci,
+        allocation=args.allocation,
+        outlier_m=args.outlier_m,
+        calibration=args.calibration,
+        calibration_tokens=args.calibration_tokens,
+        predictor_rank=args.predictor_rank,
         diffusion=DiffusionOptions(
             mc_samples=args.mc_samples,
             gen_length=args.gen_length,

@@ -289,6 +289,9 @@ def write_report(run_dir: str | Path, resamples: int | None = None) -> list[Path
     with RunStore.open(run_dir, create=False) as store:  # what the report adds to the summary's numbers
         summary["planned"] = planned(store) if summary["search"].get("method") != "bisect" else []
         summary["bands"] = bands(store, summary["tasks"], resamples or RESAMPLES, seed)
+    from actsparse.outliers import load_outliers
+
+    summary["outliers"] = load_outliers(run_dir)  # heatmaps mark the layers with massive activations
     images = save_figures(summary, run_dir)
     from actsparse.report.diffusion import save_step_figures
 

@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 
+from actsparse.report.outliers import mark_outlier_layers
 from actsparse.report.reading import censored, reached, settled
 
 TARGET_COLORS = {
@@ -222,6 +223,7 @@ def heatmap(summary: Summary, target: str) -> Figure:
         ax.set_xticks(range(0, len(layers), step), [str(layers[i]) for i in range(0, len(layers), step)])
         ax.set_xlabel("layer")
         ax.set_ylabel(f"{rule} value (sparsity)")
+        mark_outlier_layers(ax, summary, target, layers)
         ax.set_title(f"{target} · {rule}", fontsize=11)
         if len(layers) * len(pts) <= 900:
             for i, row in enumerate(grid):

@@ -1,0 +1,189 @@
+"""The field's other training-free methods, run through the same instrumentation as the rules.
+
+- `threshold` as a sweep rule (TEAL, CATS): the sweep value is a target sparsity; thresholds are
+  calibrated on the calibration text (`actsparse.calibrate`), uniformly or by TEAL's greedy
+  allocation (`methods.allocation`), and cached in the run folder (`methods.thresholds`).
+- `wina_top_p`, `wina_top_k` (WINA): the mask chosen on |v|·column norms (`methods.wina`).
+- `top_p_outlier`: outliers above m × the row median kept outside top-p's budget (`methods.outlier_topp`).
+- `predictor` (Deja Vu style): a low-rank predictor per layer guesses top-p's intermediate mask from
+  x (`methods.predictor`); the sweep value is the p it was trained to imitate.
+
+`point_spec` turns a stored point (target, rule, value) into the `SparsitySpec` that runs it, with the
+method's data resolved from the model; `sparsify` runs a spec of any of these rules.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from actsparse.adapters import FFN
+from actsparse.instrument import RuleSite, TokenContext, instrumented
+from actsparse.methods.outlier_topp import DEFAULT_M, check_m, reference_top_p_outlier_mask, top_p_outlier_mask
+from actsparse.methods.wina import WINA_BASE, column_norms, reference_wina_mask, wina_top_k_mask, wina_top_p_mask
+from actsparse.rules import apply_mask
+from actsparse.spec import SparsitySpec
+from actsparse.stats import SparsityStats
+
+__all__ = [
+    "ALLOCATIONS",
+    "METHOD_RULES",
+    "MethodOptions",
+    "MethodSite",
+    "method_mask",
+    "point_spec",
+    "reference_method_mask",
+    "sparsify",
+]
+
+METHOD_RULES: tuple[str, ...] = ("wina_top_p", "wina_top_k", "top_p_outlier", "predictor")
+"""Rules whose mask needs data resolved from the model (run by `MethodSite`)."""
+
+ALLOCATIONS: tuple[str, ...] = ("uniform", "greedy")
+"""How `threshold` spreads a model-level sparsity over layers: the same in each, or TEAL's greedy search."""
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """The settings of the methods, bound to a run folder (so that its points compare)."""
+
+    allocation: str = "uniform"
+    outlier_m: float = DEFAULT_M
+    calibration: Path | None = None  # a plain-text file; None: the built-in text
+    calibration_tokens: int = 4096
+    predictor_rank: int = 64
+    run_dir: Path | None = None  # where calibrations and predictors are cached
+
+    def validate(self) -> None:
+        """ValueError on a bad option (before any model work)."""
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"unknown allocation {self.allocation!r}; choose from {', '.join(ALLOCATIONS)}")
+        check_m(self.outlier_m)
+        if self.calibration is not None and not Path(self.calibration).is_file():
+            raise ValueError(f"calibration text {self.calibration} is not a readable file")
+        if self.calibration_tokens < 64:
+            raise ValueError(f"--calibration-tokens must be at least 64, got {self.calibration_tokens}")
+        if self.predictor_rank < 1:
+            raise ValueError(f"--predictor-rank must be at least 1, got {self.predictor_rank}")
+
+    def text(self) -> str:
+        from actsparse.calibrate import calibration_text
+
+        return calibration_text(self.calibration)
+
+    def text_id(self) -> str:
+        """A short digest of the calibration text and token count, naming cached calibrations."""
+        digest = hashlib.sha256(self.text().encode()).hexdigest()[:12]
+        return f"{digest}-{self.calibration_tokens}"
+
+    def settings(self, rules: list[str]) -> dict[str, Any]:
+        """What must stay the same for the given rules within one run folder."""
+        out: dict[str, Any] = {}
+        if "threshold" in rules or "predictor" in rules:
+            out["calibration_text"] = self.text_id()
+        if "threshold" in rules:
+            out["allocation"] = self.allocation
+        if "top_p_outlier" in rules:
+            out["outlier_m"] = self.outlier_m
+        if "predictor" in rules:
+            out["predictor_rank"] = self.predictor_rank
+        return out
+
+
+def method_mask(
+    spec: SparsitySpec, layer: int, vector: str, v: torch.Tensor, x: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Keep-mask of a method rule at (layer, vector); `x` is the FFN input (the predictor reads it)."""
+    if spec.rule in WINA_BASE:
+        norms = spec.data[layer][vector]
+        fn = wina_top_p_mask if spec.rule == "wina_top_p" else wina_top_k_mask
+        return fn(v, spec.value, norms)
+    if spec.rule == "top_p_outlier":
+        return top_p_outlier_mask(v, spec.value, spec.data)
+    if spec.rule == "predictor":
+        if x is None:
+            raise ValueError(f"the predictor of layer {layer} saw no FFN input")
+        return spec.data[layer].predict_mask(x).reshape(v.shape)
+    raise ValueError(f"{spec.rule!r} is not a method rule")
+
+
+def reference_method_mask(v: torch.Tensor, rule: str, value: float, data: Any) -> torch.Tensor:
+    """The slow, obviously-correct mask of a method rule (`data`: WINA norms, or m of top_p_outlier)."""
+    if rule in WINA_BASE:
+        return reference_wina_mask(v, rule, value, data)
+    if rule == "top_p_outlier":
+        return reference_top_p_outlier_mask(v, value, data)
+    raise ValueError(f"no reference for {rule!r}")
+
+
+class MethodSite(RuleSite):
+    """A `RuleSite` for the method rules: the same counting, the mask from `method_mask`."""
+
+    def __init__(self, spec: SparsitySpec, layer: int, tokens: TokenContext, stats: SparsityStats):
+        super().__init__(spec, layer, tokens, stats)
+        self.x: torch.Tensor | None = None
+
+    def __call__(
+        self,
+        vector: str,
+        v: torch.Tensor,
+        expert: int | None = None,
+        token_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if vector == "input":
+            self.x = v
+        return super().__call__(vector, v, expert, token_index)
+
+    def masked(self, vector: str, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keep = method_mask(self.spec, self.layer, vector, v, self.x)
+        return apply_mask(v, keep), keep
+
+
+@contextmanager
+def sparsify(model: nn.Module, spec: SparsitySpec, layers: list[int] | None = None) -> Iterator[SparsityStats]:
+    """`instrument.sparsify` for a spec of any rule, method rules included."""
+    if spec.rule not in METHOD_RULES:
+        from actsparse.instrument import sparsify as sparsify_rule
+
+        with sparsify_rule(model, spec, layers) as stats:
+            yield stats
+        return
+    if spec.data is None:
+        raise ValueError(f"{spec.rule} needs its data resolved from the model: use methods.point_spec")
+
+    def make_forward(ffn: FFN, tokens: TokenContext, stats: SparsityStats) -> Callable[..., torch.Tensor]:
+        return partial(ffn.adapter.forward, ffn.module, MethodSite(spec, ffn.layer, tokens, stats))
+
+    with instrumented(model, spec, layers, make_forward) as stats:
+        yield stats
+
+
+def point_spec(
+    model: nn.Module, tokenizer: Any, target: str, rule: str, value: float, options: MethodOptions | None
+) -> SparsitySpec:
+    """The spec that runs a sweep point: the plain spec for the rules, the method's data resolved otherwise."""
+    options = options or MethodOptions()
+    if rule == "threshold":
+        from actsparse.methods.thresholds import cached_thresholds
+
+        return SparsitySpec(target, rule, cached_thresholds(model, tokenizer, target, value, options))
+    spec = SparsitySpec(target, rule, value)
+    if rule in WINA_BASE:
+        return SparsitySpec(target, rule, spec.value, data=column_norms(model))
+    if rule == "top_p_outlier":
+        return SparsitySpec(target, rule, spec.value, data=check_m(options.outlier_m))
+    if rule == "predictor":
+        from actsparse.methods.predictor import cached_predictors
+
+        return SparsitySpec(
+            target, rule, spec.value, data=cached_predictors(model, tokenizer, target, spec.value, options)
+        )
+    return spec
