@@ -29,7 +29,8 @@ from actsparse.evaluate.packing import PackedRows, Tree, make_tree, pack, plan_r
 from actsparse.evaluate.reference import DenseReference
 from actsparse.evaluate.results import DocResult, TaskResult
 from actsparse.instrument import set_real_tokens
-from actsparse.tasks import Completion, Generation, MultipleChoice, Request, Task, get_task, select_docs
+from actsparse.evaluate.bpb import gold_metrics
+from actsparse.tasks import Completion, Generation, GoldLikelihood, MultipleChoice, Request, Task, get_task, select_docs
 
 TOPK = 32
 """Dense log-probs kept per scored position for KL (the rest of the vocabulary is one bucket)."""
@@ -590,6 +591,8 @@ def _encode(encoder: Encoder, request: Request) -> list[Group] | list[int]:
         return encoder.groups(request.pairs())
     if isinstance(request, Completion):
         return encoder.groups([(request.context, request.target)])
+    if isinstance(request, GoldLikelihood):
+        return encoder.groups([(request.context, request.continuation)])
     return encoder.encode(request.prompt)
 
 
@@ -651,9 +654,12 @@ def _score_batch(
         elif isinstance(request, Completion):
             metrics = {"acc": float(mine[0].greedy[0])}
             answer = tokenizer.decode(mine[0].argmax[0])
+        elif isinstance(request, GoldLikelihood):
+            metrics, answer = gold_metrics(lls[0], request.continuation), ""
         else:
             text = cut_at_stop(tokenizer.decode(generations[d], skip_special_tokens=True), request.until)
-            metrics, answer = {"exact_match": exact_match(text, request.answers)}, text
+            check = request.check or (lambda t: {"exact_match": exact_match(t, request.answers)})
+            metrics, answer = check(text), text
             if reference is None:
                 keep.generated[d] = generations[d]
         kept, kl, positions = _distributions(mine, d, reference)
