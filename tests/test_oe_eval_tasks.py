@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import tiny_lm
 
 from actsparse.evaluate import evaluate_task
 from actsparse.evaluate.bpb import bits_per_byte, gold_metrics
 from actsparse.tasks import EXTRA_TASK_NAMES, Generation, GoldLikelihood, get_task, task_from_requests
 from actsparse.tasks.oe_eval import gsm8k_check, gsm8k_extract, humaneval_program, mbpp_program
 from actsparse.tasks.sandbox import run_program
-from tiny import tiny_lm
 
 
 def test_bits_per_byte_by_hand():

@@ -24,12 +24,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from actsparse.evaluate.bpb import gold_metrics
 from actsparse.evaluate.metrics import choice_metrics, cut_at_stop, exact_match, topk_kl
 from actsparse.evaluate.packing import PackedRows, Tree, make_tree, pack, plan_rows
 from actsparse.evaluate.reference import DenseReference
 from actsparse.evaluate.results import DocResult, TaskResult
 from actsparse.instrument import set_real_tokens
-from actsparse.evaluate.bpb import gold_metrics
 from actsparse.tasks import Completion, Generation, GoldLikelihood, MultipleChoice, Request, Task, get_task, select_docs
 
 TOPK = 32
@@ -658,8 +658,8 @@ def _score_batch(
             metrics, answer = gold_metrics(lls[0], request.continuation), ""
         else:
             text = cut_at_stop(tokenizer.decode(generations[d], skip_special_tokens=True), request.until)
-            check = request.check or (lambda t: {"exact_match": exact_match(t, request.answers)})
-            metrics, answer = check(text), text
+            metrics = request.check(text) if request.check else {"exact_match": exact_match(text, request.answers)}
+            answer = text
             if reference is None:
                 keep.generated[d] = generations[d]
         kept, kl, positions = _distributions(mine, d, reference)

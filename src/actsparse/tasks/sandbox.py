@@ -2,15 +2,16 @@
 
 Each program runs in a fresh temporary folder (its working directory and HOME, removed afterwards),
 as `python -I` in its own session, with resource limits: address space, CPU time, file size, no
-child processes (for a non-root user), and a wall-clock timeout after which the whole process group is killed. The network
-is cut twice: in a new, empty network namespace where the kernel allows an unprivileged one, and in
-any case by a prelude that makes `socket` unusable (as human-eval's reliability guard does). This is
-a guard against accidents of generated code (loops, runaway memory, stray files), not a security
-boundary against an adversary.
+child processes (for a non-root user), and a wall-clock timeout after which the whole process group
+is killed. The network is cut twice: in a new, empty network namespace where the kernel allows
+an unprivileged one, and in any case by a prelude that makes `socket` unusable (as human-eval's
+reliability guard does). This is a guard against accidents of generated code (loops, runaway
+memory, stray files), not a security boundary against an adversary.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -111,10 +112,8 @@ def run_program(source: str, timeout: float = TIMEOUT, memory: int = MEMORY) -> 
 
 
 def _kill_group(pid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def passes(source: str, timeout: float = TIMEOUT, memory: int = MEMORY) -> bool:
