@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("profile", "sweep", "report", "calibrate", "bench")
+COMMANDS = ("profile", "sweep", "report", "calibrate", "bench", "transfer", "sensitivity")
 """Subcommand modules under actsparse.commands; each has `add_parser(subparsers)` and `run(args)`."""
 
 
