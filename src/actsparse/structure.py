@@ -142,7 +142,9 @@ def retention(
         raise ValueError(f"task {dense.task!r}: the dense and sparse runs share no document")
     value = float(ratio_of_means(d, s, np.ones((1, len(d))), measure)[0])
     boot = ratio_of_means(d, s, resample_weights(len(d), resamples, np.random.default_rng(seed)).astype(float), measure)
-    lo, hi = np.nanpercentile(boot, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    lo, hi = (math.nan, math.nan)
+    if not np.isnan(boot).all():  # all NaN: the dense score is 0 in every resample
+        lo, hi = np.nanpercentile(boot, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
     return Retention(
         value, float(lo), float(hi), len(d), measure, float(d.mean()), float(s.mean()), mean_kl(sparse.docs)
     )
