@@ -8,6 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from tiny import WORDS, tiny_lm, tiny_task
 
 from actsparse.cli import main
 from actsparse.evaluate import evaluate_task
@@ -16,7 +17,6 @@ from actsparse.spec import SparsitySpec
 from actsparse.structure import layer_sensitivity, record_tokens, retention
 from actsparse.tasks import GoldLikelihood, task_from_requests
 from actsparse.transfer import TransferConfig, operating_point, run_transfer
-from tiny import WORDS, tiny_lm, tiny_task
 
 
 def _point(value, sparsity, normalized, target="input"):
@@ -163,7 +163,7 @@ def test_bad_input_is_refused_before_model_work(argv, message, tmp_path, capsys,
 
     monkeypatch.setattr(actsparse.loading, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
     assert main([*argv, "--out", str(tmp_path / "x")]) == 2
-    assert message in capsys.readouterr().err
+    assert message in capsys.readouterr().err.replace("\n", " ")
     assert not (tmp_path / "x" / "points").exists()
 
 
