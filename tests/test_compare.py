@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from tiny import tiny_lm, tiny_sweep_config
 
 from actsparse.cli import main
 from actsparse.report.compare import critical_difference, load_run, write_compare
 from actsparse.sweep import run_sweep
-from tiny import tiny_lm, tiny_sweep_config
 
 
 @pytest.fixture(scope="module")
