@@ -174,3 +174,41 @@ def test_density_is_a_density():
     line = fig.axes[0].lines[0]
     x, y = line.get_data()
     assert np.trapezoid(y, x) == pytest.approx(1.0, abs=0.05)
+
+
+def test_a_bpb_task_runs_in_a_normal_sweep(tmp_path):
+    from actsparse.sweep import run_sweep
+    from tiny import tiny_sweep_config
+
+    model, tok = tiny_lm("llama")
+    task = _gold_task("gold", 8, 3)
+    summary = run_sweep(tiny_sweep_config(tmp_path, tasks=[task], values=[0.5]), model, tok, show_progress=False)
+    from actsparse.store import PointKey, RunStore
+
+    with RunStore.open(tmp_path, create=False) as store:
+        dense, sparse = store.get(PointKey.dense("gold")), store.get(PointKey("input", "top_p", 0.5, "gold"))
+    assert summary["metrics"]["gold"] == "inv_bpb"
+    # the sweep's score is the mean of 1/bpb (bytes per bit); its ratio is sparse / dense, higher is better
+    inv = [1 / d.metrics["bpb"] for d in dense.docs]
+    assert summary["dense"]["gold"] == pytest.approx(sum(inv) / len(inv))
+    point = next(p for p in summary["points"] if p["target"] == "input")
+    assert point["normalized"] == pytest.approx(sparse.score / dense.score)
+    assert sparse.score != dense.score and all(d.kl is not None for d in sparse.docs)
+
+
+def test_sensitivity_command_on_a_tiny_model(tmp_path, monkeypatch):
+    import actsparse.loading
+    import actsparse.tasks
+
+    tasks = {"mc": tiny_task("mc", 6), "gold": _gold_task("gold", 5, 4)}
+    monkeypatch.setattr(actsparse.loading, "load_model", lambda *a, **k: tiny_lm("llama"))
+    monkeypatch.setattr(actsparse.tasks, "get_task", lambda name: tasks[name])
+    argv = ["sensitivity", "--tasks", "mc,gold", "--p", "0.6", "--every", "1", "--resamples", "50"]
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "sensitivity.json").read_text())
+    assert [r["layer"] for r in data["layers"]] == [0, 1]
+    assert data["all_layers"]["gold"]["measure"] == "bpb" and data["all_layers"]["mc"]["measure"] == "score"
+    assert set(data["sparsity_per_layer"]["mc"]) == {"0", "1"}
+    for name in ("sensitivity.md", "sensitivity.png", "heatmap_tasks_input.png", "density_input.png"):
+        assert (tmp_path / name).exists()
+    assert np.load(tmp_path / "tokens_input__gold.npy").ndim == 1
