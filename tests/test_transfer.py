@@ -177,8 +177,9 @@ def test_density_is_a_density():
 
 
 def test_a_bpb_task_runs_in_a_normal_sweep(tmp_path):
-    from actsparse.sweep import run_sweep
     from tiny import tiny_sweep_config
+
+    from actsparse.sweep import run_sweep
 
     model, tok = tiny_lm("llama")
     task = _gold_task("gold", 8, 3)

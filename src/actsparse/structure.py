@@ -49,7 +49,7 @@ class TokenSparsity:
             by_layer[layer].append((torch.cat(parts).numpy(), self.sizes[(layer, vector)]))
         out = {}
         for layer, items in sorted(by_layer.items()):
-            out[layer] = sum(z.astype(np.float64) for z, _ in items) / sum(n for _, n in items)
+            out[layer] = np.sum([z.astype(np.float64) for z, _ in items], axis=0) / sum(n for _, n in items)
         return out
 
     def per_token(self) -> np.ndarray:

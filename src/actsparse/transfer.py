@@ -193,8 +193,8 @@ def run_transfer(
         t: select_docs(tasks[t], config.limit if t in sources else config.dest_limit, config.seed) for t in tasks
     }
     with RunStore.open(config.out / "points") as store:  # settings bound before any model work
-        for key, value in (("model", config.model), ("seed", config.seed), ("rule", config.rule)):
-            store.bind(key, value)
+        for name, setting in (("model", config.model), ("seed", config.seed), ("rule", config.rule)):
+            store.bind(name, setting)
         for t, ids in doc_ids.items():
             store.bind(f"docs/{t}", ids)
     if model is None:

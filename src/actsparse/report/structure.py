@@ -33,7 +33,7 @@ def _grid(ax: Any, grid: list[list[float]], xlabels: Sequence[str], ylabels: Seq
     return image
 
 
-def sweep_task_heatmaps(points: dict[str, dict[float, dict[str, dict[str, float]]]], target: str, model: str) -> Figure:
+def sweep_task_heatmaps(points: dict[str, dict[float, dict[str, float]]], target: str, model: str) -> Figure:
     """One panel per task: per-layer sparsity (layer × top_p value) of `target` on that task alone.
 
     `points`: task → value → {layer: sparsity} (from a sweep's stored TaskResults)."""
