@@ -70,13 +70,15 @@ def write_transfer_report(out_dir: str | Path) -> list[Path]:
         "",
         "## Operating points (fixed on the source tasks)",
         "",
-        "| target | point | source critical sparsity | between p | lower bound |",
-        "|---|---|---|---|---|",
+        "| target | point | source critical sparsity | its 95 % CI | between p | lower bound |",
+        "|---|---|---|---|---|---|",
     ]
     for target, p in data["operating_points"].items():
+        c = data.get("source_critical", {}).get(f"{target}/top_p") or {}
         md.append(
-            f"| {target} | {data['specs'][target]} | {_pct(p['sparsity'])} | {p['bracket'][0]:g} – {p['bracket'][1]:g} "
-            f"| {'yes' if p['lower_bound'] else ''} |"
+            f"| {target} | {data['specs'][target]} | {_pct(p['sparsity'])} | {_pct(c.get('ci_low'))} – "
+            f"{_pct(c.get('ci_high'))} | {p['bracket'][0]:g} – {p['bracket'][1]:g} | "
+            f"{'yes' if p['lower_bound'] else ''} |"
         )
     md += [
         "",
