@@ -224,6 +224,7 @@ def run_transfer(
     tokens_dir = config.out / "tokens"
     tokens_dir.mkdir(parents=True, exist_ok=True)
     records: dict[str, Any] = {}
+    out: dict[str, Any] = {}
     with RunStore.open(config.out / "points") as store:
         for t in [*sources, *dests]:
             dense = store.get(PointKey.dense(t))
@@ -269,13 +270,30 @@ def run_transfer(
                     "metric": dense.metric,
                     "split": dense.split,
                 }
+            out = _record(config, sources, dests, doc_ids, points, specs, records, summary)  # after each task
+    return out
+
+
+def _record(
+    config: TransferConfig,
+    sources: list[str],
+    dests: list[str],
+    doc_ids: dict[str, list[int]],
+    points: dict[str, OperatingPoint],
+    specs: dict[str, tuple[SparsitySpec, float]],
+    records: dict[str, Any],
+    summary: dict[str, Any],
+) -> dict[str, Any]:
+    """Write OUT/transfer.json with the tasks done so far (complete: every task of both sets)."""
+    done = {t for rows in records.values() for t in rows}
     out = {
         "model": config.model,
         "command": config.command,
         "rule": config.rule,
         "sources": sources,
         "destinations": dests,
-        "n_docs": {t: len(doc_ids[t]) for t in tasks},
+        "complete": done == set(sources) | set(dests),
+        "n_docs": {t: len(ids) for t, ids in doc_ids.items()},
         "source_values": list(config.values),
         "operating_points": {t: asdict(p) for t, p in points.items()},
         "specs": {t: s.label for t, (s, _) in specs.items()},

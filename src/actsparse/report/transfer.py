@@ -36,7 +36,8 @@ def write_transfer_report(out_dir: str | Path) -> list[Path]:
     out_dir = Path(out_dir)
     data: dict[str, Any] = json.loads((out_dir / "transfer.json").read_text())
     command = data.get("command") or "actsparse transfer"
-    tasks = [*data["sources"], *data["destinations"]]
+    done = {t for rows in data["retention"].values() for t in rows}
+    tasks = [t for t in [*data["sources"], *data["destinations"]] if t in done]
     counts = ", ".join(f"{t}: {data['n_docs'][t]}" for t in data["sources"])
     grid = ", ".join(f"{v:g}" for v in data["source_values"])
     calibrated = ", and per-layer thresholds are calibrated on the source prompts to the critical sparsity there"
@@ -57,7 +58,8 @@ def write_transfer_report(out_dir: str | Path) -> list[Path]:
     md = [
         f"# Transfer of operating points: {data['model']}",
         "",
-        f"Produced by `{command}`.",
+        f"Produced by `{command}`."
+        + ("" if data.get("complete", True) else f" Unfinished: tasks done so far: {', '.join(tasks)}."),
         "",
         f"Each target's operating point is fixed on the source tasks {', '.join(data['sources'])} "
         f"({counts} documents): a top_p sweep over p ∈ {{{grid}}} gives the p at which their normalised "
