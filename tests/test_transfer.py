@@ -138,6 +138,10 @@ def test_run_transfer_end_to_end_on_a_tiny_model(tmp_path):
     # a rerun resumes: every point is stored, the same numbers come back without evaluating again
     again = run_transfer(config, model, tok, show_progress=False)
     assert again["retention"] == out["retention"]
+    # --report-only: no model, nothing evaluated, the stored points reported
+    config.report_only = True
+    assert run_transfer(config, None, None, show_progress=False)["retention"] == out["retention"]
+    config.report_only = False
     # thresholds calibrated on the source prompts to the critical sparsity found there
     config.rule, config.out = "threshold", tmp_path / "thr"
     thr = run_transfer(config, model, tok, show_progress=False)

@@ -47,6 +47,7 @@ class TransferConfig:
     resamples: int = 1000
     out: Path = Path("runs/transfer")
     command: str = ""
+    report_only: bool = False  # evaluate nothing: report the points stored so far
     _tasks: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -197,12 +198,22 @@ def run_transfer(
             store.bind(name, setting)
         for t, ids in doc_ids.items():
             store.bind(f"docs/{t}", ids)
-    if model is None:
-        from actsparse.loading import load_model
+    if config.report_only:
+        from actsparse.analysis import write_summary
 
-        model, tokenizer = load_model(config.model)
-    log(f"source sweep on {', '.join(sources)} → {config.out / 'source'}")
-    summary = run_sweep(config.source_sweep(), model, tokenizer, show_progress=show_progress)
+        previous = config.out / "transfer.json"
+        if previous.exists():  # the figures name the command that evaluated the points, then this one
+            first = json.loads(previous.read_text()).get("command", "").split(" ; then ")[0]
+            config.command = f"{first} ; then {config.command}" if first else config.command
+
+        summary = write_summary(config.out / "source", resamples=config.resamples, seed=config.seed)
+    else:
+        if model is None:
+            from actsparse.loading import load_model
+
+            model, tokenizer = load_model(config.model)
+        log(f"source sweep on {', '.join(sources)} → {config.out / 'source'}")
+        summary = run_sweep(config.source_sweep(), model, tokenizer, show_progress=show_progress)
     points = {t: operating_point(summary, t) for t in config.targets}
     specs: dict[str, tuple[SparsitySpec, float]] = {}
     for target, point in points.items():
@@ -211,6 +222,8 @@ def run_transfer(
             from actsparse.calibrate import calibrate, save_thresholds
 
             path = config.out / f"thresholds_{target}.json"
+            if not path.exists() and config.report_only:
+                raise ValueError(f"{path} is missing: run the transfer without --report-only first")
             if not path.exists():
                 batches = prompt_batches(tokenizer, tasks, {t: doc_ids[t] for t in sources})
                 found = calibrate(model, batches, target, point.sparsity)
@@ -229,6 +242,8 @@ def run_transfer(
         for t in [*sources, *dests]:
             dense = store.get(PointKey.dense(t))
             ref_path = config.out / "points" / "dense" / f"{t}.ref"
+            if config.report_only and (dense is None or not ref_path.exists()):
+                continue
             if dense is None or not ref_path.exists():
                 log(f"dense {t} ({len(doc_ids[t])} documents)")
                 with torch.no_grad():
@@ -241,13 +256,15 @@ def run_transfer(
                 os.replace(tmp, ref_path)
                 store.put(PointKey.dense(t), result)
                 dense = store.get(PointKey.dense(t))
-            reference = DenseReference.load(ref_path)
             assert dense is not None
             for target, (spec, value) in specs.items():
                 key = PointKey(target, config.rule, value, t)
                 sparse = store.get(key)
+                if sparse is None and config.report_only:
+                    continue
                 if sparse is None:
                     log(f"{spec.label} on {t}")
+                    reference = DenseReference.load(ref_path)
                     with torch.no_grad(), record_tokens(model, spec) as (stats, sink):
                         sparse, _ = evaluate_task(
                             model, tokenizer, tasks[t], doc_ids[t], reference=reference, batch_size=config.batch_size
@@ -271,6 +288,8 @@ def run_transfer(
                     "split": dense.split,
                 }
             out = _record(config, sources, dests, doc_ids, points, specs, records, summary)  # after each task
+    if not records:
+        raise ValueError(f"{config.out / 'points'} holds no evaluated point yet")
     return out
 
 

@@ -45,6 +45,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the intervals")
     p.add_argument("--out", type=Path, default=Path("runs/transfer"), help="run folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--report-only", action="store_true", help="evaluate nothing: write the report from the points stored so far"
+    )
     return p
 
 
@@ -69,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         resamples=args.resamples,
         out=args.out,
+        report_only=args.report_only,
         command="actsparse " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["transfer"] else "actsparse transfer",
     )
     config.validate()
