@@ -48,6 +48,8 @@ def test_report_files(run_dir: Path) -> None:
         "heatmap_intermediate.png",
         "critical_per_task.png",
         "top_p_vs_max_p.png",
+        "heatmap_tasks_input.png",  # per-layer sparsity of each task alone (report.structure)
+        "heatmap_tasks_intermediate.png",
     }
     assert expected <= names
     for png in run_dir.glob("*.png"):
@@ -56,6 +58,7 @@ def test_report_files(run_dir: Path) -> None:
     for heading in ("## Dense scores", "## Critical sparsity (average over tasks)", "## Every point"):
         assert heading in md
     assert "(performance.png)" in md and "split used" in md
+    assert "## Per-layer sparsity per task: input" in md
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["bootstrap"]["resamples"] == 100
     assert set(summary["critical_sparsity"]) == {
@@ -126,7 +129,7 @@ def test_report_html_renders_in_headless_chromium(run_dir: Path, tmp_path: Path)
     assert match, done.stdout[-2000:]
     check = json.loads(match.group(1).replace("&quot;", '"'))
     assert check["errors"] == []
-    assert check["images"] == len(list(run_dir.glob("*.png"))) == 5
+    assert check["images"] == len(list(run_dir.glob("*.png"))) == 7
     assert check["loaded"] == check["images"]
     assert "Uncaught" not in done.stderr
     subprocess.run(

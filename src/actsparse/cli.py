@@ -9,7 +9,20 @@ from typing import Any
 
 from actsparse.commands import HelpFormatter
 
-COMMANDS = ("profile", "sweep", "study", "report", "calibrate", "bench", "tasks", "models", "outliers", "compare")
+COMMANDS = (
+    "profile",
+    "sweep",
+    "study",
+    "report",
+    "calibrate",
+    "bench",
+    "tasks",
+    "models",
+    "outliers",
+    "compare",
+    "transfer",
+    "sensitivity",
+)
 """Subcommand modules under actsparse.commands; each has `add_parser(subparsers)` and `run(args)`."""
 
 

@@ -20,7 +20,7 @@ class DocResult:
     """One document's outcome at one sweep point."""
 
     doc_id: int  # index of the document in the task's split (stable across points)
-    score: float  # the task's main metric for this document, in [0, 1]
+    score: float  # the task's main metric for this document, in [0, 1] (bpb tasks: 1/bpb, bytes per bit)
     metrics: dict[str, float] = field(default_factory=dict)  # every metric: acc, acc_norm, exact_match…
     answer: str = ""  # the chosen answer (choice index as text, or generated text): agreement
     kl: float | None = None  # mean KL(dense ‖ this point) over the scored tokens; None for dense

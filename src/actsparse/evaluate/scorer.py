@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from actsparse.evaluate.bpb import gold_metrics
 from actsparse.evaluate.budget import CPU_TOKENS, Budget, OutOfMemory, auto_budget, free_memory
 from actsparse.evaluate.encode import Encoder, Group
 from actsparse.evaluate.metrics import (
@@ -40,7 +41,7 @@ from actsparse.evaluate.reference import DenseReference
 from actsparse.evaluate.results import SPARSITY_SEEN, SPARSITY_ZEROED, DocResult, TaskResult
 from actsparse.instrument import active_stats, counted_as_prefill, set_real_tokens
 from actsparse.stats import TokenCounts
-from actsparse.tasks import Completion, Generation, MultipleChoice, Request, Task, get_task, select_docs
+from actsparse.tasks import Completion, Generation, GoldLikelihood, MultipleChoice, Request, Task, get_task, select_docs
 
 TOPK = 32
 """Dense log-probs kept per scored position for KL (the rest of the vocabulary is one bucket)."""
@@ -659,6 +660,8 @@ def _encode(encoder: Encoder, request: Request) -> list[Group] | list[int]:
         return encoder.groups(request.pairs())
     if isinstance(request, Completion):
         return encoder.groups([(request.context, request.target)])
+    if isinstance(request, GoldLikelihood):
+        return encoder.groups([(request.context, request.continuation)])
     return encoder.encode(request.prompt)
 
 
@@ -733,9 +736,12 @@ def _score_batch(
         elif isinstance(request, Completion):
             metrics = {"acc": float(mine[0].greedy[0]), GOLD_PROBABILITY: math.exp(mine[0].lls[0])}
             answer = tokenizer.decode(mine[0].argmax[0])
+        elif isinstance(request, GoldLikelihood):
+            metrics, answer = gold_metrics(lls[0], request.continuation), ""
         else:
             text = cut_at_stop(tokenizer.decode(generations[d], skip_special_tokens=True), request.until)
-            metrics, answer = {"exact_match": exact_match(text, request.answers)}, text
+            metrics = request.check(text) if request.check else {"exact_match": exact_match(text, request.answers)}
+            answer = text
             if reference is None:
                 keep.generated[d] = generations[d]
         counts = [s.counts for s in mine]

@@ -146,6 +146,8 @@ def _html_table(table: Table) -> str:
 
 
 def _title(name: str) -> str:
+    if name.startswith("heatmap_tasks_"):
+        return f"Per-layer sparsity per task: {name[len('heatmap_tasks_') : -4]}"
     if name.startswith("heatmap_"):
         return f"Per-layer sparsity: {name[len('heatmap_') : -4]}"
     return TITLES.get(name, name)
@@ -296,6 +298,9 @@ def write_report(run_dir: str | Path, resamples: int | None = None) -> list[Path
     from actsparse.report.diffusion import save_step_figures
 
     images += save_step_figures(run_dir)  # diffusion models: per-step sparsity and keep-mask stability
+    from actsparse.report.structure import save_sweep_task_heatmaps
+
+    images += save_sweep_task_heatmaps(run_dir)  # per-layer sparsity of each task alone, not only pooled
     md, page = render(summary, images)
     written = []
     for name, text in (("report.md", md), ("report.html", page)):

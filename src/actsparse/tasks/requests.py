@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -35,12 +36,22 @@ class Completion:
 
 @dataclass(frozen=True)
 class Generation:
-    """Greedy generation from `prompt` until a stop string; exact match against any of `answers`."""
+    """Greedy generation from `prompt` until a stop string; exact match against any of `answers`,
+    or, when given, `check(text)` → metrics (gsm8k's answer extraction, running code's tests)."""
 
     prompt: str
     answers: tuple[str, ...]
     until: tuple[str, ...] = ("\n", ".", ",")
     max_tokens: int = 256
+    check: Callable[[str], dict[str, float]] | None = field(default=None, compare=False, repr=False)
 
 
-Request = MultipleChoice | Completion | Generation
+@dataclass(frozen=True)
+class GoldLikelihood:
+    """The log-likelihood of a gold `continuation` after `context`, read as bits per byte (OLMo)."""
+
+    context: str
+    continuation: str
+
+
+Request = MultipleChoice | Completion | Generation | GoldLikelihood
