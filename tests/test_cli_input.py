@@ -190,7 +190,7 @@ def test_concurrent_conversions_of_one_gguf_do_not_collide(tmp_path: Path, monke
 
 
 def test_every_subcommand_help_shows_defaults_and_valid_values(capsys: pytest.CaptureFixture) -> None:
-    from actsparse.spec import TARGETS
+    from actsparse.spec import RULE_NAMES, TARGETS
     from actsparse.sweep import SWEEP_RULES
     from actsparse.tasks import TASK_NAMES
 
@@ -206,7 +206,7 @@ def test_every_subcommand_help_shows_defaults_and_valid_values(capsys: pytest.Ca
     assert "(default: None)" not in " ".join(pages.values())
     for name in ("profile", "calibrate"):
         assert "{" + ",".join(TARGETS) + "}" in pages[name]
-    assert "{top_p,top_k,max_p,threshold}" in pages["profile"]
+    assert "{" + ",".join(RULE_NAMES) + "}" in pages["profile"]
 
 
 def test_calibration_file_check_accepts_what_calibrate_writes(tmp_path: Path) -> None:

@@ -113,10 +113,11 @@ def test_method_rules_run_on_a_model_and_count(rule: str, target: str) -> None:
     consumer = mlp.gate_proj if target == "input" else mlp.down_proj  # layer 0 sees the same x either way
     seen: list[torch.Tensor] = []
     handle = consumer.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    mask = torch.ones_like(ids)  # every token real: a batch under sparsify says so
     with torch.no_grad():
-        model(input_ids=ids)
+        model(input_ids=ids, attention_mask=mask)
         with sparsify(model, spec) as stats:
-            model(input_ids=ids)
+            model(input_ids=ids, attention_mask=mask)
     handle.remove()
     dense, sparse = seen
     assert 0 < stats.overall() < 1

@@ -113,10 +113,10 @@ def test_heatmaps_mark_massive_layers() -> None:
     ]  # fmt: skip
     summary = {"model": "tiny", "points": points, "outliers": {"massive_layers": {"input": [1]}}}
     fig = heatmap(summary, "input")
-    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]  # layers run across
     assert labels == ["0", "◆ 1"]
     plain = heatmap({**summary, "outliers": None}, "input")
-    assert [t.get_text() for t in plain.axes[0].get_yticklabels()] == ["0", "1"]
+    assert [t.get_text() for t in plain.axes[0].get_xticklabels()] == ["0", "1"]
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from actsparse.evaluate.results import SPARSITY_SEEN, TaskResult
-from actsparse.store import PointKey, RunStore, atomic_path
+from actsparse.store import PointKey, RunStore, atomic_path, reference_path
 
 
 def document_batches(n_docs: int, first: Sequence[int], size: int, seed: int) -> list[list[int]]:
@@ -63,7 +63,6 @@ def until_ci(driver: Any, target: float, advance: Callable[[int], None]) -> list
     [{batch, documents, half_width}] (also kept in the store's meta under 'until_ci')."""
     from actsparse.evaluate import DenseReference
     from actsparse.executors import evaluate_point
-    from actsparse.sweep import reference_path
 
     config, store = driver.config, driver.store
     first = {t: ids for t, ids in driver.doc_ids.items() if ids is not None}

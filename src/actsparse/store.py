@@ -292,6 +292,11 @@ def _check_bound(path: Path, key: str, stored: Any, value: Any) -> None:
         )
 
 
+def reference_path(run_dir: Path, task: str) -> Path:
+    """Where a run folder keeps the dense reference (top-k next-token distributions) of a task."""
+    return Path(run_dir) / "dense" / f"{task}.ref"
+
+
 def check_settings(
     run_dir: str | Path, settings: dict[str, Any], unbound_with_points: dict[str, Any] | None = None
 ) -> dict[str, Any]:

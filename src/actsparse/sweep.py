@@ -21,7 +21,7 @@ from actsparse.loading import DEFAULT_MODEL
 from actsparse.progress import SweepProgress
 from actsparse.search import DEFAULT_PRECISION, PAPER_GRID
 from actsparse.spec import RULE_NAMES, TARGETS, SparsitySpec
-from actsparse.store import PointKey, RunStore, StoreError, atomic_path, check_writable
+from actsparse.store import PointKey, RunStore, StoreError, atomic_path, check_writable, reference_path
 
 PAPER_VALUES: tuple[float, ...] = PAPER_GRID
 """The paper's grid of p (SPEC §4), 26 points (defined in `search`, whose default scan grid it is)."""
@@ -236,10 +236,6 @@ def plan(config: SweepConfig) -> list[PointKey]:
         for task in names
     ]
     return dense + sparse
-
-
-def reference_path(run_dir: Path, task: str) -> Path:
-    return run_dir / "dense" / f"{task}.ref"
 
 
 UNBOUND_WITH_POINTS = {"dtype": "float32"}

@@ -44,9 +44,14 @@ def tables(summary: dict[str, Any]) -> dict[str, Table]:
     low = summary.get("critical_sparsity_low_noise")
     if low is None:
         return {}
+    from actsparse.report.reading import settled
+
     acc = summary.get("critical_sparsity", {})
     rows = []
     for label in sorted(low):
+        if not settled(summary, label):  # missing points could still move it: no number from part of a curve
+            rows.append([label, "incomplete (see Missing points)", "incomplete", "–", "–"])
+            continue
         c, a = low[label], acc.get(label, {})
         fixed = c.get("ci_fixed_sparsity")
         rows.append(
