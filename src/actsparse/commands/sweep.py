@@ -280,7 +280,7 @@ def run(args: argparse.Namespace) -> int:
     )
     for label, c in summary["critical_sparsity_low_noise"].items():
         acc = summary["critical_sparsity"][label]
-        console.print(f"  {label}: {_interval(c)} [accuracy: {_interval(acc)}]", highlight=False)
+        console.print(f"  {label}: {_interval(c)} [accuracy: {_interval(acc)}]", highlight=False, markup=False)
     for label, evaluated in summary["search"].get("evaluated", {}).items():
         values = ", ".join(f"{v:g}" for v, _, _ in evaluated)
         console.print(f"  {label}: bisection evaluated {len(evaluated)} values: {values}", highlight=False)
