@@ -368,6 +368,20 @@ def _paired(
     return values(dense, key), np.stack([values(r, key) for r in results]), ids, counts
 
 
+def grouped_results(
+    store: RunStore,
+) -> tuple[dict[str, TaskResult], dict[tuple[str, str, float], dict[str, TaskResult]]]:
+    """A store's results: dense by task, and sparse by (target, rule, value), then task."""
+    dense: dict[str, TaskResult] = {}
+    sparse: dict[tuple[str, str, float], dict[str, TaskResult]] = {}
+    for key, result in store.items():
+        if key.is_dense:
+            dense[key.task] = result
+        else:
+            sparse.setdefault((key.target, key.rule, key.value), {})[key.task] = result
+    return dense, sparse
+
+
 def summarize(
     store: RunStore,
     resamples: int = RESAMPLES,
@@ -378,13 +392,7 @@ def summarize(
 ) -> dict[str, Any]:
     """Everything the report needs, as a JSON-ready dict (the content of summary.json).
     `power`: also predict the documents each curve needs for a ±2-point interval (the slow part)."""
-    dense: dict[str, TaskResult] = {}
-    sparse: dict[tuple[str, str, float], dict[str, TaskResult]] = {}
-    for key, result in store.items():
-        if key.is_dense:
-            dense[key.task] = result
-        else:
-            sparse.setdefault((key.target, key.rule, key.value), {})[key.task] = result
+    dense, sparse = grouped_results(store)
     settings = store.get_meta("settings") or {}
     tasks = [t for t in settings.get("tasks", sorted(dense)) if t in dense]
 

@@ -30,6 +30,7 @@ from actsparse.analysis import (
     _sparsity_of,
     critical_sparsity,
     critical_sparsity_batch,
+    grouped_results,
     ratio,
     resample_weights,
 )
@@ -85,17 +86,6 @@ def run_dtypes_sweep(
 
 
 # --- analysis ---------------------------------------------------------------------------------------
-
-
-def _load(store: RunStore) -> tuple[dict[str, TaskResult], dict[tuple[str, str, float], dict[str, TaskResult]]]:
-    dense: dict[str, TaskResult] = {}
-    sparse: dict[tuple[str, str, float], dict[str, TaskResult]] = {}
-    for key, result in store.items():
-        if key.is_dense:
-            dense[key.task] = result
-        else:
-            sparse.setdefault((key.target, key.rule, key.value), {})[key.task] = result
-    return dense, sparse
 
 
 def _by_id(result: TaskResult, ids: list[int]) -> np.ndarray:
@@ -227,7 +217,7 @@ def compare(
     for dtype in dtypes:
         summaries[dtype] = write_summary(run_dir / dtype, resamples=resamples, seed=seed, level=level)
         with RunStore.open(run_dir / dtype, create=False) as store:
-            runs[dtype] = _load(store)
+            runs[dtype] = grouped_results(store)
     tasks: list[str] = next((s["tasks"] for s in summaries.values() if s["tasks"]), [])
     for s in summaries.values():
         if s["tasks"] and s["tasks"] != tasks:

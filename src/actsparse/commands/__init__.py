@@ -9,6 +9,13 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 
+def disk_size(path: Path) -> int:
+    """Bytes of a file, or of every file under a folder (0 if it does not exist)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Every option's default in its help, except where there is none (None, a flag) or the help names it."""
 

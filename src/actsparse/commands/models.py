@@ -9,17 +9,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from actsparse.commands import disk_size
+
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the models available offline, with files, sizes and quantisation")
     p.add_argument("--json", type=Path, help="also write the list as JSON here")
     return p
-
-
-def _size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
 
 
 def model_rows() -> list[dict[str, Any]]:
@@ -42,7 +38,7 @@ def model_rows() -> list[dict[str, Any]]:
         row |= {
             "available": True,
             "file": str(path),
-            "bytes": _size(path),
+            "bytes": disk_size(path),
             "quantisation": quant.get("file_type"),
             "converted": str(converted) if (converted / "done").exists() else None,
         }
@@ -50,14 +46,14 @@ def model_rows() -> list[dict[str, Any]]:
     known = {r.get("converted") for r in rows}
     for folder in sorted((cache_dir() / "converted").glob("*")):
         if (folder / "done").exists() and str(folder) not in known:
-            rows.append({"model": str(folder), "kind": "folder", "available": True, "bytes": _size(folder)})
+            rows.append({"model": str(folder), "kind": "folder", "available": True, "bytes": disk_size(folder)})
     hub = Path(
         os.environ.get("HF_HUB_CACHE")
         or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
     )
     for repo in sorted(hub.glob("models--*")):
         name = repo.name.removeprefix("models--").replace("--", "/")
-        rows.append({"model": name, "kind": "hub cache", "available": True, "bytes": _size(repo)})
+        rows.append({"model": name, "kind": "hub cache", "available": True, "bytes": disk_size(repo)})
     return rows
 
 

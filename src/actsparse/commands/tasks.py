@@ -8,17 +8,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from actsparse.commands import disk_size
+
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("tasks", help="list the tasks available offline, with document counts and sizes")
     p.add_argument("--json", type=Path, help="also write the list as JSON here")
     return p
-
-
-def _size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
 
 
 def task_rows() -> list[dict[str, Any]]:
@@ -38,9 +34,9 @@ def task_rows() -> list[dict[str, Any]]:
             row["documents"] = len(get_task(name))
         except (ModuleNotFoundError, FileNotFoundError) as err:
             row["documents"], row["error"] = None, str(err)
-        row["bytes"] = _size(root / "hf_datasets" / _folder(name)) if root and name != "lambada" else 0
+        row["bytes"] = disk_size(root / "hf_datasets" / _folder(name)) if root and name != "lambada" else 0
         if root and name == "lambada":
-            row["bytes"] = _size(root / "oe_eval_tasks" / "lambada")
+            row["bytes"] = disk_size(root / "oe_eval_tasks" / "lambada")
         rows.append(row)
     return rows
 

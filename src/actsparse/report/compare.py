@@ -40,20 +40,15 @@ class Run:
 
 def load_run(path: str | Path, resamples: int = RESAMPLES) -> Run:
     """Summarise a sweep folder (summary.json is rewritten) and gather its paired per-document scores."""
-    from actsparse.analysis import _curves, write_summary
+    from actsparse.analysis import _curves, grouped_results, write_summary
 
     path = Path(path)
     with RunStore.open(path, create=False) as store:
         seed = int((store.get_meta("settings") or {}).get("seed") or 0)
-        items = list(store.items())
+        dense, sparse = grouped_results(store)
     summary = write_summary(path, resamples=resamples, seed=seed)
     if not summary["dense"]:
         raise ValueError(f"{path} has no dense baseline yet")
-    dense = {k.task: r for k, r in items if k.is_dense}
-    sparse: dict[tuple[str, str, float], dict[str, Any]] = {}
-    for k, r in items:
-        if not k.is_dense:
-            sparse.setdefault((k.target, k.rule, k.value), {})[k.task] = r
     tasks = summary["tasks"]
     curves = {key: curve for key, (curve, _) in _curves(summary["points"], dense, sparse, tasks).items()}
     doc_ids: dict[str, list[int]] = {}
