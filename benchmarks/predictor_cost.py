@@ -8,8 +8,9 @@ Variants, timed interleaved in one run (best of the rounds kept):
   net        predictor + sparse: what a predictor-based engine pays per token
   limit      GEMVs over the kept rows gathered in advance (no gather, no predictor): the best case
 The kept fraction is the predictor's measured one (`--run-dir`: the mean predicted sparsity on held-out
-calibration tokens of its `calibration/predictor-*.json`) or `--sparsity`. On CPU the default clock is
-this process's CPU time, so the ratios hold on a machine shared with other work (`--clock wall`).
+calibration tokens of its `calibration/predictor-*.json`) or `--sparsity`. Times are wall-clock (the
+default); `--clock cpu` takes this process's CPU time instead, which charges a multithreaded matmul
+threads × its time. Time on a quiet machine: the load average is printed beside the figures.
 
     python benchmarks/predictor_cost.py --run-dir runs/pred_intermediate
     python benchmarks/predictor_cost.py --shape 576x1536 --rank 64 --sparsity 0.5
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from actsparse.benchmarking import load_average
 from actsparse.methods.predictor import ffn_flops, predictor_flops
 
 
@@ -123,7 +125,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--layers", type=int, default=30, help="FFNs of distinct weights a token passes (SmolLM2: 30)")
-    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="wall-clock or process CPU time")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -139,7 +141,7 @@ def main() -> None:
     out = []
     print(
         f"shape h={h} d={d}, float32, batch 1, {args.layers} layers, {args.threads} thread(s), {args.clock} clock, "
-        f"best of {args.rounds} rounds; times per FFN"
+        f"best of {args.rounds} rounds; times per FFN; load average {load_average()}"
     )
     print(
         f"{'p':>5} {'rank':>4} {'sparsity':>8} | {'dense µs':>8} {'pred µs':>8} {'sparse µs':>9} {'net µs':>8} "
