@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 from tiny import FAMILIES, MOE_FAMILIES, tiny_model
@@ -10,6 +12,7 @@ from actsparse import NonFiniteActivationError, SparsitySpec, accelerate, sparsi
 from actsparse.accelerate import MAX_SPARSE_BATCH
 from actsparse.kernels import sparse_ffn_cpu
 from actsparse.kernels.sparse_ffn_cpu import FusedFFN
+from actsparse.stats import TokenCounts
 
 GATED = [f for f in FAMILIES if f not in MOE_FAMILIES]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -209,9 +212,9 @@ def count_fused_calls(monkeypatch) -> list[int]:
     calls = [0]
     call = FusedFFN.__call__
 
-    def counted(self, x, out=None):
+    def counted(self, x, out=None, accumulate=False):
         calls[0] += 1
-        return call(self, x, out)
+        return call(self, x, out, accumulate)
 
     monkeypatch.setattr(FusedFFN, "__call__", counted)
     return calls
@@ -247,6 +250,32 @@ def test_fused_kernel_runs_every_rule_batches_and_bfloat16(family, rule, dtype, 
         if dtype == torch.float32:  # bf16 sums round differently: a tie may move across the rule
             assert fast_stats.counts() == ref_stats.counts()
         monkeypatch.undo()
+
+
+@contextmanager
+def counted_per_document(ctx, per_token: TokenCounts):
+    """`ctx` with a scorer's per-document counting switched on (every count must reach `per_token`)."""
+    with ctx as stats:
+        stats.per_token = per_token
+        yield stats
+
+
+@pytest.mark.skipif(not sparse_ffn_cpu.available(), reason="no C compiler for the fused kernel")
+@pytest.mark.parametrize("rule", ["threshold", "top_k"])
+def test_fused_counts_are_the_same_totalled_in_the_kernel_or_read_per_call(rule):
+    """Without per-document counting the kernel keeps running totals, read only with the stats; with it,
+    each call's counts reach the scorer. Both give sparsify's counts."""
+    model = tiny_model("llama")
+    spec = spec_for(rule, "all_inputs")
+    _, ref_stats = run_decode(model, sparsify(model, spec), batch=3, seed=9)
+    _, totalled = run_decode(model, accelerate(model, spec), batch=3, seed=9)
+    per_token = TokenCounts()
+    _, per_call = run_decode(model, counted_per_document(accelerate(model, spec), per_token), batch=3, seed=9)
+    assert totalled.counts() == ref_stats.counts() == per_call.counts()
+    decode = [c for k, c in per_call.counts().items() if k[2] == "decode"]
+    assert decode and sum(c[2] for c in decode) > 0
+    everything = [sum(c[i] for c in per_call.counts().values()) for i in (0, 2)]
+    assert per_token._expected is not None and per_token._expected.tolist() == everything
 
 
 def test_pytorch_kernels_when_the_c_kernel_is_missing(monkeypatch):

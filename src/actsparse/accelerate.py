@@ -34,7 +34,7 @@ from actsparse.kernels.sparse_ffn import layout, rows_of, sparse_ffn
 from actsparse.kernels.sparse_ffn_cpu import FusedFFN
 from actsparse.rules import RULES
 from actsparse.spec import SparsitySpec
-from actsparse.stats import SparsityStats
+from actsparse.stats import Key, SparsityStats
 
 __all__ = ["MAX_SPARSE_BATCH", "DecodeStep", "accelerate"]
 
@@ -65,6 +65,7 @@ class _DecodeMasks:
         self._real_seen: torch.Tensor | None = None
         self._one_real = True
         self._non_finite: dict[str, torch.Tensor] = {}  # CUDA: per vector, whether NaN/Inf was seen
+        self._deferring = False  # whether the fused kernel's running totals are registered with the stats
 
     def _tau(self, vector: str, v: torch.Tensor) -> torch.Tensor:
         """τ of the threshold rule in v's dtype and device, made once per (vector, dtype, device)."""
@@ -105,15 +106,32 @@ class _DecodeMasks:
             self._real_seen, self._one_real = real, real is None or bool(real.all())
         return self._one_real
 
-    def record_fused(self, fused: FusedFFN, bad: int, rows: int) -> None:
-        """Count a call of the fused kernel on `rows` tokens (its counts of input and intermediate), or raise
-        on NaN/Inf."""
-        for code, row, vector in ((1, 0, "input"), (2, 1, "intermediate")):
-            if vector in self.spec.vectors:
-                if bad & code:
-                    raise non_finite(vector, self.layer)
-                counts = fused.counts[0, row] if rows == 1 else fused.counts[:rows, row].sum(dim=0)
-                self.stats.record((self.layer, vector, self.tokens.phase, None), counts)
+    def run_fused(self, fused: FusedFFN, x: torch.Tensor) -> torch.Tensor:
+        """The fused kernel on decode tokens x, counted (its counts of input and intermediate), or raise on
+        NaN/Inf. Unless a scorer checks counts per document, the kernel keeps running totals that the stats
+        take when read: no bookkeeping per call."""
+        deferred = self.stats.per_token is None
+        if deferred and not self._deferring:
+            self.stats.defer(partial(self._take, fused))
+            self._deferring = True
+        y, bad = fused(x, accumulate=deferred)
+        for code, vector in ((1, "input"), (2, "intermediate")):
+            if bad & code and vector in self.spec.vectors:
+                raise non_finite(vector, self.layer)
+        if not deferred:
+            rows = x.shape[:-1].numel()
+            for row, vector in enumerate(("input", "intermediate")):
+                if vector in self.spec.vectors:
+                    counts = fused.counts[0, row] if rows == 1 else fused.counts[:rows, row].sum(dim=0)
+                    self.stats.record((self.layer, vector, "decode", None), counts)
+        return y
+
+    def _take(self, fused: FusedFFN) -> dict[Key, torch.Tensor]:
+        """The decode counts the fused kernel has summed since the last call (`SparsityStats.defer`)."""
+        totals = fused.totals.clone()
+        fused.totals.zero_()
+        vectors = [(row, v) for row, v in enumerate(("input", "intermediate")) if v in self.spec.vectors]
+        return {(self.layer, v, "decode", None): totals[row] for row, v in vectors if totals[row, 2] > 0}
 
 
 _FUSED_RULES = frozenset(sparse_ffn_cpu.RULE_CODES)
@@ -166,9 +184,7 @@ class DecodeStep:
         rows = x.shape[:-1].numel()
         fused = self.fused
         if fused is not None and rows <= sparse_ffn_cpu.MAX_BATCH and x.dtype == fused.dtype and self.masks.all_real():
-            y, bad = fused(x)
-            self.masks.record_fused(fused, bad, rows)
-            return y
+            return self.masks.run_fused(fused, x)
         y = sparse_ffn(x.reshape(rows, x.shape[-1]), self.weights, self.masks)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 

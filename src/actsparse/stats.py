@@ -4,6 +4,7 @@ phase and expert. Counts stay on the device as tensors and are read only when as
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -164,11 +165,14 @@ class SparsityStats:
     """Accumulated counts of one instrumentation. `vectors` are those its spec sparsifies.
 
     While `step` is set (by a diffusion scorer), each keep-mask is also counted in `steps`.
+    Counts may also be held elsewhere and brought in only when read (`defer`): a compiled kernel keeps
+    running totals, so that a decode step pays no bookkeeping per layer.
     """
 
     def __init__(self, vectors: tuple[str, ...]):
         self.vectors = vectors
         self._counts: dict[Key, torch.Tensor] = {}
+        self._deferred: list[Callable[[], dict[Key, torch.Tensor]]] = []
         self.step: int | None = None
         self.steps = StepStats()
         self.per_token: TokenCounts | None = None  # set by a scorer that counts per document
@@ -177,24 +181,43 @@ class SparsityStats:
         """Add a [zeroed, natural_zeros, seen] count vector for `key`."""
         if self.per_token is not None:
             self.per_token.expect(counts)
+        self._add(key, counts)
+
+    def _add(self, key: Key, counts: torch.Tensor) -> None:
         if key in self._counts:
             self._counts[key] += counts
         else:
             self._counts[key] = counts.clone()
 
+    def defer(self, take: Callable[[], dict[Key, torch.Tensor]]) -> None:
+        """Register `take`, which returns the counts held elsewhere since its last call (and forgets them);
+        every read of the counts (and `snapshot`, `restore`, `reset`) calls it first. For counts made
+        while `per_token` is None only: they bypass its per-document check."""
+        if take not in self._deferred:
+            self._deferred.append(take)
+
+    def _gather(self) -> None:
+        for take in self._deferred:
+            for key, counts in take().items():
+                self._add(key, counts)
+
     def reset(self) -> None:
+        self._gather()
         self._counts.clear()
         self.steps.reset()
 
     def snapshot(self) -> dict[Key, torch.Tensor]:
         """A copy of the counts, to `restore` when a forward fails half-way (out-of-memory, retried)."""
+        self._gather()
         return {k: v.clone() for k, v in self._counts.items()}
 
     def restore(self, snapshot: dict[Key, torch.Tensor]) -> None:
+        self._gather()  # what was held elsewhere belongs to the failed forward too
         self._counts = {k: v.clone() for k, v in snapshot.items()}
 
     def counts(self) -> dict[Key, tuple[int, int, int]]:
         """All counts as Python ints: key → (zeroed, natural_zeros, seen)."""
+        self._gather()
         if not self._counts:
             return {}
         keys = list(self._counts)

@@ -265,13 +265,14 @@ static int64_t compact(const float *v, const unsigned char *keep, int nb, int64_
    masks of the input and intermediate rules (code 0-3, value). gate_t, up_t [h][d] hold W_gᵀ and W_uᵀ and
    down_t [d][h] holds W_dᵀ, each row-contiguous with its own row stride; dtype 0 float32, 1 bfloat16 for x,
    y, weights and biases (which may be NULL). counts [nb][2][3] receives (zeroed, natural zeros, seen) of x and
-   i per token. Returns bit 1 if x (under a rule) and bit 2 if i holds NaN or Inf; after bit 1 nothing else
-   is written. One thread runs without entering OpenMP. */
+   i per token; totals [2][3], when not NULL, the same counts summed over the tokens added to it (a running
+   total, so that a caller need not read counts per call). Returns bit 1 if x (under a rule) and bit 2 if i
+   holds NaN or Inf; after bit 1 nothing else is written. One thread runs without entering OpenMP. */
 int actsparse_sparse_ffn(const void *x, int nb, int64_t h, int64_t d, int dtype, const void *gate_t,
                          int64_t gate_stride, const void *up_t, int64_t up_stride, const void *down_t,
                          int64_t down_stride, const void *gate_bias, const void *up_bias, const void *down_bias,
                          int in_rule, double in_value, int mid_rule, double mid_value, int act, void *y,
-                         int64_t *counts, int nthreads) {
+                         int64_t *counts, int64_t *totals, int nthreads) {
     nb = nb < 1 ? 1 : nb > MAXB ? MAXB : nb;
     float *xf = (float *)malloc((size_t)(nb * h) * sizeof(float));
     float *in_val = (float *)malloc((size_t)(nb * h) * sizeof(float));
@@ -324,6 +325,9 @@ int actsparse_sparse_ffn(const void *x, int nb, int64_t h, int64_t d, int dtype,
         }
     }
     for (int b = 0; b < nb; b++) memcpy(counts + b * 6 + 3, mid_counts + b * 6, 3 * sizeof(int64_t));
+    if (totals && !bad_mid)
+        for (int b = 0; b < nb; b++)
+            for (int j = 0; j < 6; j++) totals[j] += counts[b * 6 + j];
     free(mid);
     free(mid_val);
     free(keep);
@@ -341,7 +345,7 @@ _P, _I64, _INT, _DBL = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_d
 def _declare(lib: ctypes.CDLL) -> None:
     fn = lib.actsparse_sparse_ffn
     fn.argtypes = [_P, _INT, _I64, _I64, _INT, _P, _I64, _P, _I64, _P, _I64, _P, _P, _P, _INT, _DBL, _INT, _DBL]
-    fn.argtypes += [_INT, _P, _P, _INT]
+    fn.argtypes += [_INT, _P, _P, _P, _INT]
     fn.restype = _INT
 
 
@@ -435,10 +439,15 @@ class FusedFFN:
         )
         self.counts = torch.zeros(MAX_BATCH, 2, 3, dtype=torch.long)
         """Per token of the last call, (zeroed, natural zeros, seen) of the input and the intermediate."""
+        self.totals = torch.zeros(2, 3, dtype=torch.long)
+        """The same counts summed over the tokens of every call made with `accumulate=True`, until reset."""
 
-    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    def __call__(
+        self, x: torch.Tensor, out: torch.Tensor | None = None, accumulate: bool = False
+    ) -> tuple[torch.Tensor, int]:
         """FFN of 1 to `MAX_BATCH` tokens x [..., h] (the weights' dtype): the output and the NaN/Inf flags
-        (1 input, 2 intermediate). Written into `out` (contiguous, x's shape) when given."""
+        (1 input, 2 intermediate). Written into `out` (contiguous, x's shape) when given. With `accumulate`
+        the kernel also adds the call's counts into `totals`."""
         rows = x.shape[:-1].numel()
         if not 1 <= rows <= MAX_BATCH or x.shape[-1] != self.h or x.dtype != self.dtype:
             raise ValueError(
@@ -461,6 +470,7 @@ class FusedFFN:
             *rest,
             y.data_ptr(),
             self.counts.data_ptr(),
+            self.totals.data_ptr() if accumulate else None,
             torch.get_num_threads(),
         )
         return y, bad
