@@ -116,7 +116,7 @@ def _generate(model, tokenizer, prompt, length: int) -> list[int]:
 
     from actsparse.diffusion import denoiser_for
     from actsparse.diffusion.scoring import generate
-    from actsparse.evaluate.scorer import Encoder
+    from actsparse.evaluate.encode import Encoder
 
     denoiser = denoiser_for(model)
     if denoiser is None:
