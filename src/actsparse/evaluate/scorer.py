@@ -31,7 +31,7 @@ from actsparse.evaluate.packed import packing_depth, score_packed, tree_of
 from actsparse.evaluate.reference import DenseReference
 from actsparse.evaluate.results import SPARSITY_SEEN, SPARSITY_ZEROED, DocResult, TaskResult
 from actsparse.instrument import active_stats
-from actsparse.tasks import Completion, Generation, GoldLikelihood, MultipleChoice, Request, Task, get_task, select_docs
+from actsparse.tasks import Completion, Generation, GoldLikelihood, MultipleChoice, Request, Task, task_docs
 
 
 @torch.no_grad()
@@ -81,15 +81,7 @@ def score_groups(
     return scores  # type: ignore[return-value]
 
 
-def _check_reference(reference: DenseReference, task: Task, doc_ids: Sequence[int]) -> None:
-    if reference.task != task.name:
-        raise ValueError(f"the dense reference is for task {reference.task!r}, not {task.name!r}")
-    missing = sorted(set(doc_ids) - set(reference.topk))
-    if missing:
-        raise ValueError(f"the dense reference lacks documents {missing[:5]}{'…' if len(missing) > 5 else ''}")
-
-
-def evaluate_task(
+def evaluate_causal_task(
     model: nn.Module,
     tokenizer,
     task: str | Task,
@@ -100,25 +92,14 @@ def evaluate_task(
     batch_tokens: int | None = None,
     progress: Callable[[int], None] | None = None,
     packing: bool = True,
-    diffusion: Any = None,
 ) -> tuple[TaskResult, DenseReference]:
-    """Score `doc_ids` of `task` (all when None). Dense run: returns the reference to keep; sparse
-    run (pass the dense reference): every DocResult.kl is the mean KL(dense ‖ this run).
-    `batch_tokens`: tokens of one forward (default `budget.auto_budget`: from free memory on CUDA);
-    on out-of-memory it is halved and the batch re-planned, so no document is lost. `batch_size`:
-    the most documents scored together (None: no cap). `packing`: score as packed trees where exact.
-    `diffusion`: `DiffusionOptions` for diffusion LLMs (default: its defaults); ignored otherwise."""
-    from actsparse.diffusion import evaluate_diffusion_task, is_diffusion_model  # lazy: it imports this module
-
-    if is_diffusion_model(model):  # LLaDA, diffusion_gemma: Monte-Carlo masked likelihood, iterative unmasking
-        kwargs = dict(reference=reference, batch_size=batch_size or 16, progress=progress, options=diffusion)
-        return evaluate_diffusion_task(model, tokenizer, task, doc_ids, **kwargs)  # type: ignore[arg-type]
-    task = get_task(task) if isinstance(task, str) else task
-    ids = list(select_docs(task, None) if doc_ids is None else doc_ids)
-    if any(not 0 <= d < len(task) for d in ids):
-        raise ValueError(f"document ids must lie in [0, {len(task)}) for task {task.name!r}")
+    """`evaluate_task` for causal LMs. `batch_tokens`: tokens of one forward (default `budget.auto_budget`:
+    from free memory on CUDA); on out-of-memory it is halved and the batch re-planned, so no document is
+    lost. `batch_size`: the most documents scored together (None: no cap). `packing`: score as packed
+    trees where exact."""
+    task, ids = task_docs(task, doc_ids)
     if reference is not None:
-        _check_reference(reference, task, ids)
+        reference.check(task.name, ids)
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if batch_tokens is not None and batch_tokens < 1:
@@ -237,11 +218,7 @@ def _score_batch(
         refs = []
         for d in batch:
             sizes = [scored_positions(g) for g in doc_groups[d]]
-            if sum(sizes) != reference.topk[d][0].shape[0]:
-                raise ValueError(
-                    f"document {d}: {sum(sizes)} scored positions, the reference has "
-                    f"{reference.topk[d][0].shape[0]} (another tokenizer or task version?)"
-                )
+            reference.check_positions(d, sum(sizes))
             refs.extend(reference.topk[d][0].split(sizes))
     budget = budget or Budget()
     scores = score_groups(
