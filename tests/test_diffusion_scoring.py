@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tiny import tiny_lm, tiny_task, tiny_tokenizer
+from tiny import tiny_lm, tiny_sweep_config, tiny_task, tiny_tokenizer
 from tiny_diffusion import MASK_ID, tiny_llada
 
 from actsparse import SparsitySpec, sparsify
@@ -140,20 +140,11 @@ def test_both_scorers_check_documents_and_the_reference_alike() -> None:
 
 def test_sweep_and_report_draw_the_step_figures(tmp_path: Path) -> None:
     from actsparse.report import write_report
-    from actsparse.sweep import SweepConfig, run_sweep
+    from actsparse.sweep import run_sweep
 
     model, tokenizer = tiny_llada(), tiny_tokenizer()
-    config = SweepConfig(
-        model="tiny-llada",
-        targets=["input", "intermediate"],
-        rules=["top_p"],
-        values=[0.9, 0.5],
-        tasks=[tiny_task("mc", 6), tiny_task("lam", 4, kind="lambada", seed=1)],
-        limit=None,
-        out=tmp_path,
-        resamples=20,
-        batch_size=4,
-    )
+    tasks = [tiny_task("mc", 6), tiny_task("lam", 4, kind="lambada", seed=1)]
+    config = tiny_sweep_config(tmp_path, model="tiny-llada", values=[0.9, 0.5], tasks=tasks, limit=None, resamples=20)
     summary = run_sweep(config, model, tokenizer, show_progress=False)
     assert {(p["target"], p["value"]) for p in summary["points"]} == {
         (t, v) for t in ("input", "intermediate") for v in (0.9, 0.5)
