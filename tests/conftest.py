@@ -1,9 +1,11 @@
-"""What several test files share: the kinds of activation vectors and the hypothesis strategies over them."""
+"""What several test files share: the kinds of activation vectors and the hypothesis strategies over them,
+and the `no_model` fixture of the command-line tests."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
 import torch
 from hypothesis import strategies as st
 
@@ -26,3 +28,14 @@ def vector_strategy(
         dtype=st.sampled_from(DTYPES),
         seed=st.integers(0, 2**31),
     )
+
+
+@pytest.fixture
+def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any model load fails the test: bad input must be refused before model work."""
+    monkeypatch.setenv("COLUMNS", "500")  # rich would wrap long messages mid-path
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr("actsparse.loading.load_model", refuse)

@@ -16,17 +16,6 @@ from actsparse.loading import ModelNotAvailableError
 from actsparse.store import RunStore
 
 
-@pytest.fixture
-def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Any model load fails the test: bad input must be refused before model work."""
-    monkeypatch.setenv("COLUMNS", "500")  # rich would wrap long messages mid-path
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr("actsparse.loading.load_model", refuse)
-
-
 def _err(capsys: pytest.CaptureFixture) -> str:
     return " ".join(capsys.readouterr().err.split())
 
@@ -99,6 +88,12 @@ def test_a_short_or_truncated_gguf_is_a_clear_error(
 @pytest.mark.parametrize(
     ("args", "message"),
     [
+        (["--tasks", "arc_easy,nosuchtask"], "unknown task 'nosuchtask'; known tasks: arc_easy"),
+        (["--values", "0.9,1.5"], "value must lie in [0, 1], got 1.5"),
+        (["--values", "0.9,abc"], "--values must be 'paper' or numbers"),
+        (["--rules", "top_q"], "unknown rule 'top_q'"),
+        (["--rules", "threshold", "--values", "0.5,1.5"], "threshold's values are target sparsities in [0, 1]"),
+        (["--limit", "-3"], "--limit must be at least 1"),
         (["--resamples", "0"], "--resamples must be at least 10, got 0"),
         (["--limit", "0"], "--limit 0 would score no document"),
         (["--values", ""], "--values is empty"),

@@ -10,13 +10,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tiny import tiny_task, tiny_tokenizer
+from tiny import tiny_lm, tiny_sweep_config, tiny_task, tiny_tokenizer
 from tiny_diffusion import MASK_ID, tiny_llada
 
 from actsparse import SparsitySpec, sparsify
 from actsparse.diffusion import Denoiser, DiffusionOptions, evaluate_diffusion_task, generate, mc_loglikelihood
-from actsparse.evaluate import evaluate_task
+from actsparse.evaluate import DenseReference, evaluate_task
 from actsparse.stats import StepStats
+from actsparse.tasks import task_from_requests
 
 
 @settings(max_examples=25, deadline=None)
@@ -119,22 +120,31 @@ def test_evaluate_task_dispatches_and_kl_is_paired() -> None:
         assert stats.to_dict()["steps"]["sparsity"]
 
 
+def test_both_scorers_check_documents_and_the_reference_alike() -> None:
+    """One check of the document ids and of the dense reference, whichever scorer `evaluate_task` picks."""
+    task = tiny_task("t", 3)
+    for model, tokenizer in (tiny_lm(), (tiny_llada(), tiny_tokenizer())):
+        with pytest.raises(ValueError, match=r"document ids must lie in \[0, 3\) for task 't'"):
+            evaluate_task(model, tokenizer, task, [0, 3])
+        with pytest.raises(ValueError, match="the dense reference is for task 'other', not 't'"):
+            evaluate_task(model, tokenizer, task, reference=DenseReference("other", 32))
+        empty = DenseReference("t", 32, topk={d: (torch.zeros(0, 32), torch.zeros(0, 32)) for d in range(3)})
+        with pytest.raises(ValueError, match=r"document 0: \d+ scored positions, the reference has 0 \(another"):
+            evaluate_task(model, tokenizer, task, reference=empty)
+        with pytest.raises(ValueError, match=r"the dense reference lacks documents \[0, 1, 2\]$"):
+            evaluate_task(model, tokenizer, task, reference=DenseReference("t", 32))
+    many = task_from_requests("m", [task.request(0)] * 7)
+    with pytest.raises(ValueError, match=r"lacks documents \[0, 1, 2, 3, 4\]…"):
+        evaluate_task(tiny_llada(), tiny_tokenizer(), many, reference=DenseReference("m", 32))
+
+
 def test_sweep_and_report_draw_the_step_figures(tmp_path: Path) -> None:
     from actsparse.report import write_report
-    from actsparse.sweep import SweepConfig, run_sweep
+    from actsparse.sweep import run_sweep
 
     model, tokenizer = tiny_llada(), tiny_tokenizer()
-    config = SweepConfig(
-        model="tiny-llada",
-        targets=["input", "intermediate"],
-        rules=["top_p"],
-        values=[0.9, 0.5],
-        tasks=[tiny_task("mc", 6), tiny_task("lam", 4, kind="lambada", seed=1)],
-        limit=None,
-        out=tmp_path,
-        resamples=20,
-        batch_size=4,
-    )
+    tasks = [tiny_task("mc", 6), tiny_task("lam", 4, kind="lambada", seed=1)]
+    config = tiny_sweep_config(tmp_path, model="tiny-llada", values=[0.9, 0.5], tasks=tasks, limit=None, resamples=20)
     summary = run_sweep(config, model, tokenizer, show_progress=False)
     assert {(p["target"], p["value"]) for p in summary["points"]} == {
         (t, v) for t in ("input", "intermediate") for v in (0.9, 0.5)

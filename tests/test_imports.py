@@ -8,7 +8,11 @@ module level or inside a function) becomes an edge to the module it names: `from
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 import actsparse
 
@@ -50,6 +54,17 @@ def imports_of(name: str, path: Path, modules: set[str]) -> set[str]:
 def import_graph() -> dict[str, set[str]]:
     names = module_names()
     return {name: imports_of(name, path, set(names)) for name, path in names.items()}
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module that `start` imports, directly or through others."""
+    seen: set[str] = set()
+    todo = [start]
+    while todo:
+        for nxt in graph[todo.pop()] - seen:
+            seen.add(nxt)
+            todo.append(nxt)
+    return seen
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -97,3 +112,27 @@ def test_kernels_import_nothing_outside_kernels() -> None:
         if name == inside or name.startswith(inside + ".")
     }
     assert {name: deps for name, deps in outside.items() if deps} == {}
+
+
+CAUSAL_SCORER = {f"{PACKAGE}.evaluate.{name}" for name in ("scorer", "packed", "cached", "generate")}
+
+
+def test_the_causal_and_the_diffusion_scorer_do_not_import_each_other() -> None:
+    """They meet only in `actsparse.evaluate.evaluate_task`, which picks one; both may use the shared
+    leaves of `actsparse.evaluate` (encode, metrics, kl, reference, results)."""
+    graph = import_graph()
+    diffusion = {name for name in graph if name == f"{PACKAGE}.diffusion" or name.startswith(f"{PACKAGE}.diffusion.")}
+    assert {name: sorted(reachable(graph, name) & diffusion) for name in CAUSAL_SCORER} == {
+        name: [] for name in CAUSAL_SCORER
+    }
+    assert {name: sorted(reachable(graph, name) & CAUSAL_SCORER) for name in diffusion} == {
+        name: [] for name in diffusion
+    }
+
+
+@pytest.mark.parametrize("module", ["actsparse.diffusion.scoring", "actsparse.models.llada"])
+def test_a_module_imports_first_in_a_fresh_interpreter(module: str) -> None:
+    """No cycle through package `__init__`s either, which the graph above does not see: the dispatcher
+    in `actsparse.evaluate` imports the diffusion scorer, which imports modules of `actsparse.evaluate`."""
+    done = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

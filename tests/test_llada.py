@@ -15,8 +15,8 @@ from tiny_diffusion import MASK_ID, VOCAB, tiny_llada
 from torch.nn import functional as F
 
 from actsparse import SparsitySpec, find_ffns, load_model, sparsify
-from actsparse.diffusion import MaskDenoiser, denoising_steps, generate, mc_loglikelihood
-from actsparse.models.llada import LLaDAConfig, LLaDAModelLM, is_llada_config
+from actsparse.diffusion import denoising_steps, generate, mc_loglikelihood
+from actsparse.models.llada import LLaDAConfig, LLaDAModelLM, MaskDenoiser, is_llada_config
 from actsparse.spec import TARGETS
 
 D, HEADS, KV_HEADS, LAYERS, HIDDEN, EMBED = 32, 4, 2, 2, 48, 128

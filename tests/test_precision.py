@@ -20,17 +20,6 @@ from actsparse.store import PointKey, RunStore
 from actsparse.sweep import plan, run_sweep
 
 
-@pytest.fixture
-def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Any model load fails the test: bad input must be refused before model work."""
-    monkeypatch.setenv("COLUMNS", "500")
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr("actsparse.loading.load_model", refuse)
-
-
 def _err(capsys: pytest.CaptureFixture) -> str:
     return " ".join(capsys.readouterr().err.split())
 

@@ -9,18 +9,16 @@ from hypothesis import strategies as st
 from tiny import FAMILIES, tiny_lm, tiny_task
 
 from actsparse import accelerate, sparsify
-from actsparse.evaluate import DenseReference, evaluate_task, scorer
+from actsparse.evaluate import DenseReference, evaluate_task
+from actsparse.evaluate import packed as packed_path
+from actsparse.evaluate.cached import plan_chunks
+from actsparse.evaluate.encode import Encoder, Group
+from actsparse.evaluate.generate import greedy_generate
+from actsparse.evaluate.groups import scored_positions
 from actsparse.evaluate.metrics import choice_metrics, cut_at_stop, exact_match, gold_probability, topk_kl
+from actsparse.evaluate.packed import packing_depth
 from actsparse.evaluate.packing import make_tree, pack, plan_rows
-from actsparse.evaluate.scorer import (
-    Encoder,
-    Group,
-    greedy_generate,
-    packing_depth,
-    plan_chunks,
-    score_groups,
-    scored_positions,
-)
+from actsparse.evaluate.scorer import score_groups
 from actsparse.spec import SparsitySpec
 from actsparse.tasks import Completion, Generation, MultipleChoice, task_from_requests
 
@@ -305,8 +303,8 @@ def test_packed_trees_equal_the_cached_path(family, attention, monkeypatch):
     cached = score_groups(model, groups, 0, packing=False)
     assert set(kinds.seen) == {2}
     kinds.seen.clear()
-    monkeypatch.setattr(scorer, "FORWARD_TOKENS", 48)  # several forwards, the long tree alone beyond the budget
-    monkeypatch.setattr(scorer, "LOGITS", 24 * 97)  # 24 scored positions of the tiny vocabulary
+    monkeypatch.setattr(packed_path, "FORWARD_TOKENS", 48)  # several forwards, the long tree alone beyond the budget
+    monkeypatch.setattr(packed_path, "LOGITS", 24 * 97)  # 24 scored positions of the tiny vocabulary
     packed = score_groups(model, groups, 0)
     assert set(kinds.seen) == {4} and len(kinds.seen) > 2
     assert_same_scores(packed, cached)
@@ -416,9 +414,9 @@ def test_tree_mask_lets_each_token_see_its_own_sequence(branch_lengths, trunk):
 def test_packed_scoring_without_boolean_logits_to_keep(monkeypatch) -> None:
     """Older transformers 5 releases project every position: the scorer then picks the scored ones itself."""
     model, tokenizer = tiny_lm()
-    encoder = scorer.Encoder(tokenizer)
+    encoder = Encoder(tokenizer)
     groups = encoder.groups([("The cat sat on", " the mat"), ("The cat sat on", " a hat today")])
-    expected = scorer.score_groups(model, groups, encoder.pad)
-    monkeypatch.setattr(scorer, "_masked_logits_to_keep", lambda: False)
-    for a, b in zip(scorer.score_groups(model, groups, encoder.pad), expected, strict=True):
+    expected = score_groups(model, groups, encoder.pad)
+    monkeypatch.setattr(packed_path, "_masked_logits_to_keep", lambda: False)
+    for a, b in zip(score_groups(model, groups, encoder.pad), expected, strict=True):
         assert a.lls == pytest.approx(b.lls, abs=1e-5) and a.greedy == b.greedy and torch.equal(a.ids, b.ids)

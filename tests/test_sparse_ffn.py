@@ -23,6 +23,11 @@ from actsparse.kernels.sparse_ffn import (
 from actsparse.rules import threshold_mask
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+TRITON_RUNS = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+    reason="needs CUDA or TRITON_INTERPRET=1",
+)
+"""Triton kernels run on CUDA, or anywhere under the interpreter."""
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -108,10 +113,7 @@ def test_sparse_ffn_matches_simulation(target, dtype):
 
 @pytest.mark.triton
 @pytest.mark.skipif(not sparse_ffn_triton.available(), reason="triton is not installed")
-@pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-    reason="needs CUDA or TRITON_INTERPRET=1",
-)
+@TRITON_RUNS
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_triton_kernel_matches_dense(dtype):
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -137,10 +139,7 @@ def test_triton_kernel_matches_dense(dtype):
 
 @pytest.mark.triton
 @pytest.mark.skipif(not gather_gemv_triton.available(), reason="triton is not installed")
-@pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-    reason="needs CUDA or TRITON_INTERPRET=1",
-)
+@TRITON_RUNS
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_gather_gemv_matches_dense_and_reads_only_kept_rows(dtype):
     device = "cuda" if torch.cuda.is_available() else "cpu"

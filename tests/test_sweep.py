@@ -145,39 +145,6 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.fixture
-def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Any model load fails the test: bad input must be refused before model work."""
-    monkeypatch.setenv("COLUMNS", "500")  # rich would wrap long messages mid-path
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr("actsparse.loading.load_model", refuse)
-
-
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["--tasks", "arc_easy,nosuchtask"], "unknown task 'nosuchtask'; known tasks: arc_easy"),
-        (["--values", "0.9,1.5"], "value must lie in [0, 1], got 1.5"),
-        (["--values", "0.9,abc"], "--values must be 'paper' or numbers"),
-        (["--targets", "input,outputs"], "unknown target 'outputs'"),
-        (["--rules", "top_q"], "unknown rule 'top_q'"),
-        (["--rules", "threshold", "--values", "0.5,1.5"], "threshold's values are target sparsities in [0, 1]"),
-        (["--limit", "-3"], "--limit must be at least 1"),
-        (["--backend", "vllm"], "invalid choice: 'vllm'"),
-    ],
-)
-def test_bad_input_is_refused_before_model_work(
-    tmp_path: Path, capsys: pytest.CaptureFixture, no_model: None, args: list[str], message: str
-) -> None:
-    out = tmp_path / "run"
-    assert cli.main(["sweep", "--out", str(out), *args]) == 2
-    assert message in _err(capsys)
-    assert not out.exists()
-
-
 def test_unwritable_run_dir_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture, no_model: None) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")

@@ -43,11 +43,17 @@ def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     if family in MOE_FAMILIES:  # the sparsified experts run the eager loop: compare like with like
         model.set_experts_implementation("eager")
-    with torch.no_grad():  # random init draws some weights at 0.02 scale: widen them so activations vary
+    widen(model)
+    return model
+
+
+def widen(model: torch.nn.Module) -> None:
+    """Redraw every weight matrix at 0.2 scale: random init draws some at 0.02, which gives near-constant
+    activations; widened, they vary."""
+    with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.2)
-    return model
 
 
 CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,?!'\n:;-_\"()"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from tiny import widen
 
 from actsparse.models.llada import LLaDAConfig, LLaDAModelLM
 
@@ -25,18 +26,11 @@ LLADA_CONFIG = dict(
 )
 
 
-def _widen(model: torch.nn.Module) -> None:
-    with torch.no_grad():  # 0.02-scale init gives near-constant activations: widen them so they vary
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.2)
-
-
 def tiny_llada(seed: int = 0, **overrides) -> LLaDAModelLM:
     """A 2-layer random LLaDA (real parameter names and config keys) in eval mode."""
     torch.manual_seed(seed)
     model = LLaDAModelLM(LLaDAConfig(**(LLADA_CONFIG | overrides))).eval()
-    _widen(model)
+    widen(model)
     return model
 
 
@@ -79,5 +73,5 @@ def tiny_diffusion_gemma(seed: int = 0):
     torch.manual_seed(seed)
     model = DiffusionGemmaForBlockDiffusion(config).eval()
     model.set_experts_implementation("eager")
-    _widen(model)
+    widen(model)
     return model

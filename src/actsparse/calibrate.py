@@ -89,15 +89,10 @@ class _Collector:
         self.collect, self.stride = collect, stride
 
     def __call__(
-        self,
-        vector: str,
-        v: torch.Tensor,
-        expert: int | None = None,
-        token_index: torch.Tensor | None = None,
+        self, vector: str, v: torch.Tensor, expert: int | None = None, token_index: torch.Tensor | None = None
     ) -> torch.Tensor:
         if vector in self.collect:
-            real = self.tokens.rows(v, token_index)
-            rows = (v if real is None else v[real]).detach().reshape(-1, v.shape[-1])
+            rows = self.tokens.real_rows(v, token_index)
             self.store[(self.layer, vector)].append(rows[:: self.stride].abs().float().cpu())
         tau = self.applied.get((self.layer, vector))
         return v if tau is None else threshold(v, tau)

@@ -84,6 +84,11 @@ class TokenContext:
             )
         return real.reshape(v.shape[:-1])
 
+    def real_rows(self, v: torch.Tensor, token_index: torch.Tensor | None) -> torch.Tensor:
+        """The rows of `v` at real tokens, detached, as [N, d]: what a site collects of an activation."""
+        real = self.rows(v, token_index)
+        return (v if real is None else v[real]).detach().reshape(-1, v.shape[-1])
+
 
 def non_finite(vector: str, layer: int, expert: int | None = None) -> NonFiniteActivationError:
     """The error for NaN or ±Inf in an activation, naming where it was found."""
@@ -115,11 +120,7 @@ class RuleSite:
         self.spec, self.layer, self.tokens, self.stats = spec, layer, tokens, stats
 
     def __call__(
-        self,
-        vector: str,
-        v: torch.Tensor,
-        expert: int | None = None,
-        token_index: torch.Tensor | None = None,
+        self, vector: str, v: torch.Tensor, expert: int | None = None, token_index: torch.Tensor | None = None
     ) -> torch.Tensor:
         if vector not in self.spec.vectors:
             return v

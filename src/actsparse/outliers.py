@@ -86,8 +86,7 @@ def find_outliers(
     def make_forward(ffn, tokens):
         def site(vector, v, expert=None, token_index=None):
             if vector in vectors:
-                real = tokens.rows(v, token_index)
-                rows = (v if real is None else v[real]).detach().reshape(-1, v.shape[-1]).cpu()
+                rows = tokens.real_rows(v, token_index).cpu()
                 stats.setdefault((ffn.layer, vector), _Stats(v.shape[-1])).add(rows, m)
             return v
 

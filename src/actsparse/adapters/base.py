@@ -21,11 +21,7 @@ class Site(Protocol):
     """
 
     def __call__(
-        self,
-        vector: str,
-        v: torch.Tensor,
-        expert: int | None = None,
-        token_index: torch.Tensor | None = None,
+        self, vector: str, v: torch.Tensor, expert: int | None = None, token_index: torch.Tensor | None = None
     ) -> torch.Tensor: ...
 
 

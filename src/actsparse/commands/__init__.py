@@ -8,6 +8,8 @@ import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from actsparse.loading import DEFAULT_MODEL
+
 
 def disk_size(path: Path) -> int:
     """Bytes of a file, or of every file under a folder (0 if it does not exist)."""
@@ -30,6 +32,37 @@ def one_of(values: Iterable[str]) -> str:
     """'a, b or c': the valid values, for a help text."""
     values = list(values)
     return values[0] if len(values) == 1 else f"{', '.join(values[:-1])} or {values[-1]}"
+
+
+def comma_list(text: str) -> list[str]:
+    """The names of a comma-separated list (tasks, targets, rules), blanks dropped."""
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def parse_limit(text: str) -> int | None:
+    """An argparse type for `--limit`: a positive number of documents, or 'all' (None)."""
+    if text.strip().lower() in ("all", "none"):
+        return None
+    try:
+        limit = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--limit takes a number of documents or 'all', got {text!r}") from None
+    if limit == 0:  # would score no document; it once meant 'all', silently
+        raise argparse.ArgumentTypeError("--limit 0 would score no document: give a positive number, or 'all'")
+    return limit
+
+
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    """`--model`, as every command that loads one takes it."""
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="alias, folder, .gguf file or hub id")
+
+
+def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--seed`, `--batch-size` and `--resamples` of the commands that score a seeded sample of documents
+    in fixed-size batches and bootstrap it (transfer, sensitivity)."""
+    parser.add_argument("--seed", type=int, default=0, help="seed of the document sample and of the bootstrap")
+    parser.add_argument("--batch-size", type=int, default=16, help="documents scored together")
+    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the intervals")
 
 
 def at_least(minimum: int, name: str) -> Callable[[str], int]:

@@ -26,6 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from actsparse.commands import comma_list
+
 SPARSITIES = (0.0, 0.25, 0.5, 0.7, 0.9)
 GEMV_SHAPES = ("14336x4096", "4096x14336", "28672x8192", "1536x576", "576x1536")
 """out × in, as in nn.Linear: Llama-3-8B up/gate and down, Llama-3-70B up/gate, SmolLM2-135M."""
@@ -272,7 +274,7 @@ def bench_decode(sparsities, device: str, dtype, args) -> list[dict]:
         model, tokenizer = load_model(args.model, dtype=dtype, device=device)
         batches = list(calibration_batches(tokenizer, calibration_text(), tokens=1024, seq_len=512))
         prompt = tokenizer("The capital of France is", return_tensors="pt")["input_ids"].to(device)
-    rules = [r.strip() for r in args.rules.split(",") if r.strip()]
+    rules = comma_list(args.rules)
     unknown = set(rules) - {"threshold", "top_k"}
     if unknown:
         raise ValueError(f"unknown decode rules {sorted(unknown)}; choose from threshold, top_k")
@@ -338,7 +340,7 @@ def bench_decode(sparsities, device: str, dtype, args) -> list[dict]:
 def _list(text: str | None, all_values: tuple[str, ...], default: tuple[str, ...]) -> tuple[str, ...]:
     if text is None:
         return default
-    return all_values if text == "all" else tuple(t.strip() for t in text.split(",") if t.strip())
+    return all_values if text == "all" else tuple(comma_list(text))
 
 
 def run(args: argparse.Namespace) -> int:

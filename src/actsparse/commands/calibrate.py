@@ -5,15 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from actsparse.commands import check_output_file, read_text_file
-from actsparse.loading import DEFAULT_MODEL
+from actsparse.commands import add_model_argument, check_output_file, read_text_file
 from actsparse.placement import add_placement_arguments
 from actsparse.spec import TARGETS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="calibrate per-layer thresholds (TEAL-style) for the threshold rule")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="alias, folder, .gguf file or hub id")
+    add_model_argument(p)
     p.add_argument("--target", choices=TARGETS, default="all_inputs", help="the vector(s) to calibrate")
     p.add_argument("--sparsity", type=float, required=True, help="fraction of entries to zero, in [0, 1]")
     p.add_argument("--data", type=Path, help="a plain-text file (default: built-in public-domain text)")

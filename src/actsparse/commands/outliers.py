@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from actsparse.loading import DEFAULT_MODEL
+from actsparse.commands import add_model_argument, comma_list
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("outliers", help="find massive activations per layer on calibration text (table and plot)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="alias, folder, .gguf file or hub id")
+    add_model_argument(p)
     p.add_argument("--m", type=float, default=100.0, help="an entry is massive above m × its token's median |v|")
     p.add_argument("--vectors", default="input,intermediate", help="comma-separated vectors to measure")
     p.add_argument("--data", type=Path, help="a plain-text file (default: built-in public-domain text)")
@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from actsparse.spec import VECTORS
 
     check_m(args.m)
-    vectors = [v.strip() for v in args.vectors.split(",") if v.strip()]
+    vectors = comma_list(args.vectors)
     unknown = [v for v in vectors if v not in VECTORS]
     if unknown or not vectors:
         raise ValueError(f"unknown vector {unknown[0] if unknown else ''!r}; choose from {', '.join(VECTORS)}")

@@ -6,8 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from actsparse.commands import at_least, check_output_file, read_text_file
-from actsparse.loading import DEFAULT_MODEL
+from actsparse.commands import add_model_argument, at_least, check_output_file, read_text_file
 from actsparse.placement import add_placement_arguments
 from actsparse.spec import RULE_NAMES, TARGETS
 
@@ -20,7 +19,7 @@ PROMPT = "The capital of France is"
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("profile", help="per-layer sparsity of one target and rule on some text")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="alias, folder, .gguf file or hub id")
+    add_model_argument(p)
     p.add_argument("--target", choices=TARGETS, default="input", help="the vector(s) to sparsify")
     p.add_argument("--rule", choices=RULE_NAMES, default="top_p", help="the rule applied to each token")
     p.add_argument("--value", default="0.9", help="p or f in [0, 1], or a calibration file for threshold")
@@ -116,7 +115,7 @@ def _generate(model, tokenizer, prompt, length: int) -> list[int]:
 
     from actsparse.diffusion import denoiser_for
     from actsparse.diffusion.scoring import generate
-    from actsparse.evaluate.scorer import Encoder
+    from actsparse.evaluate.encode import Encoder
 
     denoiser = denoiser_for(model)
     if denoiser is None:

@@ -14,27 +14,23 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from actsparse.loading import DEFAULT_MODEL
+from actsparse.commands import add_model_argument, add_sample_arguments, comma_list, parse_limit
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from actsparse.commands.transfer import _limit
-
     p = sub.add_parser(
         "sensitivity",
         help="sparsify one layer at a time at a fixed p; per-task heatmaps and per-token densities",
         description=__doc__,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", default=DEFAULT_MODEL, help="alias, folder, .gguf file or hub id")
+    add_model_argument(p)
     p.add_argument("--tasks", default="arc_easy,piqa", help="comma-separated task names")
     p.add_argument("--target", default="input", help="the target sparsified")
     p.add_argument("--p", type=float, default=0.9, help="the fixed top_p value")
     p.add_argument("--every", type=int, default=1, help="sparsify every k-th layer alone (1: every layer)")
-    p.add_argument("--limit", type=_limit, default=30, help="documents per task, or 'all'")
-    p.add_argument("--seed", type=int, default=0, help="seed of the document sample and of the bootstrap")
-    p.add_argument("--batch-size", type=int, default=16, help="documents scored together")
-    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the intervals")
+    p.add_argument("--limit", type=parse_limit, default=30, help="documents per task, or 'all'")
+    add_sample_arguments(p)
     p.add_argument("--out", type=Path, default=Path("runs/sensitivity"), help="folder for the report")
     return p
 
@@ -45,7 +41,6 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from actsparse.analysis import _finite
-    from actsparse.commands.transfer import _names
     from actsparse.evaluate import evaluate_task
     from actsparse.instrument import select_ffns
     from actsparse.report.structure import densities, save, sensitivity_figure, task_layer_heatmap
@@ -59,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--every must be at least 1, got {args.every}")
     if args.resamples < 10:
         raise ValueError(f"--resamples must be at least 10, got {args.resamples}")
-    names = _names(args.tasks)
+    names = comma_list(args.tasks)
     if not names:
         raise ValueError("no tasks given")
     tasks = {n: get_task(n) for n in names}

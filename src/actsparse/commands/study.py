@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from actsparse.loading import DEFAULT_MODEL
+from actsparse.commands import add_model_argument, comma_list, parse_limit
 from actsparse.placement import add_placement_arguments
 from actsparse.sweep import DEFAULT_TARGETS, SEARCHES
 
@@ -29,7 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="the paper's study on one model: 26-value grid, 4 targets, top_p and max_p, 10 tasks, every document",
         description=__doc__,
     )
-    p.add_argument("--model", default=DEFAULT_MODEL, help="alias, folder, .gguf file or hub id")
+    add_model_argument(p)
     p.add_argument("--out", type=Path, default=None, help="run folder (default: runs/study-MODEL)")
     p.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="comma-separated targets")
     p.add_argument("--rules", default=",".join(STUDY_RULES), help="comma-separated rules")
@@ -47,25 +47,22 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def study_config(args: argparse.Namespace) -> Any:
-    from actsparse.commands.sweep import _limit, _names
+    from actsparse.commands.sweep import run_options
     from actsparse.sweep import PAPER_VALUES, SweepConfig
 
     out = args.out or Path("runs") / f"study-{Path(args.model).name.removesuffix('.gguf')}"
     return SweepConfig(
         model=args.model,
-        targets=_names(args.targets),
-        rules=_names(args.rules),
+        targets=comma_list(args.targets),
+        rules=comma_list(args.rules),
         values=PAPER_VALUES,
-        tasks=_names(args.tasks),
-        limit=_limit(str(args.limit)),
+        tasks=comma_list(args.tasks),
+        limit=parse_limit(str(args.limit)),
         seed=args.seed,
         out=out,
         resamples=args.resamples,
         search=args.search,
-        batch_tokens=args.batch_tokens,
-        device=args.device,
-        dtype=args.dtype,
-        argv=getattr(args, "argv", None),
+        **run_options(args),
     )
 
 

@@ -6,10 +6,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from actsparse.commands import at_least, one_of
+from actsparse.commands import add_model_argument, at_least, comma_list, one_of, parse_limit
 from actsparse.diffusion.scoring import DiffusionOptions
 from actsparse.executors import EXECUTORS
-from actsparse.loading import DEFAULT_MODEL
 from actsparse.placement import add_dtypes_argument, add_placement_arguments
 from actsparse.search import DEFAULT_PRECISION
 from actsparse.spec import TARGETS
@@ -24,22 +23,6 @@ from actsparse.sweep import (
     SweepConfig,
 )
 from actsparse.tasks import TASK_NAMES
-
-
-def _names(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def _limit(text: str) -> int | None:
-    if text.strip().lower() in ("all", "none"):
-        return None
-    try:
-        limit = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--limit takes a number of documents or 'all', got {text!r}") from None
-    if limit == 0:  # would score no document; it once meant 'all', silently
-        raise argparse.ArgumentTypeError("--limit 0 would score no document: give a positive number, or 'all'")
-    return limit
 
 
 def _tokens(text: str) -> int | None:
@@ -74,7 +57,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "Writes OUT/summary.json at the end; `actsparse report OUT` draws it. The defaults are the main job, "
         "sized for a 2-core CPU (under 15 minutes on smollm2-135m); --limit all --values paper for a study.",
     )
-    p.add_argument("--model", default=DEFAULT_MODEL, help="alias, folder, .gguf file or hub id")
+    add_model_argument(p)
     p.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help=f"comma-separated: {one_of(TARGETS)}")
     p.add_argument(
         "--rules",
@@ -93,7 +76,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default=",".join(DEFAULT_TASKS),
         help=f"comma-separated: {one_of(TASK_NAMES)} (with --backend lm-eval: any lm-evaluation-harness task)",
     )
-    p.add_argument("--limit", type=_limit, default=DEFAULT_LIMIT, help="documents per task (seeded sample), or 'all'")
+    p.add_argument(
+        "--limit", type=parse_limit, default=DEFAULT_LIMIT, help="documents per task (seeded sample), or 'all'"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the document sample and of the bootstrap")
     p.add_argument("--out", type=Path, default=Path("runs/sweep"), help="run folder (results.sqlite, summary.json)")
     p.add_argument("--accelerate", action="store_true", help="run sparse kernels (actsparse.accelerate)")
@@ -189,6 +174,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
+def run_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The `SweepConfig` fields that sweep and study take from their arguments alike: tokens of a forward,
+    where the model runs, and the command line (provenance)."""
+    return dict(batch_tokens=args.batch_tokens, device=args.device, dtype=args.dtype, argv=getattr(args, "argv", None))
+
+
 def config_from_args(args: argparse.Namespace):
     """The `SweepConfig` of sweep's arguments (study shares it)."""
     from actsparse.sweep import PAPER_VALUES, SweepConfig, parse_values
@@ -199,14 +190,14 @@ def config_from_args(args: argparse.Namespace):
         raise ValueError("--refine refines a bisection: add --search bisect, or leave --refine out")
     return SweepConfig(
         model=args.model,
-        targets=_names(args.targets),
-        rules=_names(args.rules),
+        targets=comma_list(args.targets),
+        rules=comma_list(args.rules),
         values=parse_values(args.values)
         if args.values is not None
         else PAPER_VALUES
         if args.search == "bisect"
         else DEFAULT_VALUES,
-        tasks=_names(args.tasks),
+        tasks=comma_list(args.tasks),
         limit=args.limit,
         seed=args.seed,
         out=args.out,
@@ -235,10 +226,7 @@ def config_from_args(args: argparse.Namespace):
             steps=args.diffusion_steps,
             block_length=args.block_length,
         ),
-        batch_tokens=args.batch_tokens,
-        device=args.device,
-        dtype=args.dtype,
-        argv=getattr(args, "argv", None),
+        **run_options(args),
     )
 
 

@@ -7,17 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from actsparse.loading import DEFAULT_MODEL
-
-
-def _names(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def _limit(text: str) -> int | None:
-    from actsparse.commands.sweep import _limit as limit
-
-    return limit(text)
+from actsparse.commands import add_model_argument, add_sample_arguments, comma_list, parse_limit
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -32,17 +22,15 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "minerva_math_bpb) retain dense_bpb / sparse_bpb.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", default=DEFAULT_MODEL, help="alias, folder, .gguf file or hub id")
+    add_model_argument(p)
     p.add_argument("--from", dest="sources", default="arc_easy,piqa", help="source tasks, comma-separated")
     p.add_argument("--to", dest="destinations", default="gsm8k_bpb,humaneval_bpb,mbpp_bpb", help="destination tasks")
     p.add_argument("--targets", default="input,intermediate", help="comma-separated targets")
     p.add_argument("--values", default="0.99,0.98,0.97,0.95,0.9,0.85", help="top_p grid of the source sweep")
     p.add_argument("--rule", default="top_p", choices=("top_p", "threshold"), help="how the point is fixed")
-    p.add_argument("--limit", type=_limit, default=60, help="documents per source task, or 'all'")
-    p.add_argument("--to-limit", type=_limit, default=30, help="documents per destination task, or 'all'")
-    p.add_argument("--seed", type=int, default=0, help="seed of the document sample and of the bootstrap")
-    p.add_argument("--batch-size", type=int, default=16, help="documents scored together")
-    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the intervals")
+    p.add_argument("--limit", type=parse_limit, default=60, help="documents per source task, or 'all'")
+    p.add_argument("--to-limit", type=parse_limit, default=30, help="documents per destination task, or 'all'")
+    add_sample_arguments(p)
     p.add_argument("--out", type=Path, default=Path("runs/transfer"), help="run folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
@@ -61,9 +49,9 @@ def run(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     config = TransferConfig(
         model=args.model,
-        sources=_names(args.sources),
-        destinations=_names(args.destinations),
-        targets=_names(args.targets),
+        sources=comma_list(args.sources),
+        destinations=comma_list(args.destinations),
+        targets=comma_list(args.targets),
         values=parse_values(args.values),
         rule=args.rule,
         limit=args.limit,

@@ -4,7 +4,6 @@ and the per-denoising-step statistics they feed (`SparsityStats.steps`)."""
 from actsparse.diffusion.denoisers import (
     BlockDiffusionDenoiser,
     Denoiser,
-    MaskDenoiser,
     denoiser_for,
     is_diffusion_model,
 )
@@ -20,7 +19,6 @@ __all__ = [
     "BlockDiffusionDenoiser",
     "Denoiser",
     "DiffusionOptions",
-    "MaskDenoiser",
     "denoiser_for",
     "denoising_steps",
     "evaluate_diffusion_task",

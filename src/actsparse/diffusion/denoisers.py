@@ -1,32 +1,34 @@
 """One interface over the diffusion LLMs: encode a prompt, predict a noisy canvas, and what noise is.
 
-`MaskDenoiser` (LLaDA): an absorbing mask token, one bidirectional network over prompt + canvas.
-`BlockDiffusionDenoiser` (transformers' diffusion_gemma): uniform noise over the vocabulary, an encoder
-that writes the prompt's KV cache once, and a decoder over the canvas with self-conditioning.
+`MaskDenoiser` (LLaDA, in `actsparse.models.llada` with the rest of its family): an absorbing mask token,
+one bidirectional network over prompt + canvas. `BlockDiffusionDenoiser` (transformers' diffusion_gemma):
+uniform noise over the vocabulary, an encoder that writes the prompt's KV cache once, and a decoder over
+the canvas with self-conditioning. `denoiser_for` looks a model's denoiser up by its `model_type`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from actsparse.evaluate.encode import position_ids
 from actsparse.instrument import set_real_tokens
+from actsparse.models.llada import MaskDenoiser
 
 
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+class Denoiser(Protocol):
+    """A masked-diffusion model behind three calls; implementations are small and stateless. A protocol, so
+    that `models.llada` implements it without importing this package (which `adapters` would then import
+    while it is itself being imported); the others subclass it for `__init__` and `device`."""
 
-
-class Denoiser:
-    """A masked-diffusion model behind three calls; subclasses are small and stateless."""
-
+    model: Any
     noise_token: int | None = None
     """The token that means "noised" (never a prediction), or None for uniform noise."""
 
     def __init__(self, model: nn.Module):
-        self.model: Any = model
+        self.model = model
 
     @property
     def device(self) -> torch.device:
@@ -47,29 +49,6 @@ class Denoiser:
         raise NotImplementedError
 
 
-class MaskDenoiser(Denoiser):
-    """LLaDA: noised tokens become the mask token; prompt and canvas run together, bidirectionally."""
-
-    def __init__(self, model: nn.Module, mask_token_id: int):
-        super().__init__(model)
-        self.mask_token_id = self.noise_token = mask_token_id
-
-    def noise_tokens(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        return torch.full((n,), self.mask_token_id, dtype=torch.long)
-
-    def encode(self, prompts: torch.Tensor, prompt_mask: torch.Tensor) -> Any:
-        return prompts, prompt_mask
-
-    def predict(
-        self, state: Any, canvas: torch.Tensor, canvas_mask: torch.Tensor, previous: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        prompts, prompt_mask = state
-        mask = torch.cat([prompt_mask, canvas_mask], dim=1)
-        ids = torch.cat([prompts, canvas], dim=1)
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask)).logits
-        return logits[:, prompts.shape[1] :].float()
-
-
 class BlockDiffusionDenoiser(Denoiser):
     """diffusion_gemma: noise is uniform over the vocabulary; the decoder reads the encoder's cache.
 
@@ -87,7 +66,9 @@ class BlockDiffusionDenoiser(Denoiser):
         inner = self.model.model
         cache = DynamicCache(config=self.model.config.get_text_config())
         set_real_tokens(self.model, prompt_mask)
-        inner.encoder(input_ids=prompts, attention_mask=prompt_mask, position_ids=_positions(prompt_mask), cache=cache)
+        inner.encoder(
+            input_ids=prompts, attention_mask=prompt_mask, position_ids=position_ids(prompt_mask), cache=cache
+        )
         return cache, prompt_mask
 
     def predict(

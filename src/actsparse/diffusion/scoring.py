@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from actsparse.diffusion.denoisers import Denoiser, denoiser_for
-from actsparse.evaluate.encode import Encoder
+from actsparse.evaluate.encode import Encoder, left_pad
+from actsparse.evaluate.kl import TOPK, at_ids, top_k
 from actsparse.evaluate.metrics import (
     GOLD_PROBABILITY,
     choice_metrics,
@@ -31,10 +32,7 @@ from actsparse.evaluate.metrics import (
 from actsparse.evaluate.reference import DenseReference
 from actsparse.evaluate.results import DocResult, TaskResult
 from actsparse.instrument import active_stats
-from actsparse.tasks import Completion, Generation, MultipleChoice, Task, get_task, select_docs
-
-TOPK = 32
-"""Dense log-probs kept per scored position for KL (as the autoregressive scorer)."""
+from actsparse.tasks import Completion, Generation, MultipleChoice, Task, task_docs
 
 
 @dataclass(frozen=True)
@@ -74,16 +72,6 @@ def _generator(seed: int, doc_id: int, row: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + doc_id * 1_009 + row)
 
 
-def _left_pad(seqs: Sequence[Sequence[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s) :] = torch.tensor(list(s), dtype=torch.long)
-        mask[i, width - len(s) :] = 1
-    return ids.to(device), mask.to(device)
-
-
 def _right_pad(seqs: Sequence[Sequence[int]], pad: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -106,7 +94,7 @@ def mc_loglikelihood(
     """Monte-Carlo estimates of log p(answer | prompt) per row, and the logits of every noised position."""
     device = denoiser.device
     rows = len(prompts)
-    state = denoiser.encode(*_left_pad(prompts, pad, device))
+    state = denoiser.encode(*left_pad(prompts, pad, device))
     width = max(1, max(len(a) for a in answers))
     clean, canvas_mask = _right_pad(answers, pad, width)
     lls = [0.0] * rows
@@ -159,7 +147,7 @@ def generate(
     step's logits [B, length, V] (every position noised: the paired KL's distributions)."""
     device = denoiser.device
     rows = len(prompts)
-    state = denoiser.encode(*_left_pad(prompts, pad, device))
+    state = denoiser.encode(*left_pad(prompts, pad, device))
     canvas = torch.stack([denoiser.noise_tokens(length, g) for g in generators]).to(device)
     canvas_mask = torch.ones_like(canvas)
     committed = torch.zeros_like(canvas, dtype=torch.bool)
@@ -202,16 +190,13 @@ def _kl_or_keep(
     """Dense: keep the top-k log-probs. Sparse: mean KL(dense ‖ sparse) at the same positions."""
     logp = logits.float().log_softmax(-1)
     if reference is None:
-        values, ids = logp.topk(min(keep.k, logp.shape[-1]), dim=-1)
-        keep.topk[doc_id] = (ids.to(torch.int32).cpu(), values.cpu())
+        keep.topk[doc_id] = top_k(logp, keep.k)
         return None, logp.shape[0]
-    ref_ids, ref_logp = reference.topk[doc_id]
-    if ref_ids.shape[0] != logp.shape[0]:
-        raise ValueError(f"document {doc_id}: {logp.shape[0]} scored positions, the reference has {ref_ids.shape[0]}")
+    reference.check_positions(doc_id, logp.shape[0])
     if logp.shape[0] == 0:
         return 0.0, 0
-    logq = logp.gather(-1, ref_ids.to(logp.device).long()).cpu()
-    return float(topk_kl(ref_logp, logq).mean()), logp.shape[0]
+    ref_ids, ref_logp = reference.topk[doc_id]
+    return float(topk_kl(ref_logp, at_ids(logp, ref_ids)).mean()), logp.shape[0]
 
 
 def evaluate_diffusion_task(
@@ -230,16 +215,9 @@ def evaluate_diffusion_task(
     if denoiser is None:
         raise ValueError(f"{type(model).__name__} is not a diffusion model this scorer knows")
     options = options or DiffusionOptions()
-    task = get_task(task) if isinstance(task, str) else task
-    ids = list(select_docs(task, None) if doc_ids is None else doc_ids)
-    if any(not 0 <= d < len(task) for d in ids):
-        raise ValueError(f"document ids must lie in [0, {len(task)}) for task {task.name!r}")
+    task, ids = task_docs(task, doc_ids)
     if reference is not None:
-        if reference.task != task.name:
-            raise ValueError(f"the dense reference is for task {reference.task!r}, not {task.name!r}")
-        missing = sorted(set(ids) - set(reference.topk))
-        if missing:
-            raise ValueError(f"the dense reference lacks documents {missing[:5]}")
+        reference.check(task.name, ids)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     encoder = Encoder(tokenizer)

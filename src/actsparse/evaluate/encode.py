@@ -1,11 +1,14 @@
-"""Requests as token ids, tokenised the way lm-eval's HFLM does: shared by the causal and diffusion scorers."""
+"""Requests as token ids, tokenised the way lm-eval's HFLM does, and left-padded batches of them: shared by
+the causal and diffusion scorers."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["Encoder", "Group"]
+import torch
+
+__all__ = ["Encoder", "Group", "left_pad", "position_ids"]
 
 
 @dataclass
@@ -47,3 +50,20 @@ class Encoder:
             else:
                 out.append(Group(ctx, [cont]))
         return out
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [B, T] left-padded with `pad`, and their attention mask, on `device`."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s) :] = torch.tensor(list(s), dtype=torch.long)
+            mask[i, width - len(s) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Positions of a left-padded batch from its attention mask: 0 at each row's first real token."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,23 @@ class DenseReference:
     k: int
     topk: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # doc → (ids, logp) [P, k]
     generated: dict[int, list[int]] = field(default_factory=dict)
+
+    def check(self, task: str, doc_ids: Sequence[int]) -> None:
+        """ValueError unless this is the reference of `task` and holds every one of `doc_ids`."""
+        if self.task != task:
+            raise ValueError(f"the dense reference is for task {self.task!r}, not {task!r}")
+        missing = sorted(set(doc_ids) - set(self.topk))
+        if missing:
+            raise ValueError(f"the dense reference lacks documents {missing[:5]}{'…' if len(missing) > 5 else ''}")
+
+    def check_positions(self, doc_id: int, positions: int) -> None:
+        """ValueError unless the reference has as many scored positions for `doc_id` as this run reads."""
+        have = self.topk[doc_id][0].shape[0]
+        if have != positions:
+            raise ValueError(
+                f"document {doc_id}: {positions} scored positions, the reference has {have} "
+                "(another tokenizer or task version?)"
+            )
 
     def save(self, path: str | Path) -> None:
         docs = sorted(self.topk)

@@ -132,11 +132,7 @@ class MethodSite(RuleSite):
         self.x: torch.Tensor | None = None
 
     def __call__(
-        self,
-        vector: str,
-        v: torch.Tensor,
-        expert: int | None = None,
-        token_index: torch.Tensor | None = None,
+        self, vector: str, v: torch.Tensor, expert: int | None = None, token_index: torch.Tensor | None = None
     ) -> torch.Tensor:
         if vector == "input":
             self.x = v

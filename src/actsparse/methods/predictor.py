@@ -79,9 +79,7 @@ def _collect(
     def make_forward(ffn, tokens):
         def site(name, v, expert=None, token_index=None):
             if name in ("input", vector):
-                real = tokens.rows(v, token_index)
-                rows = (v if real is None else v[real]).detach().reshape(-1, v.shape[-1]).float().cpu()
-                (xs if name == "input" else vs)[ffn.layer].append(rows)
+                (xs if name == "input" else vs)[ffn.layer].append(tokens.real_rows(v, token_index).float().cpu())
             return v
 
         return partial(ffn.adapter.forward, ffn.module, site)

@@ -1,4 +1,6 @@
-"""A faithful, minimal LLaDA (masked-diffusion LLM) without remote code.
+"""LLaDA (masked-diffusion LLM) in one place: a faithful, minimal model definition without remote code, its
+FFN adapter (how `sparsify` reaches the four vectors) and its denoiser (how the diffusion scorer runs it).
+`actsparse.adapters` and `actsparse.diffusion` only look the last two up by `model_type`.
 
 Parameter names and config keys are those of the GSAI-ML LLaDA checkpoints (`modeling_llada.py`,
 `block_type: llama`): `model.transformer.{wte, blocks.N.{attn_norm, q_proj, k_proj, v_proj, attn_out,
@@ -18,6 +20,8 @@ from torch.nn import functional as F
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import CausalLMOutput
+
+from actsparse.adapters.llama import LlamaMLPAdapter
 
 MASK_TOKEN_ID = 126336
 """`<|mdm_mask|>` of the LLaDA tokenizer."""
@@ -295,3 +299,48 @@ def is_llada_config(config: dict[str, Any]) -> bool:
 
 
 AutoConfig.register("llada", LLaDAConfig, exist_ok=True)  # so config.json reads offline, without remote code
+
+
+class LLaDAFeedForwardAdapter(LlamaMLPAdapter):
+    """LLaDA's SwiGLU FFN for `sparsify`: `ff_out(act(ff_proj(x)) * up_proj(x))`, ff_proj the gate, up_proj the
+    up. The adapted module is the parameter-free `LLaDAFeedForward` view, not the block (which also has
+    attention)."""
+
+    name = "llada"
+
+    def __init__(self) -> None:
+        super().__init__(gate="ff_proj", up="up_proj", down="ff_out", act="act")
+
+    def matches(self, module: nn.Module) -> bool:
+        return super().matches(module) and not hasattr(module, "attn_out")  # the view, not the block
+
+
+class MaskDenoiser:
+    """LLaDA for the diffusion scorer (an `actsparse.diffusion.Denoiser`): noised tokens become the mask
+    token; prompt and canvas run together, bidirectionally."""
+
+    noise_token: int | None
+
+    def __init__(self, model: nn.Module, mask_token_id: int):
+        self.model: Any = model
+        self.mask_token_id = self.noise_token = mask_token_id
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def noise_tokens(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.full((n,), self.mask_token_id, dtype=torch.long)
+
+    def encode(self, prompts: torch.Tensor, prompt_mask: torch.Tensor) -> Any:
+        return prompts, prompt_mask
+
+    def predict(
+        self, state: Any, canvas: torch.Tensor, canvas_mask: torch.Tensor, previous: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        prompts, prompt_mask = state
+        mask = torch.cat([prompt_mask, canvas_mask], dim=1)
+        ids = torch.cat([prompts, canvas], dim=1)
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # the prompts are left-padded
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        return logits[:, prompts.shape[1] :].float()

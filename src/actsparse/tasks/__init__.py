@@ -81,6 +81,16 @@ def select_docs(task: Task, limit: int | None, seed: int = 0) -> list[int]:
     return sorted(random.Random(seed).sample(range(n), limit))
 
 
+def task_docs(task: str | Task, doc_ids: Sequence[int] | None) -> tuple[Task, list[int]]:
+    """The task (by name, or itself) and the documents a scorer evaluates: `doc_ids`, checked to lie in
+    the task, or all of them when None."""
+    task = get_task(task) if isinstance(task, str) else task
+    ids = list(select_docs(task, None) if doc_ids is None else doc_ids)
+    if any(not 0 <= d < len(task) for d in ids):
+        raise ValueError(f"document ids must lie in [0, {len(task)}) for task {task.name!r}")
+    return task, ids
+
+
 __all__ = [
     "EXTRA_TASK_NAMES",
     "TASK_NAMES",
@@ -92,5 +102,6 @@ __all__ = [
     "Task",
     "get_task",
     "select_docs",
+    "task_docs",
     "task_from_requests",
 ]
