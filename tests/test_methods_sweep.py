@@ -70,8 +70,11 @@ def test_method_rules_and_predictor_in_a_sweep_then_compare(tmp_path: Path) -> N
     assert len(rows) == 4
     assert "predictor (rank 64)" in md and "held-out recall" in md
     table = json.loads((tmp_path / "cmp" / "compare.json").read_text())["targets"]["intermediate"]
-    assert table[0]["rule"] == "top_p" and "diff_ci" not in table[0]
-    assert all("diff_ci" in r and r["diff_ci"][0] <= r["diff_to_top_p"] + 1e-9 for r in table[1:])
+    assert table[0]["rule"] == "top_p" and "diff_to_top_p" not in table[0]
+    for r in table[1:]:
+        for measure in ("low_noise", "accuracy"):
+            d = r["diff_to_top_p"][measure]
+            assert d["ci_low"] <= d["value"] + 1e-9 and r["critical_sparsity"][measure]["value"] <= r["max_sparsity"]
     assert (tmp_path / "cmp" / "compare_intermediate.png").stat().st_size > 0
 
 

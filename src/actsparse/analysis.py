@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -342,14 +342,16 @@ def _value(doc: DocResult, key: str | None) -> float:
 
 
 def _paired(
-    dense: TaskResult, results: Sequence[TaskResult], key: str | None = None
+    dense: TaskResult, results: Sequence[TaskResult], key: str | None = None, within: Collection[int] | None = None
 ) -> tuple[np.ndarray, np.ndarray, list[int], tuple[np.ndarray, np.ndarray] | None]:
     """Dense [n] and sparse [m, n] per-document values (the score, or `key` of the metrics) over the
-    documents every run has, their ids, and the sparse runs' per-document (zeroed, seen) counts [m, n]
-    (None unless every one of those documents has them)."""
+    documents every run has (and `within`, if given), their ids, and the sparse runs' per-document
+    (zeroed, seen) counts [m, n] (None unless every one of those documents has them)."""
     shared = {d.doc_id for d in dense.docs}
     for r in results:
         shared &= {d.doc_id for d in r.docs}
+    if within is not None:
+        shared &= set(within)
     ids = sorted(shared)
 
     def values(r: TaskResult, name: str | None) -> np.ndarray:
@@ -455,7 +457,7 @@ def summarize(
             results[measure][(target, rule)] = analysis
             label = f"{target}/{rule}"
             needed = predicted_documents(curve, POWER_TARGET, resamples, seed, level, threshold) if power else None
-            critical_m[label] = _critical_record(analysis.critical, analysis.ci, curve.params) | {
+            critical_m[label] = critical_record(analysis.critical, analysis.ci, curve.params) | {
                 "half_width": analysis.half_width,
                 "ci_fixed_sparsity": analysis.ci_fixed_sparsity,
             }
@@ -464,7 +466,7 @@ def summarize(
                 "documents": max(len(v) for v in ids.values()),
                 "documents_needed": needed,
             }
-            per_task_m[label] = {t: _critical_record(c, ci, curve.params) for t, (c, ci) in analysis.per_task.items()}
+            per_task_m[label] = {t: critical_record(c, ci, curve.params) for t, (c, ci) in analysis.per_task.items()}
         records[measure] = (critical_m, per_task_m)
     critical, critical_per_task = records["accuracy"]
 
@@ -507,33 +509,56 @@ def _curves(
     tasks: list[str],
     keys: Mapping[str, str | None] | None = None,
 ) -> dict[tuple[str, str], tuple[Curve, dict[str, list[int]]]]:
-    """Complete points grouped into one curve per (target, rule), on each task's score or on the
-    metric `keys[task]`, with the ids of the documents it pairs per task."""
-    keys = keys or {}
+    """Complete points grouped into one curve per (target, rule) (see `build_curve`)."""
     grouped: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for p in points:
         if p["complete"] and p["sparsity"] is not None and tasks:
             grouped.setdefault((p["target"], p["rule"]), []).append(p)
-    curves = {}
-    for (target, rule), pts in grouped.items():
-        dense_scores, scores, ids, counts = {}, {}, {}, {}
-        for t in tasks:
-            runs = [sparse[(target, rule, p["value"])][t] for p in pts]
-            dense_scores[t], scores[t], ids[t], counts[t] = _paired(dense[t], runs, keys.get(t))
-        doc_counts = None if any(c is None for c in counts.values()) else counts
-        curve = Curve(
+    return {
+        (target, rule): build_curve(
             target,
             rule,
             [p["value"] for p in pts],
-            np.array([p["sparsity"] for p in pts], dtype=float),
-            {t: np.array([p["sparsity_per_task"][t] for p in pts], dtype=float) for t in tasks},
-            dense_scores,
-            scores,
-            {t: keys.get(t) == BITS_PER_BYTE for t in tasks},
-            doc_counts,  # type: ignore[arg-type]
+            {t: dense[t] for t in tasks},
+            {t: [sparse[(target, rule, p["value"])][t] for p in pts] for t in tasks},
+            keys,
         )
-        curves[(target, rule)] = (curve, ids)
-    return curves
+        for (target, rule), pts in grouped.items()
+    }
+
+
+def build_curve(
+    target: str,
+    rule: str,
+    params: Sequence[float],
+    dense: Mapping[str, TaskResult],
+    runs: Mapping[str, Sequence[TaskResult]],
+    keys: Mapping[str, str | None] | None = None,
+    within: Mapping[str, Collection[int]] | None = None,
+) -> tuple[Curve, dict[str, list[int]]]:
+    """One curve from its dense run and its points' runs (in the order of `params`) per task, on each
+    task's score or on the metric `keys[task]`, over the documents every run has (and `within[task]`);
+    with the ids of the documents it pairs per task."""
+    keys = keys or {}
+    dense_scores, scores, ids, counts = {}, {}, {}, {}
+    for t in dense:
+        dense_scores[t], scores[t], ids[t], counts[t] = _paired(
+            dense[t], runs[t], keys.get(t), None if within is None else within[t]
+        )
+    task_sparsity = {t: np.array([achieved_sparsity(r) for r in runs[t]], dtype=float) for t in dense}
+    doc_counts = None if any(c is None for c in counts.values()) else counts
+    curve = Curve(
+        target,
+        rule,
+        list(params),
+        _nanmean_stack(list(task_sparsity.values()), len(params)),
+        task_sparsity,
+        dense_scores,
+        scores,
+        {t: keys.get(t) == BITS_PER_BYTE for t in dense},
+        doc_counts,  # type: ignore[arg-type]
+    )
+    return curve, ids
 
 
 def paired_differences(
@@ -550,19 +575,25 @@ def paired_differences(
             for (b, rule_b), second in by_curve.items():
                 if rule_b != rule or TARGETS.index(a) <= TARGETS.index(b):
                     continue
-                if first.samples.shape != second.samples.shape:
-                    continue
-                lo, hi = percentile_interval(first.samples - second.samples, level)
-                out.setdefault(f"{a} − {b} ({rule})", {})[measure] = {
-                    "value": first.critical.value - second.critical.value,
-                    "ci_low": lo,
-                    "ci_high": hi,
-                    "lower_bound": first.critical.lower_bound or second.critical.lower_bound,
-                }
+                if first.samples.shape == second.samples.shape:
+                    out.setdefault(f"{a} − {b} ({rule})", {})[measure] = paired_difference(first, second, level)
     return out
 
 
-def _critical_record(c: Critical, ci: tuple[float, float], params: list[float]) -> dict[str, Any]:
+def paired_difference(first: CurveAnalysis, second: CurveAnalysis, level: float = LEVEL) -> dict[str, Any]:
+    """`first`'s critical sparsity minus `second`'s, with the interval of the per-resample differences
+    (both analysed with the same document weights, so that is the bootstrap of the difference)."""
+    lo, hi = percentile_interval(first.samples - second.samples, level)
+    return {
+        "value": first.critical.value - second.critical.value,
+        "ci_low": lo,
+        "ci_high": hi,
+        "lower_bound": first.critical.lower_bound or second.critical.lower_bound,
+    }
+
+
+def critical_record(c: Critical, ci: tuple[float, float], params: list[float]) -> dict[str, Any]:
+    """A critical sparsity and its interval as summary.json records it (`params`: the curve's rule values)."""
     return {
         "value": c.value,
         "grid_value": c.grid_value,
@@ -609,12 +640,15 @@ __all__ = [
     "agreement",
     "analyse_curve",
     "bootstrap_critical",
+    "build_curve",
+    "critical_record",
     "critical_sparsity",
     "critical_sparsity_batch",
     "draw_weights",
     "low_noise_metric",
     "mean_kl",
     "normalized_performance",
+    "paired_difference",
     "paired_differences",
     "percentile_interval",
     "predicted_documents",

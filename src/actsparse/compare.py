@@ -1,16 +1,18 @@
-"""One footing for every method: critical sparsity with its interval, KL and answer agreement at
-matched sparsity, and the paired-bootstrap interval of each method's difference to top_p.
+"""One footing for every method: critical sparsity with its interval, by the low-noise measure (the
+headline, as in the sweep summary) and by accuracy, KL and answer agreement at matched sparsity, and the
+paired-bootstrap interval of each method's difference to top_p.
 
 Curves come from one or more run folders of the same model, documents and tasks (a run folder per
 allocation, say); each (target, rule) of each folder is one method. The difference to top_p is
-paired: every bootstrap resample draws the same documents for both curves and both dense baselines.
+paired: every bootstrap resample draws the same documents for every curve, its dense baseline and
+both measures (one draw per target).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,26 +23,38 @@ from actsparse.analysis import (
     LEVEL,
     RESAMPLES,
     THRESHOLD,
+    Curve,
+    CurveAnalysis,
     achieved_sparsity,
     agreement,
-    critical_sparsity_batch,
+    analyse_curve,
+    build_curve,
+    critical_record,
+    draw_weights,
+    grouped_results,
+    low_noise_metric,
     mean_kl,
-    ratio,
-    resample_weights,
+    paired_difference,
 )
+from actsparse.evaluate.results import TaskResult
+from actsparse.report.low_noise import interval_cell, measure_names
+from actsparse.report.reading import censor_note, censored
 from actsparse.store import RunStore
 
-__all__ = ["MATCHED", "Method", "compare", "interpolate", "load_methods", "write_comparison"]
+__all__ = ["MATCHED", "MEASURES", "Method", "compare", "interpolate", "load_methods", "write_comparison"]
 
 MATCHED: tuple[float, ...] = (0.25, 0.40, 0.50)
 """Sparsities at which KL and agreement are read off each curve (interpolated, never extrapolated)."""
+
+MEASURES: tuple[str, ...] = ("low_noise", "accuracy")
+"""The measures of critical sparsity, the headline first (the sweep summary's `headline`)."""
 
 BASELINE = "top_p"
 
 
 @dataclass
 class Method:
-    """One (target, rule) of one run folder: its complete points, with per-document scores by task."""
+    """One (target, rule) of one run folder: its complete points, each with its result per task."""
 
     target: str
     rule: str
@@ -49,9 +63,16 @@ class Method:
     sparsity: np.ndarray  # [m] achieved sparsity (mean over tasks)
     kl: np.ndarray  # [m] mean KL (NaN where missing)
     agreement: np.ndarray  # [m]
-    dense: dict[str, dict[int, float]]  # task → doc → dense score
-    scores: dict[str, list[dict[int, float]]]  # task → per point, doc → score
+    dense: dict[str, TaskResult]  # task → dense run
+    runs: dict[str, list[TaskResult]]  # task → per point (in order of sparsity), its run
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def curve(self, keys: Mapping[str, str | None], within: Mapping[str, list[int]]) -> Curve:
+        """The method's curve on the measure `keys[task]` (None: the score), over the documents `within`."""
+        curve, ids = build_curve(self.target, self.rule, self.extra["values"], self.dense, self.runs, keys, within)
+        if ids != dict(within):
+            raise ValueError(f"{self.label} lacks some of the documents it is compared on")
+        return curve
 
 
 def _label(rule: str, meta: dict[str, Any]) -> str:
@@ -70,13 +91,10 @@ def load_methods(run_dir: str | Path) -> tuple[list[Method], dict[str, Any]]:
     with RunStore.open(run_dir, create=False) as store:
         settings = store.get_meta("settings") or {}
         meta = {k: store.get_meta(k) for k in ("allocation", "outlier_m", "predictor_rank")}
-        dense: dict[str, Any] = {}
-        sparse: dict[tuple[str, str], dict[float, dict[str, Any]]] = {}
-        for key, result in store.items():
-            if key.is_dense:
-                dense[key.task] = result
-            else:
-                sparse.setdefault((key.target, key.rule), {}).setdefault(key.value, {})[key.task] = result
+        dense, by_point = grouped_results(store)
+    sparse: dict[tuple[str, str], dict[float, dict[str, TaskResult]]] = {}
+    for (target, rule, value), by_task in by_point.items():
+        sparse.setdefault((target, rule), {})[value] = by_task
     tasks = [t for t in settings.get("tasks", sorted(dense)) if t in dense]
     methods = []
     for (target, rule), by_value in sorted(sparse.items()):
@@ -96,8 +114,8 @@ def load_methods(run_dir: str | Path) -> tuple[list[Method], dict[str, Any]]:
                 sparsity=np.array([np.mean([achieved_sparsity(p[t]) for t in tasks]) for p in pts]),
                 kl=np.array([_nanmean(k) for k in kls]),
                 agreement=np.array([_nanmean(a) for a in agrees]),
-                dense={t: {d.doc_id: d.score for d in dense[t].docs} for t in tasks},
-                scores={t: [{d.doc_id: d.score for d in p[t].docs} for p in pts] for t in tasks},
+                dense={t: dense[t] for t in tasks},
+                runs={t: [p[t] for p in pts] for t in tasks},
                 extra={
                     "values": values,
                     **({"predictor": _predictor_quality(run_dir, target)} if rule == "predictor" else {}),
@@ -132,96 +150,83 @@ def interpolate(x: np.ndarray, y: np.ndarray, at: float, y0: float) -> float | N
     return float(np.interp(at, xs, ys))
 
 
-def _boot_critical(method: Method, ids: dict[str, list[int]], weights: dict[str, np.ndarray]) -> np.ndarray:
-    """[R] critical sparsity of `method` under the given per-task resample weights over documents `ids`."""
-    per_task = []
-    for task, doc_ids in ids.items():
-        dense = np.array([method.dense[task][i] for i in doc_ids])
-        scores = np.array([[point[i] for i in doc_ids] for point in method.scores[task]])  # [m, n]
-        w = weights[task]
-        per_task.append(ratio(w @ scores.T, (w @ dense)[:, None]))
-    return critical_sparsity_batch(method.sparsity, _task_mean(per_task))[0]
-
-
 def _shared_ids(methods: Sequence[Method]) -> dict[str, list[int]]:
+    """task → the documents that every method's dense run and every point have."""
     tasks = set(methods[0].dense)
     for m in methods[1:]:
         tasks &= set(m.dense)
     out = {}
     for task in sorted(tasks):
-        shared = set(methods[0].dense[task])
+        shared = {d.doc_id for d in methods[0].dense[task].docs}
         for m in methods:
-            shared &= set(m.dense[task])
-            for point in m.scores[task]:
-                shared &= set(point)
+            for result in [m.dense[task], *m.runs[task]]:
+                shared &= {d.doc_id for d in result.docs}
         out[task] = sorted(shared)
+    return out
+
+
+def _low_noise_keys(methods: Sequence[Method], tasks: Sequence[str]) -> dict[str, str | None]:
+    """task → its low-noise measure (`analysis.low_noise_metric`) where every run of every method has
+    the same one, else None (the task's score stands in, as for generation tasks)."""
+    out = {}
+    for t in tasks:
+        keys = {low_noise_metric(r) for m in methods for r in [m.dense[t], *m.runs[t]]}
+        out[t] = keys.pop() if len(keys) == 1 else None
     return out
 
 
 def compare(
     methods: Sequence[Method], resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL
 ) -> dict[str, list[dict[str, Any]]]:
-    """Per target, one row per method: critical sparsity [CI], matched-sparsity KL and agreement, Δ to top_p [CI]."""
+    """Per target, one row per method: critical sparsity [CI] by each of `MEASURES`, Δ to top_p [CI] by
+    each, matched-sparsity KL and agreement. One draw of documents per target serves every method and
+    both measures, so the differences are paired."""
     out: dict[str, list[dict[str, Any]]] = {}
-    q = (100 * (1 - level) / 2, 100 * (1 + level) / 2)
     for target in sorted({m.target for m in methods}):
         group = [m for m in methods if m.target == target]
-        baseline = next((m for m in group if m.rule == BASELINE), None)
         ids = _shared_ids(group)
-        rng = np.random.default_rng(seed)
-        weights = {t: resample_weights(len(i), resamples, rng).astype(float) for t, i in ids.items()}
-        base_boot = None if baseline is None else _boot_critical(baseline, ids, weights)
-        base_value = None if baseline is None else _critical(baseline)[0]
+        low_noise = _low_noise_keys(group, list(ids))
+        keys = {"low_noise": low_noise, "accuracy": dict.fromkeys(ids)}
+        weights = draw_weights({t: len(i) for t, i in ids.items()}, resamples, np.random.default_rng(seed))
+        analyses = [
+            {measure: analyse_curve(m.curve(keys[measure], ids), level=level, weights=weights) for measure in MEASURES}
+            for m in group
+        ]
+        base = next((a for m, a in zip(group, analyses, strict=True) if m.rule == BASELINE), None)
+        metrics = {t: low_noise[t] or group[0].dense[t].metric for t in ids}
         rows = []
-        for m in group:
-            value, lower = _critical(m)
-            boot = _boot_critical(m, ids, weights)
+        for m, analysis in zip(group, analyses, strict=True):
             row: dict[str, Any] = {
                 "method": m.label,
                 "rule": m.rule,
                 "run": m.run,
                 "points": len(m.sparsity),
                 "max_sparsity": float(m.sparsity.max()),
-                "critical": value,
-                "lower_bound": lower,
-                "ci": [float(x) for x in np.nanpercentile(boot, q)],
+                "critical_sparsity": {
+                    measure: _critical(a, (float(m.sparsity.min()), float(m.sparsity.max())), m.extra["values"])
+                    for measure, a in analysis.items()
+                },
+                "low_noise_metrics": metrics,
                 "kl": {f"{s:g}": interpolate(m.sparsity, m.kl, s, 0.0) for s in MATCHED},
                 "agreement": {f"{s:g}": interpolate(m.sparsity, m.agreement, s, 1.0) for s in MATCHED},
                 **m.extra,
             }
-            if base_boot is not None and base_value is not None and m is not baseline:
-                diff = boot - base_boot
-                row["diff_to_top_p"] = value - base_value
-                row["diff_ci"] = [float(x) for x in np.nanpercentile(diff, q)]
+            if base is not None and analysis is not base:
+                row["diff_to_top_p"] = {
+                    measure: paired_difference(analysis[measure], base[measure], level) for measure in MEASURES
+                }
             rows.append(row)
-        rows.sort(key=lambda r: (r["rule"] != BASELINE, -r["critical"]))
+        rows.sort(key=lambda r: (r["rule"] != BASELINE, -r["critical_sparsity"][MEASURES[0]]["value"]))
         out[target] = rows
     return out
 
 
-def _critical(m: Method) -> tuple[float, bool]:
-    """(critical sparsity, lower-bound flag) of a method on all its documents."""
-    ids = {t: list(m.dense[t]) for t in m.dense}
-    perf = _point_perf(m, ids, {t: np.ones((1, len(i))) for t, i in ids.items()})
-    value, _, _, lower = critical_sparsity_batch(m.sparsity, perf)
-    return float(value[0]), bool(lower[0])
-
-
-def _point_perf(m: Method, ids: dict[str, list[int]], weights: dict[str, np.ndarray]) -> np.ndarray:
-    per_task = []
-    for task, doc_ids in ids.items():
-        dense = np.array([m.dense[task][i] for i in doc_ids])
-        scores = np.array([[point.get(i, math.nan) for i in doc_ids] for point in m.scores[task]])
-        per_task.append(ratio(weights[task] @ scores.T, (weights[task] @ dense)[:, None]))
-    return _task_mean(per_task)
-
-
-def _task_mean(per_task: list[np.ndarray]) -> np.ndarray:
-    """Mean over tasks, leaving out NaN (a resample whose dense score is 0); NaN where every task is."""
-    stack = np.stack(per_task)
-    count = (~np.isnan(stack)).sum(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(count > 0, np.nansum(stack, axis=0) / np.maximum(count, 1), np.nan)
+def _critical(a: CurveAnalysis, span: tuple[float, float], params: list[float]) -> dict[str, Any]:
+    """The summary's record of a critical sparsity, with which ends of its interval are censored by the
+    range of sparsity the curve reached (`report.reading.censored`)."""
+    record = critical_record(a.critical, a.ci, params)
+    below, above = censored(record, span)
+    return record | {"censored": {"below": below, "above": above}}
 
 
 def _pct(x: float | None) -> str:
@@ -232,31 +237,44 @@ def _num(x: float | None) -> str:
     return "–" if x is None else f"{x:.4f}"
 
 
+def _critical_cell(c: dict[str, Any]) -> str:
+    note = censor_note((c["censored"]["below"], c["censored"]["above"]))
+    return interval_cell(c) + (f" ({note})" if note else "")
+
+
 def markdown(rows_by_target: dict[str, list[dict[str, Any]]], model: str, command: str) -> str:
-    lines = [f"# Methods compared on {model}", "", f"`{command}`", ""]
+    lines = [f"# Methods compared on {model}", ""] + ([f"`{command}`", ""] if command else [])
     lines += [
         f"Critical sparsity: highest achieved sparsity with normalised performance ≥ {THRESHOLD:.0%} "
-        f"(95 % paired-bootstrap interval over documents); KL and agreement with the dense answer "
-        f"interpolated at {', '.join(f'{s:.0%}' for s in MATCHED)} sparsity ('–': the curve does not reach it); "
-        "Δ: the method's critical sparsity minus top_p's, the same resamples for both.",
+        "(95 % paired-bootstrap interval over documents), by the low-noise measure (the headline: the gold "
+        "answer's probability, or bits per byte as dense / sparse) and by accuracy, from the same resamples; "
+        "'≥': the curve never crosses, a lower bound; 'censored': an end of the interval at the lowest or "
+        "highest sparsity the curve reached. Δ: the method's critical sparsity minus top_p's, in points, the "
+        f"same resamples for both. KL and agreement with the dense answer interpolated at "
+        f"{', '.join(f'{s:.0%}' for s in MATCHED)} sparsity ('–': the curve does not reach it).",
         "",
     ]
     for target, rows in rows_by_target.items():
-        lines += [f"## {target}", ""]
-        head = ["method", "critical sparsity [95 % CI]", "Δ to top_p [95 % CI]"]
-        head += [f"KL @{s:.0%}" for s in MATCHED] + [f"agree @{s:.0%}" for s in MATCHED]
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines.append(f"Low-noise measure on {target}: {measure_names(rows[0]['low_noise_metrics'])}.")
+    head = [
+        "target",
+        "method",
+        "critical sparsity, low-noise [95 % CI]",
+        "Δ to top_p, low-noise [95 % CI]",
+        "critical sparsity, accuracy [95 % CI]",
+        "Δ to top_p, accuracy [95 % CI]",
+    ]
+    head += [f"KL @{s:.0%}" for s in MATCHED] + [f"agree @{s:.0%}" for s in MATCHED]
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for target, rows in rows_by_target.items():
         for r in rows:
-            bound = "≥ " if r["lower_bound"] else ""
-            crit = f"{bound}{_pct(r['critical'])} [{_pct(r['ci'][0])}, {_pct(r['ci'][1])}]"
-            diff = (
-                "–"
-                if "diff_ci" not in r
-                else f"{100 * r['diff_to_top_p']:+.1f} [{100 * r['diff_ci'][0]:+.1f}, {100 * r['diff_ci'][1]:+.1f}]"
-            )
-            cells = [r["method"], crit, diff]
+            cells = [target, r["method"]]
+            for measure in MEASURES:
+                diff = r.get("diff_to_top_p", {}).get(measure)
+                cells += [_critical_cell(r["critical_sparsity"][measure]), interval_cell(diff, signed=True)]
             cells += [_num(r["kl"][f"{s:g}"]) for s in MATCHED] + [_pct(r["agreement"][f"{s:g}"]) for s in MATCHED]
             lines.append("| " + " | ".join(cells) + " |")
+    for rows in rows_by_target.values():
         for r in rows:
             for q in r.get("predictor", []):
                 f = q["flops_per_token"]
@@ -265,35 +283,47 @@ def markdown(rows_by_target: dict[str, list[dict[str, Any]]], model: str, comman
                     f"{q['precision']:.1%}; {f['predictor']:,} FLOPs per token, "
                     f"{f['predictor'] / f['ffn']:.1%} of the FFN's {f['ffn']:,}"
                 )
-        lines.append("")
+    lines.append("")
     return "\n".join(lines)
 
 
 def plot(methods: Sequence[Method], target: str, rows: list[dict[str, Any]], model: str) -> Any:
+    """Normalised performance by the low-noise measure and by accuracy (★: critical sparsity with its
+    interval), and KL, against achieved sparsity: one line per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_p, ax_k) = plt.subplots(1, 2, figsize=(11, 4.3))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.3))
+    ax_k = axes[-1]
     by_label = {r["method"]: r for r in rows}
-    for m in [m for m in methods if m.target == target]:
-        ids = {t: list(m.dense[t]) for t in m.dense}
-        perf = _point_perf(m, ids, {t: np.ones((1, len(i))) for t, i in ids.items()})[0]
-        line = ax_p.plot(np.r_[0, m.sparsity] * 100, np.r_[1, perf], "o-", label=m.label)[0]
-        r = by_label.get(m.label)
-        if r is not None:
-            ax_p.errorbar(
-                100 * r["critical"],
-                THRESHOLD,
-                xerr=[[100 * (r["critical"] - r["ci"][0])], [100 * (r["ci"][1] - r["critical"])]],
-                fmt="*", ms=12, color=line.get_color(), capsize=3,
-            )  # fmt: skip
-        ax_k.plot(np.r_[0, m.sparsity] * 100, np.r_[0, m.kl], "o-", color=line.get_color(), label=m.label)
-    ax_p.axhline(THRESHOLD, color="gray", ls="--", lw=1)
-    ax_p.set_xlabel("achieved sparsity (%)")
-    ax_p.set_ylabel("normalised performance")
-    ax_p.set_title("performance (★: critical sparsity, 95 % CI)", fontsize=10)
+    group = [m for m in methods if m.target == target]
+    ids = _shared_ids(group)
+    keys = {"low_noise": _low_noise_keys(group, list(ids)), "accuracy": dict.fromkeys(ids)}
+    for i, m in enumerate(group):
+        color = f"C{i % 10}"
+        for ax, measure in zip(axes[:2], MEASURES, strict=True):
+            perf = m.curve(keys[measure], ids).performance()
+            ax.plot(np.r_[0, m.sparsity] * 100, np.r_[1, perf], "o-", color=color, label=m.label)
+            r = by_label.get(m.label)
+            if r is not None:
+                c = r["critical_sparsity"][measure]
+                low, high = (
+                    x if x is not None and math.isfinite(x) else c["value"] for x in (c["ci_low"], c["ci_high"])
+                )
+                ax.errorbar(
+                    100 * c["value"],
+                    THRESHOLD,
+                    xerr=[[100 * max(c["value"] - low, 0)], [100 * max(high - c["value"], 0)]],
+                    fmt=">" if c["lower_bound"] else "*", ms=12, color=color, capsize=3,
+                )  # fmt: skip
+        ax_k.plot(np.r_[0, m.sparsity] * 100, np.r_[0, m.kl], "o-", color=color, label=m.label)
+    for ax, measure in zip(axes[:2], MEASURES, strict=True):
+        ax.axhline(THRESHOLD, color="gray", ls="--", lw=1)
+        ax.set_xlabel("achieved sparsity (%)")
+        ax.set_ylabel(f"normalised performance, {measure.replace('_', '-')}")
+        ax.set_title(f"{measure.replace('_', '-')} (★: critical sparsity, 95 % CI; ▶: lower bound)", fontsize=10)
     for s in MATCHED:
         ax_k.axvline(100 * s, color="gray", ls=":", lw=1)
     ax_k.set_xlabel("achieved sparsity (%)")
@@ -301,7 +331,7 @@ def plot(methods: Sequence[Method], target: str, rows: list[dict[str, Any]], mod
     ax_k.set_yscale("symlog", linthresh=1e-3)
     ax_k.set_ylim(bottom=0)
     ax_k.set_title("KL at matched sparsity (dotted)", fontsize=10)
-    ax_p.legend(fontsize=8)
+    axes[0].legend(fontsize=8)
     fig.suptitle(f"{model}: methods on {target}", fontsize=12)
     fig.tight_layout()
     return fig

@@ -22,7 +22,8 @@ def _pts(x: float | None) -> str:
     return "–" if x is None else f"±{100 * x:.1f}"
 
 
-def _cell(c: dict[str, Any] | None, signed: bool = False) -> str:
+def interval_cell(c: dict[str, Any] | None, signed: bool = False) -> str:
+    """'value [low, high]' of a critical sparsity record (signed: of a difference, in points); '≥' for a bound."""
     if not c or c.get("value") is None:
         return "–"
     value = f"{100 * c['value']:+.1f} pts" if signed else _pct(c["value"])
@@ -57,8 +58,8 @@ def tables(summary: dict[str, Any]) -> dict[str, Table]:
         rows.append(
             [
                 label,
-                _cell(c),
-                _cell(a),
+                interval_cell(c),
+                interval_cell(a),
                 "– (lower bound)" if c.get("lower_bound") else _ratio(c.get("half_width"), a.get("half_width")),
                 "–" if not fixed else f"[{_pct(fixed[0])}, {_pct(fixed[1])}]",
             ]
@@ -73,7 +74,10 @@ def tables(summary: dict[str, Any]) -> dict[str, Table]:
     out: dict[str, Table] = {HEADLINE: (head, rows)}
     diffs = summary.get("paired_differences", {})
     if diffs:
-        rows = [[label, _cell(d.get("low_noise"), True), _cell(d.get("accuracy"), True)] for label, d in diffs.items()]
+        rows = [
+            [label, interval_cell(d.get("low_noise"), True), interval_cell(d.get("accuracy"), True)]
+            for label, d in diffs.items()
+        ]
         out[DIFFERENCES] = (["difference", "low-noise [95 % CI]", "accuracy [95 % CI]"], rows)
     power = summary.get("power", {}).get("curves", {})
     if power:
@@ -96,13 +100,18 @@ def tables(summary: dict[str, Any]) -> dict[str, Table]:
     return out
 
 
+def measure_names(metrics: dict[str, str]) -> str:
+    """'task: measure, …' for the low-noise measure of each task (its score's name where it has none)."""
+    return ", ".join(f"{t}: {NAMES.get(m, m + ' (no low-noise measure; its score)')}" for t, m in metrics.items())
+
+
 def intro(summary: dict[str, Any]) -> list[str]:
     """The paragraphs that say which measure is the headline and what the sparsity resampling changed."""
     low = summary.get("critical_sparsity_low_noise")
     if low is None:
         return []
     metrics = summary.get("low_noise_metrics", {})
-    named = ", ".join(f"{t}: {NAMES.get(m, m + ' (no low-noise measure; its score)')}" for t, m in metrics.items())
+    named = measure_names(metrics)
     text = [
         "The headline critical sparsity uses the low-noise measure, the expected accuracy (the gold answer's "
         "probability under a softmax over the choices' log-likelihoods, length-normalised where the metric is "
