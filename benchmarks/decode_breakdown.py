@@ -1,0 +1,105 @@
+"""Where a decode step's time goes: the FFNs' share, timed in place, dense and sparse (SmolLM2, CPU).
+
+    python benchmarks/decode_breakdown.py [--sparsity 0.5] [--tokens 16] [--repeats 3]
+
+Greedy decode at `--sparsity` on `all_inputs` (calibrated thresholds), interleaved token by token:
+  dense_torch   the model's own FFNs (each FFN forward timed)
+  dense_kernel  `accelerate` with τ = 0: the fused C kernel, nothing dropped (each kernel call timed)
+  sparse        `accelerate` with the calibrated thresholds
+Prints per step the wall-clock time, the FFNs' part of it and the rest (attention, LM head, Python), and the
+end-to-end speed-up that a perfect sparse kernel (FFN time × (1 − measured sparsity)) would reach.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from contextlib import nullcontext
+
+import torch
+
+from actsparse.accelerate import accelerate
+from actsparse.benchmarking import load_average, lower_quartile, prefill, timed_step
+from actsparse.calibrate import calibrate, calibration_batches, calibration_text
+from actsparse.kernels import sparse_ffn_cpu
+from actsparse.loading import load_model
+from actsparse.spec import SparsitySpec
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    model, tokenizer = load_model(args.model, dtype=torch.float32, device="cpu")
+    batches = list(calibration_batches(tokenizer, calibration_text(), tokens=1024, seq_len=512))
+    taus = calibrate(model, batches, "all_inputs", args.sparsity)
+    spec = SparsitySpec("all_inputs", "threshold", taus)
+    no_drop = SparsitySpec("all_inputs", "threshold", {layer: dict.fromkeys(t, 0.0) for layer, t in taus.items()})
+    prompt = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+
+    ffn_seconds = [0.0]
+    mlp_class = type(model.get_decoder().layers[0].mlp)
+    mlp_forward, kernel_call = mlp_class.forward, sparse_ffn_cpu.FusedFFN.__call__
+
+    def timed(fn):
+        def wrapper(*a, **k):
+            start = time.perf_counter()
+            out = fn(*a, **k)
+            ffn_seconds[0] += time.perf_counter() - start
+            return out
+
+        return wrapper
+
+    variants = {
+        "dense_torch": nullcontext,
+        "dense_kernel": lambda: accelerate(model, no_drop),
+        "sparse": lambda: accelerate(model, spec),
+    }
+    steps: dict[str, list[float]] = {k: [] for k in variants}
+    ffns: dict[str, list[float]] = {k: [] for k in variants}
+    zeroed = seen = 0
+    mlp_class.forward = timed(mlp_forward)  # type: ignore[method-assign]
+    sparse_ffn_cpu.FusedFFN.__call__ = timed(kernel_call)  # type: ignore[method-assign]
+    try:
+        for _ in range(args.repeats):
+            states = {}
+            for key, block in variants.items():
+                with block():
+                    states[key] = prefill(model, prompt)
+            for _ in range(args.tokens):
+                for key, block in variants.items():
+                    ffn_seconds[0] = 0.0
+                    with block() as stats:
+                        us, states[key] = timed_step(model, states[key])
+                        if key == "sparse":
+                            counts = [c for k, c in stats.counts().items() if k[2] == "decode"]
+                            zeroed, seen = zeroed + sum(c[0] for c in counts), seen + sum(c[2] for c in counts)
+                    steps[key].append(us / 1e3)
+                    ffns[key].append(ffn_seconds[0] * 1e3)
+    finally:
+        mlp_class.forward = mlp_forward  # type: ignore[method-assign]
+        sparse_ffn_cpu.FusedFFN.__call__ = kernel_call  # type: ignore[method-assign]
+    # dense_torch's FFN time includes its module call; the kernels' excludes `accelerate`'s Python around them
+    s = zeroed / max(seen, 1)
+    print(
+        f"{args.model}, float32, {torch.get_num_threads()} threads, all_inputs at {args.sparsity:g} (measured {s:.3f})"
+    )
+    print(f"{'variant':>13} | {'step ms':>8} {'FFN ms':>8} {'rest ms':>8}")
+    row = {}
+    for key in variants:
+        step, ffn = lower_quartile(steps[key]), lower_quartile(ffns[key])
+        row[key] = (step, ffn)
+        print(f"{key:>13} | {step:8.1f} {ffn:8.1f} {step - ffn:8.1f}")
+    best = min(variants, key=lambda k: row[k][0] if k != "sparse" else float("inf"))
+    step, ffn = row[best]
+    print(f"sparse FFN vs {best}'s: {ffn / row['sparse'][1]:.2f}x (limit {1 / (1 - s):.2f}x)")
+    print(f"end to end: {step / row['sparse'][0]:.3f}x; a perfect kernel: {step / (step - ffn + ffn * (1 - s)):.3f}x")
+    print(f"load average {load_average()}")
+
+
+if __name__ == "__main__":
+    main()
