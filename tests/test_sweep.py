@@ -28,9 +28,11 @@ _config = tiny_sweep_config
 
 
 SCRIPT = """
-import sqlite3, sys, time
+import signal, sqlite3, sys, time
 from tiny import tiny_lm, tiny_task
 from actsparse.sweep import SweepConfig, run_sweep
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a parent (pytest-xdist) may have it ignored
 
 
 def stored() -> int:
