@@ -192,9 +192,8 @@ class SparsityStats:
     def defer(self, take: Callable[[], dict[Key, torch.Tensor]]) -> None:
         """Register `take`, which returns the counts held elsewhere since its last call (and forgets them);
         every read of the counts (and `snapshot`, `restore`, `reset`) calls it first. For counts made
-        while `per_token` is None only: they bypass its per-document check."""
-        if take not in self._deferred:
-            self._deferred.append(take)
+        while `per_token` is None only: they bypass its per-document check. Register each source once."""
+        self._deferred.append(take)
 
     def _gather(self) -> None:
         for take in self._deferred:
