@@ -39,3 +39,11 @@ def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("a model was loaded")
 
     monkeypatch.setattr("actsparse.loading.load_model", refuse)
+
+
+@pytest.fixture
+def threads():
+    """Set torch's thread count for one test, restored afterwards."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)

@@ -290,14 +290,6 @@ def test_pytorch_kernels_when_the_c_kernel_is_missing(monkeypatch):
     assert fast_stats.counts() == ref_stats.counts()
 
 
-@pytest.fixture
-def threads():
-    """Set torch's thread count for one test, restored afterwards."""
-    before = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(before)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("n_threads", [1, 2])
 def test_smollm2_greedy_decode_equals_the_simulation(n_threads, threads):

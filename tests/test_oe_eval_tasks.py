@@ -145,7 +145,10 @@ def _gone(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
-    return Path(f"/proc/{pid}/status").read_text().find("State:\tZ") >= 0
+    try:
+        return Path(f"/proc/{pid}/status").read_text().find("State:\tZ") >= 0
+    except FileNotFoundError:  # reaped between the two looks
+        return True
 
 
 def test_sandbox_runs_a_clean_program():

@@ -268,6 +268,14 @@ def set_real_tokens(model: nn.Module, real: torch.Tensor | None) -> None:
         tokens.real, tokens.phase, tokens.unknown = (None if real is None else real.bool()), "prefill", None
 
 
+def announce_decode(model: nn.Module) -> None:
+    """Tell the running `sparsify` blocks that the next FFN calls are a decode step of real tokens only,
+    for a decoder that runs the model's layers itself (`actsparse.decoding`) instead of its forward."""
+    for _, tokens in _ACTIVE.get(model, ()):
+        tokens.real, tokens.unknown = None, None
+        tokens.phase = "prefill" if tokens.prefill_only else "decode"
+
+
 @contextmanager
 def counted_as_prefill(model: nn.Module) -> Iterator[None]:
     """Count the block's forwards of `model` as prefill, one-token forwards over a cache included: a

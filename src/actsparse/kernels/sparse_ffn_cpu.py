@@ -9,7 +9,8 @@ union of its tokens' kept rows once, each token's dropped entries weighing zero.
 Two phases, each split among the threads in whole blocks of 16 columns: first each thread computes
 its columns of g and u (sums over the kept input rows, in index order), the activation (and the
 threshold mask); then, after a barrier and a serial step (top-k/top-p select, counts, compaction in
-index order), each thread sums its columns of the output over the kept intermediate entries. No sum
+index order), each thread sums its columns of the output over the kept intermediate entries (on the
+threads of `cpu_pool`, which stay awake between the calls of a decode step). No sum
 is split between threads, so the output is bitwise the same at any thread count (a partial output per
 thread, summed at the end, would round differently at 1 and at 2 threads, and move an entry of the
 next layer across τ). Kept rows are read 4 at a time, with a software prefetch of the next 4, so that
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from actsparse.kernels import cbuild, topp_cpu
+from actsparse.kernels import cbuild, cpu_pool, topp_cpu
 
 __all__ = ["MAX_BATCH", "RULE_CODES", "FusedFFN", "activation_code", "available"]
 
@@ -43,6 +44,7 @@ _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 _SOURCE = (
     topp_cpu._SOURCE
+    + cpu_pool.CLIENT
     + r"""
 #include <math.h>
 
@@ -261,6 +263,29 @@ static int64_t compact(const float *v, const unsigned char *keep, int nb, int64_
     return m;
 }
 
+typedef struct {
+    job_t *job;
+    int64_t *mid_counts;
+    int *bad_mid;
+    spin_barrier_t barrier;
+} ffn_task_t;
+
+/* Thread t of nt: its columns of g, u and i, then (thread 0) the intermediate's mask and compaction, then its
+   columns of the output. */
+static void ffn_task(void *arg, int t, int nt) {
+    ffn_task_t *task = (ffn_task_t *)arg;
+    job_t *job = task->job;
+    mid_part(job, t, nt);
+    spin_barrier(&task->barrier, nt);
+    if (t == 0) {
+        if (job->mid_rule > 1) select_keep(job->mid, job->nb, job->d, job->mid_rule, job->mid_value, job->keep);
+        job->mid_kept = compact(job->mid, job->keep, job->nb, job->d, (int32_t *)job->mid_idx, (float *)job->mid_val,
+                                task->mid_counts, task->bad_mid);
+    }
+    spin_barrier(&task->barrier, nt);
+    out_part(job, t, nt);
+}
+
 /* y [nb][h] = W_d (m_i ⊙ σ(W_g (m_x ⊙ x) + b_g) ⊙ (W_u (m_x ⊙ x) + b_u)) + b_d per token, with m_x and m_i the
    masks of the input and intermediate rules (code 0-3, value). gate_t, up_t [h][d] hold W_gᵀ and W_uᵀ and
    down_t [d][h] holds W_dᵀ, each row-contiguous with its own row stride; dtype 0 float32, 1 bfloat16 for x,
@@ -305,25 +330,8 @@ int actsparse_sparse_ffn(const void *x, int nb, int64_t h, int64_t d, int dtype,
                  gate_bias, up_bias, down_bias, mid_value, in_idx, in_val, in_kept, mid, keep, mid_idx, mid_val, 0, y};
     int bad_mid = 0;
     int64_t mid_counts[MAXB * 6];
-    if (nthreads == 1) {
-        mid_part(&job, 0, 1);
-        if (mid_rule > 1) select_keep(mid, nb, d, mid_rule, mid_value, keep);
-        job.mid_kept = compact(mid, keep, nb, d, mid_idx, mid_val, mid_counts, &bad_mid);
-        out_part(&job, 0, 1);
-    } else {
-#pragma omp parallel num_threads(nthreads)
-        {
-            int t = omp_get_thread_num(), nt = omp_get_num_threads();
-            mid_part(&job, t, nt);
-#pragma omp barrier
-#pragma omp single
-            {
-                if (mid_rule > 1) select_keep(mid, nb, d, mid_rule, mid_value, keep);
-                job.mid_kept = compact(mid, keep, nb, d, mid_idx, mid_val, mid_counts, &bad_mid);
-            }
-            out_part(&job, t, nt);
-        }
-    }
+    ffn_task_t task = {&job, mid_counts, &bad_mid, {0, 0}};
+    parallel(ffn_task, &task, nthreads);
     for (int b = 0; b < nb; b++) memcpy(counts + b * 6 + 3, mid_counts + b * 6, 3 * sizeof(int64_t));
     if (totals && !bad_mid)
         for (int b = 0; b < nb; b++)
@@ -343,6 +351,7 @@ _P, _I64, _INT, _DBL = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_d
 
 
 def _declare(lib: ctypes.CDLL) -> None:
+    cpu_pool.attach(lib)
     fn = lib.actsparse_sparse_ffn
     fn.argtypes = [_P, _INT, _I64, _I64, _INT, _P, _I64, _P, _I64, _P, _I64, _P, _P, _P, _INT, _DBL, _INT, _DBL]
     fn.argtypes += [_INT, _P, _P, _P, _INT]

@@ -111,9 +111,30 @@ def run_program(source: str, timeout: float = TIMEOUT, memory: int = MEMORY) -> 
     return Outcome(code == 0, code, timed_out, seconds, text)
 
 
-def _kill_group(pid: int) -> None:
+def _kill_group(pid: int, wait: float = 5.0) -> None:
+    """SIGKILL the process group `pid` and wait (at most `wait` seconds) until each member has died.
+
+    A SIGKILL is delivered asynchronously: a forked grandchild can still be running for a moment
+    after killpg returns. Members that are only zombies (dead, not yet reaped) count as gone.
+    """
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
+    deadline = time.monotonic() + wait
+    while _live_members(pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _live_members(group: int) -> bool:
+    """Whether any process of process group `group`, other than a zombie, is still alive."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # it ended while we looked
+            continue
+        fields = text[text.rfind(")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp ...
+        if len(fields) > 2 and int(fields[2]) == group and fields[0] not in "ZX":
+            return True
+    return False
 
 
 def passes(source: str, timeout: float = TIMEOUT, memory: int = MEMORY) -> bool:
