@@ -25,10 +25,16 @@ def prompts(batch: int = 1, length: int = 5, seed: int = 0) -> torch.Tensor:
 def hf_greedy(model, ids: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' own greedy decode: (tokens [batch, steps], logits [steps, batch, vocab])."""
     out = model.generate(
-        ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-        output_logits=True, return_dict_in_generate=True, pad_token_id=0,
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=steps,
+        min_new_tokens=steps,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
     )
-    return out.sequences[:, ids.shape[1]:], torch.stack(out.logits)
+    return out.sequences[:, ids.shape[1] :], torch.stack(out.logits)
 
 
 def decode(decoder: StaticDecoder, ids: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,3 +230,25 @@ def test_kernels_give_the_same_bits_on_the_pool_on_openmp_and_in_a_forked_child(
     with context.Pool(1) as child:
         assert torch.equal(child.apply(_ffn_output, (2,)), pooled)
     assert torch.equal(_ffn_output(1), pooled)
+
+
+def test_bench_decode_times_both_loops_and_keeps_the_best_dense(monkeypatch):
+    """`actsparse bench --ops decode` on a tiny model: a row per rule, its dense the best of both loops'."""
+    import argparse
+
+    from tiny import tiny_lm
+
+    from actsparse import loading
+    from actsparse.commands import bench
+
+    model, tokenizer = tiny_lm("llama")
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: (model, tokenizer))
+    args = argparse.Namespace(rules="threshold,top_k", decoder="auto", repeats=1, decode_tokens=3, model="tiny")
+    records = bench.bench_decode([0.5], "cpu", torch.float32, args)
+    assert [r["shape"] for r in records] == ["tiny threshold (static)", "tiny top_k (static)"]
+    for r in records:
+        dense = [r[f"{loop}_{key}_us"] for loop in ("generate", "static") for key in ("dense_torch", "dense_kernel")]
+        assert r["dense_us"] == round(min(dense), 2) and r["decoder"] == "static"
+        assert 0.0 < r["measured_sparsity"] < 1.0
+    assert records[1]["measured_sparsity"] == 0.5
+    assert ("attention-c" in records[0]["kernel"]) == attention_cpu.available()

@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from actsparse.instrument import announce_decode
 from actsparse.kernels import attention_cpu
@@ -39,7 +38,7 @@ class UnsupportedModelError(ValueError):
     """The model's layout is not one the static decoder runs; the message says what differs."""
 
 
-def _rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+def _rms_norm(x: torch.Tensor, norm: Any) -> torch.Tensor:
     """transformers' Llama RMSNorm, op for op (so that the results are the same bits)."""
     dtype = x.dtype
     x = x.to(torch.float32)
@@ -53,7 +52,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _check(model: nn.Module) -> None:
+def _check(model: Any) -> None:
     config = getattr(model, "config", None)
     kind = getattr(config, "model_type", None)
     if kind not in FAMILIES:
@@ -80,9 +79,10 @@ def _check(model: nn.Module) -> None:
 class _Layer:
     """What one decoder layer's step needs, found once."""
 
-    def __init__(self, layer: nn.Module, attention: Callable[..., Any], use_kernel: bool):
-        attn = layer.self_attn
-        self.layer, self.attn, self.mlp, self.attention = layer, attn, layer.mlp, attention
+    def __init__(self, layer: Any, attention: Callable[..., Any], use_kernel: bool):
+        attn: Any = layer.self_attn
+        self.layer: Any = layer
+        self.attn, self.mlp, self.attention = attn, layer.mlp, attention
         self.heads = attn.config.num_attention_heads
         self.kv_heads = attn.config.num_key_value_heads
         self.head_dim = attn.head_dim
@@ -97,7 +97,13 @@ class _Layer:
             norms = (n1.weight.detach(), n1.variance_epsilon, n2.weight.detach(), n2.variance_epsilon)
             try:
                 self.kernel = AttentionStep(
-                    weights, biases, norms, self.heads, self.kv_heads, self.head_dim, attn.scaling  # type: ignore[arg-type]
+                    weights,
+                    biases,
+                    norms,
+                    self.heads,
+                    self.kv_heads,
+                    self.head_dim,
+                    attn.scaling,
                 )
             except ValueError:
                 self.kernel = None  # this layer's weights do not suit the kernel: PyTorch ops
@@ -108,11 +114,11 @@ class StaticDecoder:
     `prefill(input_ids, max_new_tokens)` then `step(token)` per token. `kernel=False` runs PyTorch ops
     only; by default the fused C attention kernel runs where it can (CPU, float32 or bfloat16)."""
 
-    def __init__(self, model: nn.Module, kernel: bool | None = None):
+    def __init__(self, model: Any, kernel: bool | None = None):
         _check(model)
-        self.model = model
-        self.base: Any = model.model  # type: ignore[attr-defined]
-        weight = self.model.lm_head.weight  # type: ignore[union-attr]
+        self.model: Any = model
+        self.base: Any = model.model
+        weight = self.model.lm_head.weight
         self.dtype, self.device = weight.dtype, weight.device
         use_kernel = (
             kernel is not False
@@ -121,13 +127,15 @@ class StaticDecoder:
             and attention_cpu.available()
         )
         if kernel and not use_kernel:
-            raise UnsupportedModelError("the fused attention kernel runs float32 or bfloat16 CPU models with a C compiler")
+            raise UnsupportedModelError(
+                "the fused attention kernel runs float32 or bfloat16 CPU models with a C compiler"
+            )
         layer0 = self.base.layers[0].self_attn
         module = sys.modules[type(layer0).__module__]
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(
-            model.config._attn_implementation,  # type: ignore[union-attr]
+            model.config._attn_implementation,
             module.eager_attention_forward,
         )
         self.layers = [_Layer(layer, attention, use_kernel) for layer in self.base.layers]
@@ -146,7 +154,7 @@ class StaticDecoder:
             raise ValueError(f"input_ids must be [batch, length] with 1 to {attention_cpu.MAX_BATCH} prompts")
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
-        config = self.model.config  # type: ignore[union-attr]
+        config = self.model.config
         window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
         if window is not None and input_ids.shape[1] + max_new_tokens > window:
             raise UnsupportedModelError(
@@ -179,12 +187,9 @@ class StaticDecoder:
         h = self.base.embed_tokens(token.to(self.device))  # [batch, 1, hidden]
         positions = torch.full((batch, 1), pos, dtype=torch.long, device=self.device)
         cos, sin = self.base.rotary_emb(h, position_ids=positions)  # [batch, 1, head_dim]
-        if self.kernel:
-            h = self._layers_fused(h, cos, sin, pos)
-        else:
-            h = self._layers_torch(h, cos, sin, pos)
+        h = self._layers_fused(h, cos, sin, pos) if self.kernel else self._layers_torch(h, cos, sin, pos)
         h = self.base.norm(h)
-        head = self.model.lm_head  # type: ignore[union-attr]
+        head = self.model.lm_head
         if self.kernel and head.weight.is_contiguous():
             self.logits = attention_cpu.linear(h[:, -1], head.weight.detach(), head.bias)
         else:
@@ -203,6 +208,7 @@ class StaticDecoder:
             layer.kernel(h, add, cos, sin, cache, pos, (h_out, normed))
             add = layer.mlp(normed.view(batch, 1, hidden)).reshape(batch, hidden).contiguous()
             h = h_out
+        assert add is not None  # a model has layers
         return (h + add).view(batch, 1, hidden)
 
     def _layers_torch(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int) -> torch.Tensor:
@@ -227,9 +233,7 @@ class StaticDecoder:
         return h
 
     @torch.no_grad()
-    def generate(
-        self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None
-    ) -> torch.Tensor:
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> torch.Tensor:
         """Greedy continuation [batch, ≤ max_new_tokens] of the prompts (stops early once every row has
         produced `eos_token_id`)."""
         token = self.prefill(input_ids, max_new_tokens)

@@ -61,6 +61,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-tokens", type=int, default=16, help="greedy tokens per decode repeat")
     p.add_argument("--model", default="smollm2-135m", help="model of the decode op on cpu")
     p.add_argument("--rules", default="threshold,top_k", help="decode op: comma list of threshold, top_k")
+    p.add_argument(
+        "--decoder",
+        choices=("auto", "static", "generate"),
+        default="auto",
+        help="decode op: the loop of the sparse row: StaticDecoder where the model allows (auto), always "
+        "(static), or transformers' forward (generate); dense is the best of the loops timed",
+    )
     p.add_argument("--layers", type=int, default=32, help="decode op on cuda: layers of the random 8B-shaped model")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     p.add_argument("--json", type=Path, help="write the records here")
@@ -99,9 +106,10 @@ def _record(device: str, dtype, shape: str, op: str, s: float, us: dict[str, flo
 def _kernel_calls() -> dict[str, int]:
     """Calls so far of the compiled kernels (fused C, Triton), to tell which one really ran."""
     from actsparse.kernels import sparse_ffn_triton
+    from actsparse.kernels.attention_cpu import AttentionStep
     from actsparse.kernels.sparse_ffn_cpu import FusedFFN
 
-    return {"fused-c": FusedFFN.calls, "triton": sparse_ffn_triton.launches()}
+    return {"fused-c": FusedFFN.calls, "attention-c": AttentionStep.calls, "triton": sparse_ffn_triton.launches()}
 
 
 def _ran(before: dict[str, int]) -> str:
@@ -251,9 +259,14 @@ def bench_ffn(shape: str, sparsities, device: str, dtype, args) -> list[dict]:
 
 
 def bench_decode(sparsities, device: str, dtype, args) -> list[dict]:
-    """Tokens/s of greedy decoding: dense (the model's own, and `accelerate` with τ = 0) vs `accelerate` with
+    """Tokens/s of greedy decoding: dense (the model's own FFNs, and `accelerate` with τ = 0) vs `accelerate` with
     calibrated all_inputs thresholds and with top-k at the same nominal sparsity, interleaved token by token
-    (each variant keeps its own cache; its `accelerate` block is entered around each of its steps, untimed)."""
+    (each variant keeps its own cache; its `accelerate` block is entered around each of its steps, untimed).
+    Each variant runs in transformers' forward (`generate`) and, where the model's layout allows, in
+    `StaticDecoder` (`static`: static cache, fused attention kernel). A row's dense time is the best dense of
+    either loop; its sparse time is the static decoder's (transformers' where it cannot run), and both loops'
+    own figures are kept beside it."""
+    import time
     from contextlib import nullcontext
 
     import torch
@@ -261,6 +274,7 @@ def bench_decode(sparsities, device: str, dtype, args) -> list[dict]:
     from actsparse.accelerate import accelerate
     from actsparse.benchmarking import llama3_8b_shaped, lower_quartile, prefill, timed_step
     from actsparse.calibrate import calibrate, calibration_batches, calibration_text
+    from actsparse.decoding import StaticDecoder, UnsupportedModelError
     from actsparse.loading import load_model
     from actsparse.spec import SparsitySpec
 
@@ -278,55 +292,96 @@ def bench_decode(sparsities, device: str, dtype, args) -> list[dict]:
     unknown = set(rules) - {"threshold", "top_k"}
     if unknown:
         raise ValueError(f"unknown decode rules {sorted(unknown)}; choose from threshold, top_k")
+    loops = ["generate"]
+    if args.decoder != "generate":
+        try:
+            StaticDecoder(model)
+            loops.append("static")
+        except UnsupportedModelError as err:
+            if args.decoder == "static":
+                raise
+            print(f"static decoder: {err}; timing transformers' forward only", file=sys.stderr)
     records = []
     with torch.no_grad():
         for s in sparsities:
             taus = calibrate(model, batches, "all_inputs", s)
             no_drop = {layer: dict.fromkeys(t, 0.0) for layer, t in taus.items()}  # the same kernels, all kept
-            specs = {"dense_kernel": SparsitySpec("all_inputs", "threshold", no_drop)}
+            specs: dict[str, SparsitySpec | None] = {
+                "dense_torch": None,
+                "dense_kernel": SparsitySpec("all_inputs", "threshold", no_drop),
+            }
             if "threshold" in rules:
                 specs["threshold"] = SparsitySpec("all_inputs", "threshold", taus)
             if "top_k" in rules:
                 specs["top_k"] = SparsitySpec("all_inputs", "top_k", 1.0 - s)
-            times: dict[str, list[float]] = {"dense_torch": [], **{key: [] for key in specs}}
-            seen: dict[str, list[float]] = {key: [0.0, 0.0] for key in specs}  # decode entries zeroed, seen
-            calls: dict[str, dict[str, int]] = {key: dict.fromkeys(_kernel_calls(), 0) for key in specs}
+            variants = [(loop, key) for loop in loops for key in specs]
+            times: dict[tuple[str, str], list[float]] = {v: [] for v in variants}
+            seen = {v: [0.0, 0.0] for v in variants}  # decode entries zeroed, seen
+            calls = {v: dict.fromkeys(_kernel_calls(), 0) for v in variants}
+            decoders = {v: StaticDecoder(model) for v in variants if v[0] == "static"}
 
-            def block(key: str, specs=specs):
-                return nullcontext(None) if key == "dense_torch" else accelerate(model, specs[key])
+            def block(variant: tuple[str, str], specs=specs):
+                spec = specs[variant[1]]
+                return nullcontext(None) if spec is None else accelerate(model, spec)
+
+            def step(variant, state, decoders=decoders):
+                if variant[0] == "generate":
+                    return timed_step(model, state)
+                start = time.perf_counter()
+                token = decoders[variant].step(state)
+                return (time.perf_counter() - start) * 1e6, token
 
             for _ in range(args.repeats):  # token by token, every variant in turn: they share the machine's load
-                states = {}
-                for key in times:
-                    with block(key):
-                        states[key] = prefill(model, prompt)
+                states: dict[tuple[str, str], Any] = {}
+                for v in variants:
+                    with block(v):
+                        if v[0] == "generate":
+                            states[v] = prefill(model, prompt)
+                        else:
+                            states[v] = decoders[v].prefill(prompt, args.decode_tokens + 1)
                 for _ in range(args.decode_tokens):
-                    for key in times:
+                    for v in variants:
                         before = _kernel_calls()
-                        with block(key) as stats:
-                            step_us, states[key] = timed_step(model, states[key])
-                        times[key].append(step_us)
+                        with block(v) as stats:
+                            step_us, states[v] = step(v, states[v])
+                        times[v].append(step_us)
+                        for kernel, value in _kernel_calls().items():
+                            calls[v][kernel] += value - before[kernel]
                         if stats is not None:
-                            for kernel, value in _kernel_calls().items():
-                                calls[key][kernel] += value - before[kernel]
                             counts = [c for k, c in stats.counts().items() if k[2] == "decode"]
-                            seen[key][0] += sum(c[0] for c in counts)
-                            seen[key][1] += sum(c[2] for c in counts)
-            sparsity = {key: z / max(n, 1.0) for key, (z, n) in seen.items()}
-            ran = {key: "+".join(k for k, c in calls[key].items() if c) or "pytorch" for key in specs}
-            us = {key: lower_quartile(t) for key, t in times.items()}
+                            seen[v][0] += sum(c[0] for c in counts)
+                            seen[v][1] += sum(c[2] for c in counts)
+            us = {v: lower_quartile(t) for v, t in times.items()}
+            sparse_loop = loops[-1]
             for rule in (r for r in rules if r in specs):
-                row = {"dense_torch": us["dense_torch"], "dense_kernel": us["dense_kernel"], "sparse": us[rule]}
+                row = {
+                    "dense_torch": min(us[(loop, "dense_torch")] for loop in loops),
+                    "dense_kernel": min(us[(loop, "dense_kernel")] for loop in loops),
+                    "sparse": us[(sparse_loop, rule)],
+                }
+                extra = {
+                    f"{loop}_{key}_us": round(us[(loop, key)], 2)
+                    for loop in loops
+                    for key in ("dense_torch", "dense_kernel", rule)
+                }
+                best = min(
+                    ((loop, key) for loop in loops for key in ("dense_torch", "dense_kernel")), key=lambda v: us[v]
+                )
+                z, n = seen[(sparse_loop, rule)]
+                ran = [k for k, c in calls[(sparse_loop, rule)].items() if c]
                 record = _record(
                     device,
                     dtype,
-                    f"{name} {rule}",
+                    f"{name} {rule} ({sparse_loop})",
                     "decode",
                     s,
                     row,
-                    measured_sparsity=sparsity[rule],
+                    measured_sparsity=z / max(n, 1.0),
                     timing="cuda-eager" if device == "cuda" else "cpu-wall",
-                    kernel=ran[rule],
+                    kernel="+".join(ran) or "pytorch",
+                    decoder=sparse_loop,
+                    dense_best=f"{best[1]} ({best[0]})",
+                    **extra,
                 )
                 record["dense_tokens_per_s"] = round(1e6 / record["dense_us"], 2)
                 record["sparse_tokens_per_s"] = round(1e6 / record["sparse_us"], 2)

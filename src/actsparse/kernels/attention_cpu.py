@@ -69,7 +69,8 @@ static inline vf load_row(const void *w, int dtype, int64_t i) {
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v4 __attribute__((vector_size(16)));
 static inline float hsum(vf v) { /* a fixed tree: 16 -> 8 -> 4 -> 1 */
-    v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7)
+         + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
     v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
     return (b[0] + b[2]) + (b[1] + b[3]);
 }
@@ -87,7 +88,7 @@ static inline void dot4(const void *w, int dtype, int64_t r, int64_t k, const fl
     int64_t c = 0, bytes = dtype ? 2 : 4;
     for (; c + VL <= k; c += VL) {
         if (next)
-            for (int i = 0; i < 4; i++) __builtin_prefetch((const char *)next + (c * 4 + i * VL) * bytes, 0, 0);
+            for (int i = 0; i < 4; i++) __builtin_prefetch((const char *)next + (c * 4 + i * VL) * bytes, 0, 1);
         vf xv = *(const vf *)(x + c);
         a0 += load_row(r0, dtype, c) * xv;
         a1 += load_row(r1, dtype, c) * xv;
@@ -440,7 +441,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     x = x.contiguous()
     y = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype)
     lib.actsparse_linear(
-        x.data_ptr(), rows, weight.shape[1], weight.shape[0], _DTYPES[x.dtype], weight.data_ptr(),
-        _ptr(bias), y.data_ptr(), torch.get_num_threads(),
+        x.data_ptr(),
+        rows,
+        weight.shape[1],
+        weight.shape[0],
+        _DTYPES[x.dtype],
+        weight.data_ptr(),
+        _ptr(bias),
+        y.data_ptr(),
+        torch.get_num_threads(),
     )
     return y
