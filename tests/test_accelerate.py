@@ -322,6 +322,12 @@ def test_smollm2_greedy_decode_equals_the_simulation(n_threads, threads):
     assert_close(torch.stack(fast.logits), torch.stack(ref.logits), 1e-10)
     assert fast_stats.counts() == ref_stats.counts()
     assert abs(fast_stats.overall("decode") - 0.5) < 0.1  # the calibrated 50 %, on decode tokens
+    from actsparse.decoding import StaticDecoder  # the benchmarks' decode loop: the same tokens and counts
+
+    with torch.no_grad(), accelerate(model, spec) as static_stats:
+        static = StaticDecoder(model).generate(prompt["input_ids"], 12)
+    assert torch.equal(static, ref.sequences[:, prompt["input_ids"].shape[1] :])
+    assert static_stats.counts() == ref_stats.counts()
 
 
 @needs_cuda
