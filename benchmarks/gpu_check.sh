@@ -80,7 +80,7 @@ issue12() {
   timeout 25 "$py" benchmarks/gemv_configs.py --repeats 5 --batch 4 --sparsities 0.5 --json "$out/configs_b4.json"
   step "end-to-end decode, Llama-3-8B-shaped random model (eager)"
   timeout 100 "$py" benchmarks/decode_speed.py --device cuda --ops decode --sparsities 0.5 --repeats 2 \
-    --decode-tokens 16 --rules threshold,top_k --json "$out/e2e.json"
+    --decode-tokens 16 --rules threshold,top_k --decoder generate --json "$out/e2e.json"
   step "peak GPU memory inside accelerate vs outside (8 layers of the 8B shape)"
   timeout 30 "$py" benchmarks/accelerate_memory.py --device cuda --random-8b --layers 8 --tokens 8 \
     --json "$out/memory.json"
