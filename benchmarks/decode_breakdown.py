@@ -20,7 +20,7 @@ from contextlib import nullcontext
 import torch
 
 from actsparse.accelerate import accelerate
-from actsparse.benchmarking import load_average, lower_quartile, prefill, timed_step
+from actsparse.benchmarking import load_average, lower_quartile, prefill, timed_decoder_step, timed_step
 from actsparse.calibrate import calibrate, calibration_batches, calibration_text
 from actsparse.decoding import StaticDecoder
 from actsparse.kernels import attention_cpu, sparse_ffn_cpu
@@ -67,11 +67,7 @@ def main() -> None:
         return decoders[key].prefill(prompt, args.tokens + 1)
 
     def advance(key: str, state):
-        if args.decoder == "generate":
-            return timed_step(model, state)
-        begin = time.perf_counter()
-        token = decoders[key].step(state)
-        return (time.perf_counter() - begin) * 1e6, token
+        return timed_step(model, state) if args.decoder == "generate" else timed_decoder_step(decoders[key], state)
 
     variants = {
         "dense_torch": nullcontext,

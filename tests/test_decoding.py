@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import multiprocessing
 
 import pytest
@@ -147,7 +146,7 @@ def _attention_inputs(batch: int, dtype: torch.dtype, bias: bool):
 
 def _attention_reference(params, inputs, pos: int):
     (wq, wk, wv, wo), biases, (n1, e1, n2, e2), heads, kv, d = params
-    h, add, cos, sin, (keys, values) = (t.double() if isinstance(t, torch.Tensor) else t for t in inputs)
+    h, add, cos, sin = (t.double() for t in inputs[:4])
     keys, values = inputs[4][0].double().clone(), inputs[4][1].double().clone()
     b = [None if x is None else x.double() for x in biases]
 
@@ -218,7 +217,6 @@ def _ffn_output(threads: int) -> torch.Tensor:
 def test_kernels_give_the_same_bits_on_the_pool_on_openmp_and_in_a_forked_child(threads):
     pooled = _ffn_output(2)
     lib = sparse_ffn_cpu._library()
-    pool = ctypes.cast(lib.actsparse_set_pool, ctypes.c_void_p)  # noqa: F841  (the symbol exists)
     from actsparse.kernels import cpu_pool
 
     lib.actsparse_set_pool(None)  # OpenMP regions

@@ -179,6 +179,15 @@ def timed_step(model: Any, state: tuple[Any, torch.Tensor]) -> tuple[float, tupl
     return (time.perf_counter() - start) * 1e6, next_state
 
 
+def timed_decoder_step(decoder: Any, token: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """µs of one greedy step of a `StaticDecoder` from `token`, and the next token (`timed_step`'s twin)."""
+    sync(token.device.type)
+    start = time.perf_counter()
+    next_token = decoder.step(token)
+    sync(token.device.type)
+    return (time.perf_counter() - start) * 1e6, next_token
+
+
 def prefill(model: Any, prompt: torch.Tensor) -> tuple[Any, torch.Tensor]:
     """The decode state (cache, first greedy token) after a prefill of `prompt`."""
     out = model(prompt, use_cache=True)

@@ -34,6 +34,10 @@ FAMILIES = ("llama", "mistral", "qwen2")
 """Model types whose decoder layers the static decoder runs."""
 
 
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+"""The attention block's nn.Linear modules, in the order the kernel takes them."""
+
+
 class UnsupportedModelError(ValueError):
     """The model's layout is not one the static decoder runs; the message says what differs."""
 
@@ -64,8 +68,7 @@ def _check(model: Any) -> None:
         raise UnsupportedModelError("the model has no lm_head")
     for layer in base.layers:
         attn = getattr(layer, "self_attn", None)
-        names = ("q_proj", "k_proj", "v_proj", "o_proj")
-        if attn is None or not all(isinstance(getattr(attn, n, None), nn.Linear) for n in names):
+        if attn is None or not all(isinstance(getattr(attn, n, None), nn.Linear) for n in _PROJECTIONS):
             raise UnsupportedModelError("a decoder layer without q_proj, k_proj, v_proj and o_proj")
         if hasattr(attn, "q_norm") or hasattr(layer, "pre_feedforward_layernorm"):
             raise UnsupportedModelError("query-key norms or sandwich norms are not supported")
@@ -88,11 +91,9 @@ class _Layer:
         self.head_dim = attn.head_dim
         self.kernel: AttentionStep | None = None
         if use_kernel:
-            weights = tuple(getattr(attn, n).weight.detach() for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
-            biases = tuple(
-                None if getattr(attn, n).bias is None else getattr(attn, n).bias.detach()
-                for n in ("q_proj", "k_proj", "v_proj", "o_proj")
-            )
+            projections = [getattr(attn, n) for n in _PROJECTIONS]
+            weights = tuple(m.weight.detach() for m in projections)
+            biases = tuple(None if m.bias is None else m.bias.detach() for m in projections)
             n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
             norms = (n1.weight.detach(), n1.variance_epsilon, n2.weight.detach(), n2.variance_epsilon)
             try:

@@ -266,13 +266,12 @@ def bench_decode(sparsities, device: str, dtype, args) -> list[dict]:
     `StaticDecoder` (`static`: static cache, fused attention kernel). A row's dense time is the best dense of
     either loop; its sparse time is the static decoder's (transformers' where it cannot run), and both loops'
     own figures are kept beside it."""
-    import time
     from contextlib import nullcontext
 
     import torch
 
     from actsparse.accelerate import accelerate
-    from actsparse.benchmarking import llama3_8b_shaped, lower_quartile, prefill, timed_step
+    from actsparse.benchmarking import llama3_8b_shaped, lower_quartile, prefill, timed_decoder_step, timed_step
     from actsparse.calibrate import calibrate, calibration_batches, calibration_text
     from actsparse.decoding import StaticDecoder, UnsupportedModelError
     from actsparse.loading import load_model
@@ -327,9 +326,7 @@ def bench_decode(sparsities, device: str, dtype, args) -> list[dict]:
             def step(variant, state, decoders=decoders):
                 if variant[0] == "generate":
                     return timed_step(model, state)
-                start = time.perf_counter()
-                token = decoders[variant].step(state)
-                return (time.perf_counter() - start) * 1e6, token
+                return timed_decoder_step(decoders[variant], state)
 
             for _ in range(args.repeats):  # token by token, every variant in turn: they share the machine's load
                 states: dict[tuple[str, str], Any] = {}

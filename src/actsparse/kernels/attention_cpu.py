@@ -31,25 +31,11 @@ _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 _SOURCE = (
     cpu_pool.CLIENT
+    + cbuild.VECTORS
     + r"""
 #include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
-#include <omp.h>
 
-#define VL 16
-typedef float vf __attribute__((vector_size(64), aligned(4), may_alias));
-typedef uint16_t vh __attribute__((vector_size(32), aligned(2), may_alias));
-typedef uint32_t vu __attribute__((vector_size(64)));
-
-static inline float bf(uint16_t v) { uint32_t u = (uint32_t)v << 16; float f; memcpy(&f, &u, 4); return f; }
-static inline uint16_t to_bf(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
 /* a value as the dtype holds it: float32 unchanged, bfloat16 rounded */
 static inline float rnd(float f, int dtype) { return dtype ? bf(to_bf(f)) : f; }
 static inline float get(const void *p, int dtype, int64_t i) {
@@ -275,7 +261,7 @@ void actsparse_linear(const void *x, int nb, int64_t k, int64_t n, int dtype, co
     float *yf = (float *)malloc((size_t)(nb * n) * sizeof(float));
     for (int64_t i = 0; i < nb * k; i++) xf[i] = get(x, dtype, i);
     linear_t task = {w, bias, dtype, nb, k, n, xf, yf};
-    parallel(linear_task, &task, nthreads < 1 ? 1 : nthreads > 64 ? 64 : nthreads);
+    parallel(linear_task, &task, nthreads);
     for (int64_t i = 0; i < nb * n; i++) put(y, dtype, i, yf[i]);
     free(xf);
     free(yf);
@@ -302,7 +288,6 @@ int actsparse_attention_step(int nb, int dtype, int64_t hidden, int nh, int nkv,
     for (int64_t i = 0; i < nb * hidden; i++)
         res[i] = add ? rnd(get(h, dtype, i) + get(add, dtype, i), dtype) : get(h, dtype, i);
     rms_norm(res, nb, hidden, ln1, dtype, eps1, x);
-    nthreads = nthreads < 1 ? 1 : nthreads > 64 ? 64 : nthreads;
     job.barrier = (spin_barrier_t){0, 0};
     parallel(attention_task, &job, nthreads);
     int bad = 0;
@@ -378,7 +363,6 @@ class AttentionStep:
             raise ValueError("q, k, v, o weights do not match the heads and head size")
         if heads % kv_heads or head_dim % 2 or head_dim > 1024:
             raise ValueError(f"{heads} heads over {kv_heads} key-value heads of size {head_dim}: not supported")
-        self.dtype, self.hidden, self.kv_heads, self.head_dim = dtype, hidden, kv_heads, head_dim
         self._keep = tensors  # the pointers below stay valid while this object lives
         ln1, eps1, ln2, eps2 = norms
         self._head = (_DTYPES[dtype], hidden, heads, kv_heads, head_dim)

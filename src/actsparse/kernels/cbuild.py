@@ -27,7 +27,25 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["FLAGS", "cache_dir", "kernel_dir", "load"]
+__all__ = ["FLAGS", "VECTORS", "cache_dir", "kernel_dir", "load"]
+
+VECTORS = r"""
+#include <stdint.h>
+#include <string.h>
+#define VL 16
+typedef float vf __attribute__((vector_size(64), aligned(4), may_alias)); /* 16 floats, unaligned */
+typedef uint16_t vh __attribute__((vector_size(32), aligned(2), may_alias)); /* 16 bfloat16 */
+typedef uint32_t vu __attribute__((vector_size(64)));
+
+static inline float bf(uint16_t v) { uint32_t u = (uint32_t)v << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline uint16_t to_bf(float f) { /* round to nearest even, as torch does (NaN stays NaN) */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+"""
+"""C source the CPU decode kernels share: 16-float vectors and bfloat16 to and from float32."""
 
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 TIMEOUT = 300

@@ -27,8 +27,23 @@ __all__ = ["CLIENT", "SPIN_US", "attach"]
 SPIN_US = 200
 """Microseconds a worker spins for the next task before it sleeps."""
 
-CLIENT = r"""
+_RELAX = r"""
 #include <sched.h>
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+/* one turn of a wait that spins a while, then yields the core at each turn */
+static inline void back_off(long spins) {
+    if (spins > 4000) sched_yield();
+    else cpu_relax();
+}
+"""
+
+CLIENT = (
+    _RELAX
+    + r"""
 #include <omp.h>
 /* The kernels' side of `cpu_pool`: parallel(task, arg, nt) runs task(arg, t, nt) for t < nt, on the pool when
    one is attached, else in an OpenMP region; spin_barrier(&b, nt) makes the nt threads of one task meet. */
@@ -38,14 +53,10 @@ static pool_run_fn pool_run = 0;
 void actsparse_set_pool(void *run) { pool_run = (pool_run_fn)run; }
 static void parallel(pool_task task, void *arg, int nt) {
     if (nt <= 1) { task(arg, 0, 1); return; }
+    if (nt > 64) nt = 64;
     if (pool_run) { pool_run(task, arg, nt); return; }
 #pragma omp parallel num_threads(nt)
     task(arg, omp_get_thread_num(), nt);
-}
-static inline void cpu_relax(void) {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#endif
 }
 typedef struct { int count, phase; } spin_barrier_t;
 static void spin_barrier(spin_barrier_t *b, int nt) {
@@ -56,17 +67,16 @@ static void spin_barrier(spin_barrier_t *b, int nt) {
         __atomic_store_n(&b->phase, phase + 1, __ATOMIC_RELEASE);
         return;
     }
-    for (long spins = 0; __atomic_load_n(&b->phase, __ATOMIC_ACQUIRE) == phase; spins++) {
-        if (spins > 4000) sched_yield();
-        else cpu_relax();
-    }
+    for (long spins = 0; __atomic_load_n(&b->phase, __ATOMIC_ACQUIRE) == phase; spins++) back_off(spins);
 }
 """
+)
 """C source a kernel library includes to run its tasks on the pool (`parallel`, `spin_barrier`)."""
 
-_SOURCE = r"""
+_SOURCE = (
+    _RELAX
+    + r"""
 #include <pthread.h>
-#include <sched.h>
 #include <stdint.h>
 #include <time.h>
 
@@ -85,11 +95,6 @@ static int done = 0;      /* workers finished with the current task */
 static long spin_ns = 200000;
 static long born[MAXW]; /* the generation each worker was started at: it waits for the next one */
 
-static inline void relax(void) {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#endif
-}
 static long now_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -109,7 +114,7 @@ static void *worker(void *p) {
                 break;
             }
             if ((spins & 1023) == 1023) sched_yield();
-            else relax();
+            else cpu_relax();
         }
         seen = __atomic_load_n(&gen, __ATOMIC_ACQUIRE);
         if (id + 1 < task_nt) {
@@ -146,13 +151,11 @@ void actsparse_pool_run(pool_task fn, void *arg, int nt) {
     pthread_cond_broadcast(&cv);
     pthread_mutex_unlock(&mu);
     fn(arg, 0, nt);
-    for (long spins = 0; __atomic_load_n(&done, __ATOMIC_ACQUIRE) < nt - 1; spins++) {
-        if (spins > 4000) sched_yield();
-        else relax();
-    }
+    for (long spins = 0; __atomic_load_n(&done, __ATOMIC_ACQUIRE) < nt - 1; spins++) back_off(spins);
     pthread_mutex_unlock(&run_mu);
 }
 """
+)
 
 
 def _declare(lib: ctypes.CDLL) -> None:

@@ -45,24 +45,13 @@ _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _SOURCE = (
     topp_cpu._SOURCE
     + cpu_pool.CLIENT
+    + cbuild.VECTORS
     + r"""
 #include <math.h>
 
-#define VL 16
 #define MAXB 8
 #define TILE 256 /* columns of one tile, a multiple of VL: 4 rows of a tile stay in L1 across a batch */
 
-typedef float vf __attribute__((vector_size(64), aligned(4), may_alias)); /* 16 floats, unaligned */
-typedef uint16_t vh __attribute__((vector_size(32), aligned(2), may_alias)); /* 16 bfloat16 */
-typedef uint32_t vu __attribute__((vector_size(64)));
-
-static inline float bf(uint16_t v) { uint32_t u = (uint32_t)v << 16; float f; memcpy(&f, &u, 4); return f; }
-static inline uint16_t to_bf(float f) { /* round to nearest even, as torch does (NaN stays NaN) */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
 static inline float round_bf(float f) { return bf(to_bf(f)); }
 
 static inline float act_fn(float v, int act) {
@@ -321,7 +310,6 @@ int actsparse_sparse_ffn(const void *x, int nb, int64_t h, int64_t d, int dtype,
         free(in_idx);
         return 1;
     }
-    nthreads = nthreads < 1 ? 1 : nthreads > 64 ? 64 : nthreads;
     float *mid = (float *)malloc((size_t)(nb * d) * sizeof(float));
     float *mid_val = (float *)malloc((size_t)(nb * d) * sizeof(float));
     unsigned char *keep = (unsigned char *)malloc((size_t)(nb * d));
