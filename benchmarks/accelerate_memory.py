@@ -18,7 +18,7 @@ import sys
 import torch
 
 from actsparse import SparsitySpec, accelerate
-from actsparse.benchmarking import decode_loop, llama3_8b_shaped, load_average
+from actsparse.speed.benchmarking import decode_loop, llama3_8b_shaped, load_average
 
 
 def _peak_rss_bytes() -> int:
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         model = llama3_8b_shaped(args.device, dtype, args.layers)
         prompt = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
     else:
-        from actsparse.loading import load_model
+        from actsparse.models.loading import load_model
 
         model, tokenizer = load_model(args.model, dtype=dtype, device=args.device)
         prompt = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]

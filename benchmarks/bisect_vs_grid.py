@@ -16,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from actsparse.search import DEFAULT_PRECISION
-from actsparse.sweep import PAPER_VALUES, SweepConfig, run_sweep
+from actsparse.study.search import DEFAULT_PRECISION
+from actsparse.study.sweep import PAPER_VALUES, SweepConfig, run_sweep
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,13 +19,13 @@ from contextlib import nullcontext
 
 import torch
 
-from actsparse.accelerate import accelerate
-from actsparse.benchmarking import load_average, lower_quartile, prefill, timed_decoder_step, timed_step
-from actsparse.calibrate import calibrate, calibration_batches, calibration_text
-from actsparse.decoding import StaticDecoder
-from actsparse.kernels import attention_cpu, sparse_ffn_cpu
-from actsparse.loading import load_model
-from actsparse.spec import SparsitySpec
+from actsparse.models.loading import load_model
+from actsparse.sparsity.spec import SparsitySpec
+from actsparse.speed.accelerate import accelerate
+from actsparse.speed.benchmarking import load_average, lower_quartile, prefill, timed_decoder_step, timed_step
+from actsparse.speed.calibrate import calibrate, calibration_batches, calibration_text
+from actsparse.speed.decoding import StaticDecoder
+from actsparse.speed.kernels import attention_cpu, sparse_ffn_cpu
 
 
 def main() -> None:

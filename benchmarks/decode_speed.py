@@ -6,7 +6,7 @@ Prints GEMV and whole-FFN times (dense, sparse, speed-up, 1/(1−s)) at sparsity
 and end-to-end greedy decode tokens/s (SmolLM2-135M on CPU, a Llama-3-8B-shaped random model on
 CUDA). The same as `actsparse bench`; see `actsparse bench --help` for every flag. The `ffn` op
 times `accelerate`'s own decode step, so on CPU in float32 it runs the fused C kernel of
-`actsparse.kernels.sparse_ffn_cpu` when a C compiler is present (ACTSPARSE_NO_CKERNEL=1 times the
+`actsparse.speed.kernels.sparse_ffn_cpu` when a C compiler is present (ACTSPARSE_NO_CKERNEL=1 times the
 PyTorch kernels instead).
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from actsparse.commands import bench
+from actsparse.cli import bench
 
 
 def main(argv: list[str] | None = None) -> int:

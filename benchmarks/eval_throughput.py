@@ -30,8 +30,8 @@ import torch
 from actsparse.evaluate import evaluate_task
 from actsparse.evaluate.lm_eval_bridge import offline, offline_name, task_manager, task_result_from_samples
 from actsparse.evaluate.results import DocResult
-from actsparse.loading import load_model
-from actsparse.placement import add_placement_arguments, from_args
+from actsparse.models.loading import load_model
+from actsparse.models.placement import add_placement_arguments, from_args
 from actsparse.tasks import get_task, select_docs
 
 
@@ -310,7 +310,7 @@ def _model(name: str, where):
         return load_model(name, where.dtype, where.device)
     if not where.device.startswith("cuda"):
         raise SystemExit("llama3-8b-shaped (32 GB in float32) is a GPU benchmark: use --device cuda")
-    from actsparse.commands.bench import _llama3_8b_shaped
+    from actsparse.cli.bench import _llama3_8b_shaped
 
     torch.manual_seed(0)
     return _llama3_8b_shaped(where.device, where.torch_dtype), _tokenizer()
@@ -319,7 +319,7 @@ def _model(name: str, where):
 def _tokenizer():
     """SmolLM2's tokenizer (49k ids, inside Llama 3's 128k vocabulary), or where its package is missing a
     byte-level one built here (more tokens per document: say so)."""
-    from actsparse.loading import ModelNotAvailableError
+    from actsparse.models.loading import ModelNotAvailableError
 
     try:
         return load_model("smollm2-135m")[1]

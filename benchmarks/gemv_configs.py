@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from actsparse.benchmarking import gemv_operands, time_pair
-from actsparse.benchmarking import sparse_input as _sparse_input
-from actsparse.kernels.sparse_ffn_triton import GemvConfig, default_config, sparse_rows_matmul
+from actsparse.speed.benchmarking import gemv_operands, time_pair
+from actsparse.speed.benchmarking import sparse_input as _sparse_input
+from actsparse.speed.kernels.sparse_ffn_triton import GemvConfig, default_config, sparse_rows_matmul
 
 GRID = [
     GemvConfig(block_k, block_n, programs, warps)

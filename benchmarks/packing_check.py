@@ -14,7 +14,7 @@ import sys
 import time
 
 from actsparse.evaluate import evaluate_task
-from actsparse.loading import load_model
+from actsparse.models.loading import load_model
 from actsparse.tasks import get_task, select_docs
 
 

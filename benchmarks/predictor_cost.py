@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from actsparse.benchmarking import load_average
 from actsparse.methods.predictor import ffn_flops, predictor_flops
+from actsparse.speed.benchmarking import load_average
 
 
 def _shape(text: str) -> tuple[int, int]:

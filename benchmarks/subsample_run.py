@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from actsparse.analysis import summarize
-from actsparse.store import RunStore
+from actsparse.study.store import RunStore
 
 
 def main(argv: list[str]) -> None:

@@ -23,9 +23,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from actsparse.benchmarking import load_average
-from actsparse.kernels.topp import top_p_mask_fast
-from actsparse.rules import apply_mask, top_p, top_p_mask_sort
+from actsparse.sparsity.rules import apply_mask, top_p, top_p_mask_sort
+from actsparse.speed.benchmarking import load_average
+from actsparse.speed.kernels.topp import top_p_mask_fast
 
 VARIANTS = ("ffn", "sort", "fast", "mask+apply", "mask")
 

@@ -38,7 +38,7 @@ def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr("actsparse.loading.load_model", refuse)
+    monkeypatch.setattr("actsparse.models.loading.load_model", refuse)
 
 
 @pytest.fixture

@@ -9,10 +9,10 @@ import torch
 from tiny import FAMILIES, MOE_FAMILIES, tiny_model
 
 from actsparse import NonFiniteActivationError, SparsitySpec, accelerate, sparsify
-from actsparse.accelerate import MAX_SPARSE_BATCH
-from actsparse.kernels import sparse_ffn_cpu
-from actsparse.kernels.sparse_ffn_cpu import FusedFFN
-from actsparse.stats import TokenCounts
+from actsparse.sparsity.stats import TokenCounts
+from actsparse.speed.accelerate import MAX_SPARSE_BATCH
+from actsparse.speed.kernels import sparse_ffn_cpu
+from actsparse.speed.kernels.sparse_ffn_cpu import FusedFFN
 
 GATED = [f for f in FAMILIES if f not in MOE_FAMILIES]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -200,7 +200,7 @@ def test_errors_before_and_during_work():
 
 
 def test_scorers_see_accelerate_like_sparsify():
-    from actsparse.instrument import active_stats
+    from actsparse.sparsity.instrument import active_stats
 
     model = tiny_model("llama")
     with accelerate(model, spec_for("top_k")) as stats:
@@ -302,8 +302,8 @@ def test_smollm2_greedy_decode_equals_the_simulation(n_threads, threads):
     different steps on different machines and thread counts). In float64 that window is ~1e-15, so
     any difference here is a different computation (phase, real-token mask, layer, τ's dtype, state).
     """
-    from actsparse.calibrate import calibrate, calibration_batches, calibration_text
-    from actsparse.loading import load_model
+    from actsparse.models.loading import load_model
+    from actsparse.speed.calibrate import calibrate, calibration_batches, calibration_text
 
     threads(n_threads)
     model, tokenizer = load_model("smollm2-135m")
@@ -322,7 +322,7 @@ def test_smollm2_greedy_decode_equals_the_simulation(n_threads, threads):
     assert_close(torch.stack(fast.logits), torch.stack(ref.logits), 1e-10)
     assert fast_stats.counts() == ref_stats.counts()
     assert abs(fast_stats.overall("decode") - 0.5) < 0.1  # the calibrated 50 %, on decode tokens
-    from actsparse.decoding import StaticDecoder  # the benchmarks' decode loop: the same tokens and counts
+    from actsparse.speed.decoding import StaticDecoder  # the benchmarks' decode loop: the same tokens and counts
 
     with torch.no_grad(), accelerate(model, spec) as static_stats:
         static = StaticDecoder(model).generate(prompt["input_ids"], 12)
@@ -334,10 +334,10 @@ def test_smollm2_greedy_decode_equals_the_simulation(n_threads, threads):
 @pytest.mark.parametrize("batch", [1, 3])
 def test_cuda_threshold_decode_step_never_waits_for_the_gpu(batch):
     """What the module docstring promises: a threshold decode step, counted over real tokens, without a sync."""
-    from actsparse.accelerate import DecodeStep
-    from actsparse.adapters import find_ffns
-    from actsparse.instrument import TokenContext
-    from actsparse.stats import SparsityStats
+    from actsparse.models.adapters import find_ffns
+    from actsparse.sparsity.instrument import TokenContext
+    from actsparse.sparsity.stats import SparsityStats
+    from actsparse.speed.accelerate import DecodeStep
 
     model = tiny_model("llama", dtype=torch.bfloat16).to("cuda")
     ffn = find_ffns(model)[0]

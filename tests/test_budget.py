@@ -12,8 +12,8 @@ from tiny import tiny_lm, tiny_sweep_config, tiny_task
 from actsparse import SparsitySpec, sparsify
 from actsparse.evaluate import evaluate_task
 from actsparse.evaluate.budget import Budget, OutOfMemory, auto_budget, bytes_per_token
-from actsparse.store import RunStore
-from actsparse.sweep import plan, run_sweep
+from actsparse.study.store import RunStore
+from actsparse.study.sweep import plan, run_sweep
 
 
 class FakeOOM:

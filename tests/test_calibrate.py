@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from tiny import tiny_model
 
 from actsparse import SparsitySpec, sparsify
-from actsparse.calibrate import calibrate, calibration_text, quantile_threshold, save_thresholds
 from actsparse.cli import main
+from actsparse.speed.calibrate import calibrate, calibration_text, quantile_threshold, save_thresholds
 
 
 @settings(max_examples=50, deadline=None)

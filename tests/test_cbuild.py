@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from actsparse import loading
-from actsparse.kernels import cbuild
+from actsparse.models import loading
+from actsparse.speed.kernels import cbuild
 
 GOOD = "int answer(void) { return 42; }\n"
 

@@ -11,9 +11,10 @@ from types import SimpleNamespace
 import pytest
 from tiny import tiny_lm
 
-from actsparse import cli, loading
-from actsparse.loading import ModelNotAvailableError
-from actsparse.store import RunStore
+from actsparse import cli
+from actsparse.models import loading
+from actsparse.models.loading import ModelNotAvailableError
+from actsparse.study.store import RunStore
 
 
 def _err(capsys: pytest.CaptureFixture) -> str:
@@ -32,7 +33,7 @@ def test_a_model_that_does_not_load_binds_no_folder(
             raise ModelNotAvailableError(f"cannot load {name!r}")
         return tiny_lm()
 
-    monkeypatch.setattr("actsparse.loading.load_model", load)
+    monkeypatch.setattr("actsparse.models.loading.load_model", load)
     out = tmp_path / "run"
     args = ["--out", str(out), "--targets", "input", "--values", "0.9", "--tasks", "arc_easy", "--limit", "2"]
     args += ["--resamples", "10", "--no-progress"]
@@ -185,8 +186,8 @@ def test_concurrent_conversions_of_one_gguf_do_not_collide(tmp_path: Path, monke
 
 
 def test_every_subcommand_help_shows_defaults_and_valid_values(capsys: pytest.CaptureFixture) -> None:
-    from actsparse.spec import RULE_NAMES, TARGETS
-    from actsparse.sweep import SWEEP_RULES
+    from actsparse.sparsity.spec import RULE_NAMES, TARGETS
+    from actsparse.study.sweep import SWEEP_RULES
     from actsparse.tasks import TASK_NAMES
 
     pages = {}
@@ -205,8 +206,8 @@ def test_every_subcommand_help_shows_defaults_and_valid_values(capsys: pytest.Ca
 
 
 def test_calibration_file_check_accepts_what_calibrate_writes(tmp_path: Path) -> None:
-    from actsparse.calibrate import save_thresholds
-    from actsparse.commands.profile import _check_calibration_file
+    from actsparse.cli.profile import _check_calibration_file
+    from actsparse.speed.calibrate import save_thresholds
 
     path = tmp_path / "t.json"
     save_thresholds(path, {0: {"x": 0.1}}, "m", "input", 0.5)

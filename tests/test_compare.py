@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from tiny import tiny_lm, tiny_sweep_config
 
+from actsparse.analysis.comparison import compare, load_methods, write_comparison
 from actsparse.cli import main
-from actsparse.compare import compare, load_methods, write_comparison
 from actsparse.evaluate.results import DocResult, TaskResult
 from actsparse.report.compare import critical_difference, load_run, write_compare
-from actsparse.store import PointKey, RunStore
-from actsparse.sweep import run_sweep
+from actsparse.study.store import PointKey, RunStore
+from actsparse.study.sweep import run_sweep
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ import torch
 from tiny import tiny_model
 
 from actsparse import SparsitySpec, accelerate, sparsify
-from actsparse.decoding import StaticDecoder, UnsupportedModelError
-from actsparse.kernels import attention_cpu, sparse_ffn_cpu
-from actsparse.kernels.attention_cpu import AttentionStep
+from actsparse.speed.decoding import StaticDecoder, UnsupportedModelError
+from actsparse.speed.kernels import attention_cpu, sparse_ffn_cpu
+from actsparse.speed.kernels.attention_cpu import AttentionStep
 
 FAMILIES = ["llama", "mistral", "qwen2"]
 needs_kernel = pytest.mark.skipif(not attention_cpu.available(), reason="needs a C compiler")
@@ -217,7 +217,7 @@ def _ffn_output(threads: int) -> torch.Tensor:
 def test_kernels_give_the_same_bits_on_the_pool_on_openmp_and_in_a_forked_child(threads):
     pooled = _ffn_output(2)
     lib = sparse_ffn_cpu._library()
-    from actsparse.kernels import cpu_pool
+    from actsparse.speed.kernels import cpu_pool
 
     lib.actsparse_set_pool(None)  # OpenMP regions
     try:
@@ -236,8 +236,8 @@ def test_bench_decode_times_both_loops_and_keeps_the_best_dense(monkeypatch):
 
     from tiny import tiny_lm
 
-    from actsparse import loading
-    from actsparse.commands import bench
+    from actsparse.cli import bench
+    from actsparse.models import loading
 
     model, tokenizer = tiny_lm("llama")
     monkeypatch.setattr(loading, "load_model", lambda *a, **k: (model, tokenizer))

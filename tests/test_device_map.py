@@ -10,7 +10,7 @@ from accelerate import cpu_offload, dispatch_model
 from tiny import tiny_lm, tiny_model
 
 from actsparse import SparsitySpec, sparsify
-from actsparse.loading import load_model
+from actsparse.models.loading import load_model
 
 SPEC = SparsitySpec("intermediate", "top_p", 0.7)
 

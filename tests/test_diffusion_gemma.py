@@ -11,7 +11,7 @@ from tiny_diffusion import tiny_diffusion_gemma
 
 from actsparse import SparsitySpec, find_ffns, sparsify
 from actsparse.diffusion import BlockDiffusionDenoiser, denoiser_for, denoising_steps, generate, mc_loglikelihood
-from actsparse.spec import TARGETS
+from actsparse.sparsity.spec import TARGETS
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from tiny_diffusion import MASK_ID, tiny_llada
 from actsparse import SparsitySpec, sparsify
 from actsparse.diffusion import Denoiser, DiffusionOptions, evaluate_diffusion_task, generate, mc_loglikelihood
 from actsparse.evaluate import DenseReference, evaluate_task
-from actsparse.stats import StepStats
+from actsparse.sparsity.stats import StepStats
 from actsparse.tasks import task_from_requests
 
 
@@ -140,7 +140,7 @@ def test_both_scorers_check_documents_and_the_reference_alike() -> None:
 
 def test_sweep_and_report_draw_the_step_figures(tmp_path: Path) -> None:
     from actsparse.report import write_report
-    from actsparse.sweep import run_sweep
+    from actsparse.study.sweep import run_sweep
 
     model, tokenizer = tiny_llada(), tiny_tokenizer()
     tasks = [tiny_task("mc", 6), tiny_task("lam", 4, kind="lambada", seed=1)]
@@ -160,8 +160,8 @@ def test_sweep_and_report_draw_the_step_figures(tmp_path: Path) -> None:
 def test_sweep_passes_diffusion_options_and_binds_them_to_the_run(tmp_path: Path, monkeypatch) -> None:
     import actsparse.diffusion.scoring as scoring
     from actsparse.cli import main
-    from actsparse.store import StoreError
-    from actsparse.sweep import SweepConfig, run_sweep
+    from actsparse.study.store import StoreError
+    from actsparse.study.sweep import SweepConfig, run_sweep
 
     seen: list[int] = []
     original = scoring.mc_loglikelihood

@@ -15,9 +15,9 @@ import pytest
 from tiny import tiny_lm, tiny_sweep_config
 
 from actsparse import cli
-from actsparse.executors import LocalExecutor, PointLostError, RayExecutor, make_executor
-from actsparse.store import RunStore
-from actsparse.sweep import plan, run_sweep
+from actsparse.study.executors import LocalExecutor, PointLostError, RayExecutor, make_executor
+from actsparse.study.store import RunStore
+from actsparse.study.sweep import plan, run_sweep
 
 ray = pytest.importorskip("ray")
 TESTS = Path(__file__).parent
@@ -119,7 +119,7 @@ def test_each_task_gets_the_runtime_environment(ray_instance) -> None:
 
 
 def test_runtime_env_on_the_command_line(tmp_path) -> None:
-    from actsparse.commands.sweep import _runtime_env
+    from actsparse.cli.sweep import _runtime_env
 
     assert _runtime_env('{"env_vars": {"A": "1"}}') == {"env_vars": {"A": "1"}}
     (tmp_path / "env.json").write_text('{"pip": ["actsparse"]}')

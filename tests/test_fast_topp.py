@@ -14,10 +14,11 @@ from conftest import DTYPES, fractions, vector_strategy
 from hypothesis import given, settings
 from tiny import tiny_model
 
-from actsparse import SparsitySpec, rules, sparsify
-from actsparse.kernels import topp, topp_cpu, topp_triton
-from actsparse.loading import load_model
-from actsparse.rules import NonFiniteActivationError, reference_mask
+from actsparse import SparsitySpec, sparsify
+from actsparse.models.loading import load_model
+from actsparse.sparsity import rules
+from actsparse.sparsity.rules import NonFiniteActivationError, reference_mask
+from actsparse.speed.kernels import topp, topp_cpu, topp_triton
 
 SHAPES = [(40,), (1, 96), (6, 75), (2, 3, 50), (3, 700)]
 

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from actsparse import SparsitySpec, find_ffns, load_model, sparsify
 from actsparse.diffusion import denoising_steps, generate, mc_loglikelihood
 from actsparse.models.llada import LLaDAConfig, LLaDAModelLM, MaskDenoiser, is_llada_config
-from actsparse.spec import TARGETS
+from actsparse.sparsity.spec import TARGETS
 
 D, HEADS, KV_HEADS, LAYERS, HIDDEN, EMBED = 32, 4, 2, 2, 48, 128
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import actsparse
-from actsparse.loading import ModelNotAvailableError, resolve
+from actsparse.models.loading import ModelNotAvailableError, resolve
 
 
 def test_hub_id_offline_gives_a_clear_error(monkeypatch) -> None:

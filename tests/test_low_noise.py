@@ -11,7 +11,7 @@ from actsparse import sparsify
 from actsparse.evaluate import evaluate_task
 from actsparse.evaluate.metrics import bits_per_byte, choice_metrics, gold_probability
 from actsparse.evaluate.results import SPARSITY_SEEN, SPARSITY_ZEROED
-from actsparse.spec import SparsitySpec
+from actsparse.sparsity.spec import SparsitySpec
 
 
 @pytest.mark.parametrize("normalized", [False, True])
@@ -77,7 +77,7 @@ from actsparse.analysis import (  # noqa: E402
     summarize,
 )
 from actsparse.evaluate.results import DocResult, TaskResult  # noqa: E402
-from actsparse.store import PointKey, RunStore  # noqa: E402
+from actsparse.study.store import PointKey, RunStore  # noqa: E402
 
 SPARSITY = {0.9: 0.2, 0.7: 0.4, 0.5: 0.6}
 

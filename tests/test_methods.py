@@ -15,7 +15,7 @@ from actsparse.methods import method_mask, point_spec, reference_method_mask, sp
 from actsparse.methods.allocation import ErrorCurves, allocate
 from actsparse.methods.outlier_topp import top_p_outlier_mask
 from actsparse.methods.wina import column_norms, wina_top_k_mask, wina_top_p_mask
-from actsparse.spec import SparsitySpec
+from actsparse.sparsity.spec import SparsitySpec
 
 KINDS = ["random", "tied", "zeros", "outliers", "all_zero", "one_huge"]
 
@@ -86,7 +86,7 @@ def test_top_p_outlier_by_hand() -> None:
     keep = top_p_outlier_mask(v, 0.5, 100.0)
     assert keep.tolist() == [True, True, True, False, False]  # top-p 0.5 of [4, 3, 2, 1]: 4 < 5 ≤ 7
     # plain top-p at 0.5 would keep only the outlier
-    from actsparse.rules import top_p_mask
+    from actsparse.sparsity.rules import top_p_mask
 
     assert top_p_mask(v, 0.5).tolist() == [True, False, False, False, False]
     ties = torch.tensor([1.0, 1.0, 1.0, 1.0])

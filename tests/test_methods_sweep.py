@@ -12,7 +12,7 @@ from tiny import tiny_lm, tiny_model, tiny_sweep_config, tiny_task
 
 from actsparse import cli
 from actsparse.methods.predictor import fit_low_rank
-from actsparse.sweep import run_sweep
+from actsparse.study.sweep import run_sweep
 
 
 def _config(out: Path, **overrides):
@@ -28,12 +28,12 @@ def test_threshold_sweep_calibrates_once_and_resumes(tmp_path: Path, monkeypatch
     sparsity = {(p["target"], p["value"]): p["sparsity"] for p in summary["points"]}
     assert sparsity[("input", 0.6)] > sparsity[("input", 0.3)] > 0.1
 
-    import actsparse.calibrate
+    import actsparse.speed.calibrate
 
     def refuse(*args, **kwargs):
         raise AssertionError("recalibrated")
 
-    monkeypatch.setattr(actsparse.calibrate, "calibrate", refuse)
+    monkeypatch.setattr(actsparse.speed.calibrate, "calibrate", refuse)
     (out / "results.sqlite").unlink()  # the points are gone, the calibrations stay
     for extra in out.glob("results.sqlite-*"):
         extra.unlink()
@@ -92,7 +92,7 @@ def test_predictor_fits_a_learnable_mask() -> None:
 
 
 def test_outliers_find_an_injected_massive_dimension(tmp_path: Path) -> None:
-    from actsparse.outliers import find_outliers, massive_layers, save_outliers
+    from actsparse.study.outliers import find_outliers, massive_layers, save_outliers
 
     model = tiny_model("llama")
     with torch.no_grad():
@@ -136,9 +136,9 @@ def test_heatmaps_mark_massive_layers() -> None:
     ],
 )
 def test_bad_method_options_exit_2_before_model_work(argv: list[str], tmp_path: Path, monkeypatch) -> None:
-    import actsparse.loading
+    import actsparse.models.loading
 
-    monkeypatch.setattr(actsparse.loading, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(actsparse.models.loading, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     out = tmp_path / "run"
     assert cli.main([*argv, "--out", str(out), "--no-progress"]) == 2
     assert not (out / "results.sqlite").exists()

@@ -115,8 +115,8 @@ def test_bpb_task_scores_the_gold_continuation_by_hand():
         assert doc.metrics["bpb"] == pytest.approx(expected, rel=1e-4)
         assert doc.score == pytest.approx(1 / expected, rel=1e-4)
     # sparse run against the dense reference: KL is there, and the same documents compare
-    from actsparse.instrument import sparsify
-    from actsparse.spec import SparsitySpec
+    from actsparse.sparsity.instrument import sparsify
+    from actsparse.sparsity.spec import SparsitySpec
 
     with sparsify(model, SparsitySpec("input", "top_p", 0.5)):
         sparse, _ = evaluate_task(model, tok, task, reference=reference)

@@ -12,12 +12,13 @@ import pytest
 import torch
 from tiny import FAMILIES, tiny_lm, tiny_sweep_config, tiny_task
 
-from actsparse import cli, placement
+from actsparse import cli
 from actsparse.analysis import Curve
-from actsparse.precision import paired_difference, run_dtypes_sweep
-from actsparse.rules import reference_mask, top_p_mask
-from actsparse.store import PointKey, RunStore
-from actsparse.sweep import plan, run_sweep
+from actsparse.models import placement
+from actsparse.sparsity.rules import reference_mask, top_p_mask
+from actsparse.study.precision import paired_difference, run_dtypes_sweep
+from actsparse.study.store import PointKey, RunStore
+from actsparse.study.sweep import plan, run_sweep
 
 
 def _err(capsys: pytest.CaptureFixture) -> str:

@@ -13,7 +13,7 @@ from tiny import tiny_lm, tiny_task
 
 from actsparse import cli
 from actsparse.report import render, tables
-from actsparse.sweep import SweepConfig, run_sweep
+from actsparse.study.sweep import SweepConfig, run_sweep
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

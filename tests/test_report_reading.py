@@ -13,7 +13,7 @@ from matplotlib.collections import PolyCollection
 from actsparse.evaluate.results import DocResult, TaskResult
 from actsparse.report import plots, render, tables, write_report
 from actsparse.report.reading import bands, censored, missing
-from actsparse.store import PointKey, RunStore
+from actsparse.study.store import PointKey, RunStore
 
 CRIT = "Critical sparsity (average over tasks)"
 

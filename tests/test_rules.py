@@ -9,8 +9,8 @@ from conftest import DTYPES, fractions, vector_strategy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actsparse import rules
-from actsparse.rules import NonFiniteActivationError, reference_mask
+from actsparse.sparsity import rules
+from actsparse.sparsity.rules import NonFiniteActivationError, reference_mask
 
 SHAPES = [(33,), (5, 40), (2, 3, 24)]
 

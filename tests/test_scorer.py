@@ -19,7 +19,7 @@ from actsparse.evaluate.metrics import choice_metrics, cut_at_stop, exact_match,
 from actsparse.evaluate.packed import packing_depth
 from actsparse.evaluate.packing import make_tree, pack, plan_rows
 from actsparse.evaluate.scorer import score_groups
-from actsparse.spec import SparsitySpec
+from actsparse.sparsity.spec import SparsitySpec
 from actsparse.tasks import Completion, Generation, MultipleChoice, task_from_requests
 
 

@@ -13,9 +13,9 @@ from tiny import tiny_lm, tiny_task
 
 from actsparse.analysis import critical_sparsity
 from actsparse.report import write_report
-from actsparse.search import Bisection, bisect_curves
-from actsparse.store import RunStore
-from actsparse.sweep import SweepConfig, run_sweep
+from actsparse.study.search import Bisection, bisect_curves
+from actsparse.study.store import RunStore
+from actsparse.study.sweep import SweepConfig, run_sweep
 
 PAPER = [1.0, 0.995, 0.99, 0.985, 0.98, 0.975, 0.97, 0.96, 0.95, 0.94, 0.93, 0.92, 0.91]
 PAPER += [0.90, 0.85, 0.80, 0.75, 0.70, 0.65, 0.60, 0.50, 0.40, 0.30, 0.20, 0.10, 0.0]

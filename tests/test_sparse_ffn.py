@@ -11,16 +11,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.nn import functional as F
 
-from actsparse.adapters import GatedWeights
-from actsparse.kernels import cbuild, gather_gemv_triton, sparse_ffn_cpu, sparse_ffn_triton
-from actsparse.kernels.sparse_ffn import (
+from actsparse.models.adapters import GatedWeights
+from actsparse.sparsity.rules import threshold_mask
+from actsparse.speed.kernels import cbuild, gather_gemv_triton, sparse_ffn_cpu, sparse_ffn_triton
+from actsparse.speed.kernels.sparse_ffn import (
     layout,
     masked_rows_matmul,
     masked_rows_matmul_reference,
     sparse_ffn,
     sparse_ffn_reference,
 )
-from actsparse.rules import threshold_mask
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 TRITON_RUNS = pytest.mark.skipif(

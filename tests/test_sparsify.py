@@ -7,9 +7,10 @@ import torch
 from tiny import FAMILIES, MOE_FAMILIES, tiny_model
 
 import actsparse
-import actsparse.instrument
-from actsparse import TARGETS, SparsitySpec, rules, sparsify
-from actsparse.instrument import count_entries
+import actsparse.sparsity.instrument
+from actsparse import TARGETS, SparsitySpec, sparsify
+from actsparse.sparsity import rules
+from actsparse.sparsity.instrument import count_entries
 
 FAMILY_NAMES = list(FAMILIES)
 
@@ -57,7 +58,7 @@ def test_reported_sparsity_is_the_fraction_the_masks_zeroed(models: dict, family
         masks.append(keep)
         return sparse, keep
 
-    monkeypatch.setattr(actsparse.instrument, "masked", recording_masked)
+    monkeypatch.setattr(actsparse.sparsity.instrument, "masked", recording_masked)
     with torch.no_grad(), sparsify(models[family], SparsitySpec("all_inputs", rule, 0.6)) as stats:
         forward(models[family], ids())
     zeroed = sum(int((~m).sum()) for m in masks)
@@ -212,7 +213,7 @@ def test_counting_over_real_tokens_needs_no_host_sync():
 
 def test_padding_that_cannot_be_known_is_refused_not_counted(models: dict) -> None:
     """Strict padding: without a usable mask only a single sequence is known to be all real."""
-    from actsparse.instrument import PaddingUnknownError, set_real_tokens
+    from actsparse.sparsity.instrument import PaddingUnknownError, set_real_tokens
 
     model = models["llama"]
     spec = SparsitySpec("input", "top_p", 0.7)

@@ -46,8 +46,10 @@ def test_threshold_from_mapping_and_file(tmp_path) -> None:
 
 
 def test_one_definition_of_the_paper_grid_and_of_the_target_check(tmp_path) -> None:
-    from actsparse import calibrate, search, spec, sweep
     from actsparse.cli import main
+    from actsparse.sparsity import spec
+    from actsparse.speed import calibrate
+    from actsparse.study import search, sweep
 
     assert sweep.PAPER_VALUES is search.PAPER_GRID and len(search.PAPER_GRID) == 26
     with pytest.raises(ValueError) as expected:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from actsparse.evaluate.results import DocResult, TaskResult
-from actsparse.store import PointKey, RunStore, StoreError, check_settings, check_writable
+from actsparse.study.store import PointKey, RunStore, StoreError, check_settings, check_writable
 
 
 def _result(task: str = "t", n: int = 3, score: float = 1.0) -> TaskResult:

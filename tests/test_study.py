@@ -10,10 +10,10 @@ import pytest
 from tiny import tiny_lm
 
 from actsparse import cli
-from actsparse.commands.study import expected_values, study_config
-from actsparse.provenance import command_line, model_source
-from actsparse.store import RunStore
-from actsparse.sweep import PAPER_VALUES
+from actsparse.cli.study import expected_values, study_config
+from actsparse.study.provenance import command_line, model_source
+from actsparse.study.store import RunStore
+from actsparse.study.sweep import PAPER_VALUES
 
 
 def test_study_defaults_are_the_papers_study(tmp_path: Path) -> None:
@@ -37,7 +37,7 @@ def test_study_prints_and_records_its_estimate_then_resumes(
         loads.append((name, dtype, device))
         return tiny_lm()
 
-    monkeypatch.setattr("actsparse.loading.load_model", tiny)
+    monkeypatch.setattr("actsparse.models.loading.load_model", tiny)
     out = tmp_path / "study"
     common = ["study", "--model", "tiny", "--out", str(out), "--tasks", "arc_easy,piqa", "--limit", "3"]
     assert cli.main([*common, "--probe-docs", "2", "--estimate-only"]) == 0

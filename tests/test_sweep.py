@@ -18,8 +18,8 @@ import pytest
 from tiny import tiny_lm, tiny_sweep_config, tiny_task
 
 from actsparse import cli
-from actsparse.store import PointKey, RunStore
-from actsparse.sweep import PAPER_VALUES, SweepConfig, parse_values, plan, run_sweep
+from actsparse.study.store import PointKey, RunStore
+from actsparse.study.sweep import PAPER_VALUES, SweepConfig, parse_values, plan, run_sweep
 
 TESTS = Path(__file__).parent
 
@@ -30,7 +30,7 @@ _config = tiny_sweep_config
 SCRIPT = """
 import signal, sqlite3, sys, time
 from tiny import tiny_lm, tiny_task
-from actsparse.sweep import SweepConfig, run_sweep
+from actsparse.study.sweep import SweepConfig, run_sweep
 
 signal.signal(signal.SIGINT, signal.default_int_handler)  # a parent (pytest-xdist) may have it ignored
 

@@ -13,10 +13,10 @@ from tiny import WORDS, tiny_lm, tiny_task
 from actsparse.cli import main
 from actsparse.evaluate import evaluate_task
 from actsparse.evaluate.results import DocResult, TaskResult
-from actsparse.spec import SparsitySpec
-from actsparse.structure import layer_sensitivity, record_tokens, retention
+from actsparse.sparsity.spec import SparsitySpec
+from actsparse.study.structure import layer_sensitivity, record_tokens, retention
+from actsparse.study.transfer import TransferConfig, operating_point, run_transfer
 from actsparse.tasks import GoldLikelihood, task_from_requests
-from actsparse.transfer import TransferConfig, operating_point, run_transfer
 
 
 def _point(value, sparsity, normalized, target="input"):
@@ -163,9 +163,9 @@ def test_run_transfer_end_to_end_on_a_tiny_model(tmp_path):
     ],
 )
 def test_bad_input_is_refused_before_model_work(argv, message, tmp_path, capsys, monkeypatch):
-    import actsparse.loading
+    import actsparse.models.loading
 
-    monkeypatch.setattr(actsparse.loading, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr(actsparse.models.loading, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
     assert main([*argv, "--out", str(tmp_path / "x")]) == 2
     assert message in capsys.readouterr().err.replace("\n", " ")
     assert not (tmp_path / "x" / "points").exists()
@@ -183,12 +183,12 @@ def test_density_is_a_density():
 def test_a_bpb_task_runs_in_a_normal_sweep(tmp_path):
     from tiny import tiny_sweep_config
 
-    from actsparse.sweep import run_sweep
+    from actsparse.study.sweep import run_sweep
 
     model, tok = tiny_lm("llama")
     task = _gold_task("gold", 8, 3)
     summary = run_sweep(tiny_sweep_config(tmp_path, tasks=[task], values=[0.5]), model, tok, show_progress=False)
-    from actsparse.store import PointKey, RunStore
+    from actsparse.study.store import PointKey, RunStore
 
     with RunStore.open(tmp_path, create=False) as store:
         dense, sparse = store.get(PointKey.dense("gold")), store.get(PointKey("input", "top_p", 0.5, "gold"))
@@ -202,11 +202,11 @@ def test_a_bpb_task_runs_in_a_normal_sweep(tmp_path):
 
 
 def test_sensitivity_command_on_a_tiny_model(tmp_path, monkeypatch):
-    import actsparse.loading
+    import actsparse.models.loading
     import actsparse.tasks
 
     tasks = {"mc": tiny_task("mc", 6), "gold": _gold_task("gold", 5, 4)}
-    monkeypatch.setattr(actsparse.loading, "load_model", lambda *a, **k: tiny_lm("llama"))
+    monkeypatch.setattr(actsparse.models.loading, "load_model", lambda *a, **k: tiny_lm("llama"))
     monkeypatch.setattr(actsparse.tasks, "get_task", lambda name: tasks[name])
     argv = ["sensitivity", "--tasks", "mc,gold", "--p", "0.6", "--every", "1", "--resamples", "50"]
     assert main([*argv, "--out", str(tmp_path)]) == 0

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 from tiny import tiny_lm, tiny_sweep_config, tiny_task
 
-from actsparse import adaptive, cli
-from actsparse.adaptive import document_batches, merge_sparsity
-from actsparse.store import RunStore
-from actsparse.sweep import run_sweep
+from actsparse import cli
+from actsparse.study import adaptive
+from actsparse.study.adaptive import document_batches, merge_sparsity
+from actsparse.study.store import RunStore
+from actsparse.study.sweep import run_sweep
 
 
 def _config(out: Path, target: float):

@@ -108,7 +108,7 @@ def tiny_task(name: str = "tiny_mc", n_docs: int = 8, kind: str = "multiple_choi
 
 def tiny_sweep_config(out, **overrides):
     """A small sweep of a tiny LM over two tiny tasks (multiple choice and lambada), for sweep tests."""
-    from actsparse.sweep import SweepConfig
+    from actsparse.study.sweep import SweepConfig
 
     settings = dict(
         model="tiny",

@@ -1,13 +1,13 @@
 """actsparse: find and exploit activation sparsity in the FFN layers of modern LLMs."""
 
-from actsparse import rules
-from actsparse.accelerate import accelerate
-from actsparse.adapters import SUPPORTED_MODEL_TYPES, UnsupportedModelError, find_ffns
-from actsparse.instrument import sparsify
-from actsparse.loading import DEFAULT_MODEL, ModelNotAvailableError, load_model
-from actsparse.rules import NonFiniteActivationError
-from actsparse.spec import RULE_NAMES, TARGETS, SparsitySpec
-from actsparse.stats import SparsityStats
+from actsparse.models.adapters import SUPPORTED_MODEL_TYPES, UnsupportedModelError, find_ffns
+from actsparse.models.loading import DEFAULT_MODEL, ModelNotAvailableError, load_model
+from actsparse.sparsity import rules
+from actsparse.sparsity.instrument import sparsify
+from actsparse.sparsity.rules import NonFiniteActivationError
+from actsparse.sparsity.spec import RULE_NAMES, TARGETS, SparsitySpec
+from actsparse.sparsity.stats import SparsityStats
+from actsparse.speed.accelerate import accelerate
 
 __all__ = [
     "DEFAULT_MODEL",

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from actsparse.evaluate.encode import position_ids
-from actsparse.instrument import set_real_tokens
 from actsparse.models.llada import MaskDenoiser
+from actsparse.sparsity.instrument import set_real_tokens
 
 
 class Denoiser(Protocol):

@@ -31,7 +31,7 @@ from actsparse.evaluate.metrics import (
 )
 from actsparse.evaluate.reference import DenseReference
 from actsparse.evaluate.results import DocResult, TaskResult
-from actsparse.instrument import active_stats
+from actsparse.sparsity.instrument import active_stats
 from actsparse.tasks import Completion, Generation, MultipleChoice, Task, task_docs
 
 

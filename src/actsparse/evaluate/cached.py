@@ -16,7 +16,7 @@ from torch import nn
 from actsparse.evaluate.encode import Group, left_pad, position_ids
 from actsparse.evaluate.groups import GroupScore, add_counts, combine, count_table, shared_prefix, token_counts
 from actsparse.evaluate.kl import at_ids, top_k
-from actsparse.instrument import counted_as_prefill
+from actsparse.sparsity.instrument import counted_as_prefill
 
 FORWARD_COST = 64
 """A forward's fixed cost (streaming the weights, Python) in tokens of compute, for `plan_chunks`."""

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from actsparse.evaluate.encode import Group
-from actsparse.instrument import active_stats
-from actsparse.stats import TokenCounts
+from actsparse.sparsity.instrument import active_stats
+from actsparse.sparsity.stats import TokenCounts
 
 
 @dataclass

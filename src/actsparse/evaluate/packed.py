@@ -28,7 +28,7 @@ from actsparse.evaluate.groups import (
 )
 from actsparse.evaluate.kl import at_ids, top_k
 from actsparse.evaluate.packing import PackedRows, Tree, make_tree, pack, plan_rows
-from actsparse.instrument import set_real_tokens
+from actsparse.sparsity.instrument import set_real_tokens
 
 PACKED_ATTENTION = ("eager", "sdpa")
 FORWARD_TOKENS = CPU_TOKENS

@@ -1,7 +1,7 @@
 """What an evaluation returns: per-document results, so that every comparison can be paired.
 
 This is the contract between the scorer (`actsparse.evaluate`) and the sweep, analysis and report
-(`actsparse.sweep`, `actsparse.analysis`, `actsparse.report`).
+(`actsparse.study.sweep`, `actsparse.analysis`, `actsparse.report`).
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from actsparse.evaluate.metrics import GOLD_PROBABILITY, choice_metrics, cut_at_
 from actsparse.evaluate.packed import packing_depth, score_packed, tree_of
 from actsparse.evaluate.reference import DenseReference
 from actsparse.evaluate.results import SPARSITY_SEEN, SPARSITY_ZEROED, DocResult, TaskResult
-from actsparse.instrument import active_stats
+from actsparse.sparsity.instrument import active_stats
 from actsparse.tasks import Completion, Generation, GoldLikelihood, MultipleChoice, Request, Task, task_docs
 
 

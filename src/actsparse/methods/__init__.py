@@ -1,7 +1,7 @@
 """The field's other training-free methods, run through the same instrumentation as the rules.
 
 - `threshold` as a sweep rule (TEAL, CATS): the sweep value is a target sparsity; thresholds are
-  calibrated on the calibration text (`actsparse.calibrate`), uniformly or by TEAL's greedy
+  calibrated on the calibration text (`actsparse.speed.calibrate`), uniformly or by TEAL's greedy
   allocation (`methods.allocation`), and cached in the run folder (`methods.thresholds`).
 - `wina_top_p`, `wina_top_k` (WINA): the mask chosen on |v|·column norms (`methods.wina`).
 - `top_p_outlier`: outliers above m × the row median kept outside top-p's budget (`methods.outlier_topp`).
@@ -25,13 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from actsparse.adapters import FFN
-from actsparse.instrument import RuleSite, TokenContext, instrumented
 from actsparse.methods.outlier_topp import DEFAULT_M, check_m, reference_top_p_outlier_mask, top_p_outlier_mask
 from actsparse.methods.wina import WINA_BASE, column_norms, reference_wina_mask, wina_top_k_mask, wina_top_p_mask
-from actsparse.rules import apply_mask
-from actsparse.spec import SparsitySpec
-from actsparse.stats import SparsityStats
+from actsparse.models.adapters import FFN
+from actsparse.sparsity.instrument import RuleSite, TokenContext, instrumented
+from actsparse.sparsity.rules import apply_mask
+from actsparse.sparsity.spec import SparsitySpec
+from actsparse.sparsity.stats import SparsityStats
 
 __all__ = [
     "ALLOCATIONS",
@@ -75,7 +75,7 @@ class MethodOptions:
             raise ValueError(f"--predictor-rank must be at least 1, got {self.predictor_rank}")
 
     def text(self) -> str:
-        from actsparse.calibrate import calibration_text
+        from actsparse.speed.calibrate import calibration_text
 
         return calibration_text(self.calibration)
 
@@ -147,7 +147,7 @@ class MethodSite(RuleSite):
 def sparsify(model: nn.Module, spec: SparsitySpec, layers: list[int] | None = None) -> Iterator[SparsityStats]:
     """`instrument.sparsify` for a spec of any rule, method rules included."""
     if spec.rule not in METHOD_RULES:
-        from actsparse.instrument import sparsify as sparsify_rule
+        from actsparse.sparsity.instrument import sparsify as sparsify_rule
 
         with sparsify_rule(model, spec, layers) as stats:
             yield stats

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from actsparse.instrument import replaced_forwards, select_ffns
-from actsparse.spec import Thresholds, target_vectors
+from actsparse.sparsity.instrument import replaced_forwards, select_ffns
+from actsparse.sparsity.spec import Thresholds, target_vectors
 
 __all__ = ["ErrorCurves", "allocate", "error_curves", "greedy_thresholds"]
 

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from actsparse.rules import NonFiniteActivationError, _reference_row, check_finite, top_p_mask
+from actsparse.sparsity.rules import NonFiniteActivationError, _reference_row, check_finite, top_p_mask
 
 __all__ = ["DEFAULT_M", "check_m", "outliers_mask", "reference_top_p_outlier_mask", "top_p_outlier_mask"]
 

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from actsparse.instrument import replaced_forwards, select_ffns
-from actsparse.rules import top_p_mask
+from actsparse.sparsity.instrument import replaced_forwards, select_ffns
+from actsparse.sparsity.rules import top_p_mask
 
 __all__ = ["LowRankPredictor", "PredictorMetrics", "cached_predictors", "predictor_flops", "train_predictors"]
 
@@ -145,8 +145,8 @@ def cached_predictors(
     model: nn.Module, tokenizer: Any, target: str, p: float, options: Any
 ) -> dict[int, LowRankPredictor]:
     """Trained predictors for (model, target, p, rank, text), from RUN_DIR/calibration/ when there."""
-    from actsparse.calibrate import calibration_batches
     from actsparse.methods.thresholds import cache_file, model_id
+    from actsparse.speed.calibrate import calibration_batches
 
     key = (model_id(model), target, float(p), f"r{options.predictor_rank}", options.text_id())
     path = None if options.run_dir is None else cache_file(options.run_dir, "predictor", *key)

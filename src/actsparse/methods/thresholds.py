@@ -15,8 +15,8 @@ from typing import Any
 
 from torch import nn
 
-from actsparse.spec import Thresholds
-from actsparse.store import atomic_path
+from actsparse.sparsity.spec import Thresholds
+from actsparse.study.store import atomic_path
 
 __all__ = ["cache_file", "cached_thresholds", "model_id"]
 
@@ -42,7 +42,7 @@ def _write(path: Path, record: dict) -> None:
 
 def cached_thresholds(model: nn.Module, tokenizer: Any, target: str, sparsity: float, options: Any) -> Thresholds:
     """Per-layer thresholds at `sparsity` (uniform or greedy per `options.allocation`), cached in the run folder."""
-    from actsparse.calibrate import calibrate, calibration_batches
+    from actsparse.speed.calibrate import calibrate, calibration_batches
 
     if not 0.0 <= float(sparsity) <= 1.0:
         raise ValueError(f"threshold's value is a target sparsity in [0, 1], got {sparsity}")

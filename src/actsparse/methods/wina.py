@@ -13,8 +13,8 @@ import weakref
 import torch
 from torch import nn
 
-from actsparse.adapters import find_ffns
-from actsparse.rules import _reference_row, check_finite, top_k_mask, top_p_mask_sort
+from actsparse.models.adapters import find_ffns
+from actsparse.sparsity.rules import _reference_row, check_finite, top_k_mask, top_p_mask_sort
 
 __all__ = ["column_norms", "reference_wina_mask", "wina_scores", "wina_top_k_mask", "wina_top_p_mask"]
 

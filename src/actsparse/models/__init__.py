@@ -1,5 +1,3 @@
-"""Model definitions that transformers does not ship (loaded without remote code)."""
-
-from actsparse.models.llada import LLaDAConfig, LLaDAModelLM, is_llada_config
-
-__all__ = ["LLaDAConfig", "LLaDAModelLM", "is_llada_config"]
+"""The model side: loading a model (`loading`), where it runs (`placement`), the FFN adapters of each family
+(`adapters`) and the model definitions transformers does not ship (`llada`).
+"""

@@ -1,6 +1,6 @@
 """LLaDA (masked-diffusion LLM) in one place: a faithful, minimal model definition without remote code, its
 FFN adapter (how `sparsify` reaches the four vectors) and its denoiser (how the diffusion scorer runs it).
-`actsparse.adapters` and `actsparse.diffusion` only look the last two up by `model_type`.
+`actsparse.models.adapters` and `actsparse.diffusion` only look the last two up by `model_type`.
 
 Parameter names and config keys are those of the GSAI-ML LLaDA checkpoints (`modeling_llada.py`,
 `block_type: llama`): `model.transformer.{wte, blocks.N.{attn_norm, q_proj, k_proj, v_proj, attn_out,
@@ -21,7 +21,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import CausalLMOutput
 
-from actsparse.adapters.llama import LlamaMLPAdapter
+from actsparse.models.adapters.llama import LlamaMLPAdapter
 
 MASK_TOKEN_ID = 126336
 """`<|mdm_mask|>` of the LLaDA tokenizer."""

@@ -15,7 +15,7 @@ from typing import Any
 
 from actsparse.report import low_noise
 from actsparse.report.reading import censor_note, censored, describe_missing, missing, reached, settled
-from actsparse.store import atomic_path
+from actsparse.study.store import atomic_path
 
 Table = tuple[list[str], list[list[str]]]
 
@@ -253,7 +253,7 @@ def render(summary: dict[str, Any], images: Sequence[Path]) -> tuple[str, str]:
 
 def _with_provenance(summary: dict[str, Any], md: list[str], body: list[str]) -> tuple[list[str], list[str]]:
     """The report's provenance section: version, model source and quantisation, dtype, device, command."""
-    from actsparse.provenance import lines
+    from actsparse.study.provenance import lines
 
     found = lines(summary.get("provenance"))
     if not found:
@@ -269,15 +269,15 @@ def write_report(run_dir: str | Path, resamples: int | None = None) -> list[Path
     """Summarise `run_dir` (summary.json) and write report.md, report.html and the PNGs; return their paths.
     A `--dtypes` folder gets every dtype's report and the comparison (`report.precision`)."""
     from actsparse.analysis import RESAMPLES, write_summary
-    from actsparse.precision import is_precision_folder
     from actsparse.report.plots import save_figures
     from actsparse.report.reading import bands, planned
-    from actsparse.store import RunStore
+    from actsparse.study.precision import is_precision_folder
+    from actsparse.study.store import RunStore
 
     run_dir = Path(run_dir)
     if is_precision_folder(run_dir):
-        from actsparse.precision import dtypes_of
         from actsparse.report.precision import write_precision_report
+        from actsparse.study.precision import dtypes_of
 
         folders = [run_dir / dtype for dtype in dtypes_of(run_dir) if (run_dir / dtype / "results.sqlite").exists()]
         written = [path for folder in folders for path in write_report(folder, resamples=resamples)]
@@ -291,7 +291,7 @@ def write_report(run_dir: str | Path, resamples: int | None = None) -> list[Path
     with RunStore.open(run_dir, create=False) as store:  # what the report adds to the summary's numbers
         summary["planned"] = planned(store) if summary["search"].get("method") != "bisect" else []
         summary["bands"] = bands(store, summary["tasks"], resamples or RESAMPLES, seed)
-    from actsparse.outliers import load_outliers
+    from actsparse.study.outliers import load_outliers
 
     summary["outliers"] = load_outliers(run_dir)  # heatmaps mark the layers with massive activations
     images = save_figures(summary, run_dir)

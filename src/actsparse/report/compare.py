@@ -22,7 +22,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from actsparse.analysis import LEVEL, RESAMPLES, THRESHOLD, Curve, critical_sparsity_batch, ratio, resample_weights
-from actsparse.store import RunStore, atomic_path
+from actsparse.study.store import RunStore, atomic_path
 
 RUN_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f")
 

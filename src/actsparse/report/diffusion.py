@@ -88,7 +88,7 @@ def stability_figure(curves: StepCurves) -> Figure:
 def save_step_figures(run_dir: str | Path) -> list[Path]:
     """Write step_sparsity.png and step_stability.png into `run_dir` when its points have per-step
     statistics (diffusion models); return their paths (none otherwise)."""
-    from actsparse.store import RunStore
+    from actsparse.study.store import RunStore
 
     run_dir = Path(run_dir)
     with RunStore.open(run_dir, create=False) as store:

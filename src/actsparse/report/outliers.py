@@ -1,4 +1,4 @@
-"""Marks on the per-layer heatmaps for the layers with massive activations (`actsparse.outliers`).
+"""Marks on the per-layer heatmaps for the layers with massive activations (`actsparse.study.outliers`).
 
 A run folder holding `outliers.json` (written by `actsparse outliers --out RUN_DIR`) has it loaded into
 the summary as `summary["outliers"]`; each heatmap then labels those layers' ticks in red with a ◆.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from actsparse.spec import target_vectors
+from actsparse.sparsity.spec import target_vectors
 
 
 def massive_layers_for(summary: dict[str, Any], target: str) -> set[int]:

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from actsparse.store import atomic_path
+from actsparse.study.store import atomic_path
 
 Table = tuple[list[str], list[list[str]]]
 
@@ -127,7 +127,7 @@ def _html_table(table: Table) -> str:
 
 def render(summary: dict[str, Any], image: Path | None, css: str) -> tuple[str, str]:
     """(markdown, self-contained html, styled by `css`) of a comparison."""
-    from actsparse.provenance import lines
+    from actsparse.study.provenance import lines
 
     title = f"actsparse precision report: {summary.get('model')}"
     settings = summary.get("settings", {})
@@ -171,7 +171,7 @@ def write_precision_report(run_dir: str | Path, css: str, resamples: int | None 
     """The comparison of a `--dtypes` folder (summary.json, report.md, report.html, its plot); each dtype's
     own report is `actsparse.report.write_report`'s, which calls this."""
     from actsparse.analysis import RESAMPLES
-    from actsparse.precision import write_comparison
+    from actsparse.study.precision import write_comparison
 
     run_dir = Path(run_dir)
     written: list[Path] = []
@@ -189,8 +189,8 @@ def write_precision_report(run_dir: str | Path, css: str, resamples: int | None 
 
 def summary_seed(run_dir: Path) -> int | None:
     """The seed the sweeps of a `--dtypes` folder were run with (the bootstrap's too)."""
-    from actsparse.precision import dtypes_of
-    from actsparse.store import RunStore
+    from actsparse.study.precision import dtypes_of
+    from actsparse.study.store import RunStore
 
     for dtype in dtypes_of(run_dir):
         if (run_dir / dtype / "results.sqlite").exists():

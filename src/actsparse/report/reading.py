@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from actsparse.analysis import LEVEL, ratio, resample_weights
-from actsparse.store import RunStore
+from actsparse.study.store import RunStore
 
 Summary = dict[str, Any]
 PointId = tuple[str, str, float]

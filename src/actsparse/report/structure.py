@@ -70,7 +70,7 @@ def sweep_heatmap_data(store: Any, rule: str = "top_p") -> dict[str, dict[str, d
 
 def save_sweep_task_heatmaps(run_dir: str | Path) -> list[Path]:
     """heatmap_tasks_TARGET.png for every target of a sweep with more than one task; return the paths."""
-    from actsparse.store import RunStore
+    from actsparse.study.store import RunStore
 
     run_dir = Path(run_dir)
     with RunStore.open(run_dir, create=False) as store:

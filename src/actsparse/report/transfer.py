@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from actsparse.report.structure import densities, retention_figure, save, task_layer_heatmap
-from actsparse.store import atomic_path
+from actsparse.study.store import atomic_path
 
 
 def _pct(x: float | None) -> str:

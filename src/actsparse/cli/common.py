@@ -1,0 +1,107 @@
+"""Subcommands of the `actsparse` CLI, one module each, and the small pieces they share."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from actsparse.models.loading import DEFAULT_MODEL
+
+
+def disk_size(path: Path) -> int:
+    """Bytes of a file, or of every file under a folder (0 if it does not exist)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in its help, except where there is none (None, a flag) or the help names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if any(action.default is none for none in (None, False, argparse.SUPPRESS)) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def one_of(values: Iterable[str]) -> str:
+    """'a, b or c': the valid values, for a help text."""
+    values = list(values)
+    return values[0] if len(values) == 1 else f"{', '.join(values[:-1])} or {values[-1]}"
+
+
+def comma_list(text: str) -> list[str]:
+    """The names of a comma-separated list (tasks, targets, rules), blanks dropped."""
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def parse_limit(text: str) -> int | None:
+    """An argparse type for `--limit`: a positive number of documents, or 'all' (None)."""
+    if text.strip().lower() in ("all", "none"):
+        return None
+    try:
+        limit = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--limit takes a number of documents or 'all', got {text!r}") from None
+    if limit == 0:  # would score no document; it once meant 'all', silently
+        raise argparse.ArgumentTypeError("--limit 0 would score no document: give a positive number, or 'all'")
+    return limit
+
+
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    """`--model`, as every command that loads one takes it."""
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="alias, folder, .gguf file or hub id")
+
+
+def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--seed`, `--batch-size` and `--resamples` of the commands that score a seeded sample of documents
+    in fixed-size batches and bootstrap it (transfer, sensitivity)."""
+    parser.add_argument("--seed", type=int, default=0, help="seed of the document sample and of the bootstrap")
+    parser.add_argument("--batch-size", type=int, default=16, help="documents scored together")
+    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the intervals")
+
+
+def at_least(minimum: int, name: str) -> Callable[[str], int]:
+    """An argparse type: an integer ≥ `minimum` (else a clear usage error, exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} takes a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{name} must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def check_output_file(path: Path) -> None:
+    """Refuse an output file that cannot be written (ValueError) before any model work; writes nothing there."""
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder: give the path of a file to write")
+    folder = path.parent
+    if not folder.is_dir():
+        raise ValueError(f"cannot write {path}: the folder {folder} does not exist")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise ValueError(f"cannot write {path}: {err.strerror or err}") from None
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ValueError(f"cannot write {path}: the file is read-only")
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """The text of `path`; ValueError when it cannot be read or holds nothing but whitespace."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"cannot read {what} {path}: {getattr(err, 'strerror', None) or err}") from None
+    if not text.strip():
+        raise ValueError(f"{what} {path} is empty")
+    return text

@@ -1,0 +1,3 @@
+"""Turning sparsity into speed: calibration of static thresholds, `accelerate` (sparse decode through the kernels),
+the static decoder and the benchmark harness.
+"""
