@@ -43,6 +43,7 @@ def test_report_files(run_dir: Path) -> None:
         "report.md",
         "report.html",
         "summary.json",
+        "critical_sparsity.png",
         "performance.png",
         "heatmap_input.png",
         "heatmap_intermediate.png",
@@ -55,10 +56,13 @@ def test_report_files(run_dir: Path) -> None:
     for png in run_dir.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (run_dir / "report.md").read_text()
-    for heading in ("## Dense scores", "## Critical sparsity (average over tasks)", "## Every point"):
-        assert heading in md
-    assert "(performance.png)" in md and "split used" in md
-    assert "## Per-layer sparsity per task: input" in md
+    headings = [line for line in md.splitlines() if line.startswith("## ")]
+    assert headings[:3] == ["## Critical sparsity", "## Comparisons", "## Where the sparsity lies, per layer"]
+    assert {"## Per task", "## Every point", "## Method", "## Provenance"} <= set(headings)
+    assert md.index("(critical_sparsity.png)") < md.index("## Comparisons")  # the paper's figure under the table
+    assert "(performance.png)" in md and "split used" in md and "### Dense scores" in md
+    assert "(heatmap_tasks_input.png)" in md
+    assert "low-noise" not in md and "gold" not in md  # the proxies keep their own names
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["bootstrap"]["resamples"] == 100
     assert set(summary["critical_sparsity"]) == {
@@ -81,8 +85,8 @@ def test_tables_mark_lower_bounds() -> None:
         },
         "points": [],
     }
-    rows = tables(summary)["Critical sparsity (average over tasks)"][1]
-    assert rows == [["input/top_p", "≥ 40.0 %", "30.0 % – 40.0 %", "40.0 %", "yes"]]
+    rows = tables(summary)["Critical sparsity"][1]
+    assert rows == [["input/top_p", "≥ 40.0 % [30.0 %, 40.0 %]", "40.0 %", "–", "no: a lower bound"]]
     md, page = render(summary, [])
     assert "≥ 40.0 %" in md and "<table>" in page
 
@@ -129,7 +133,7 @@ def test_report_html_renders_in_headless_chromium(run_dir: Path, tmp_path: Path)
     assert match, done.stdout[-2000:]
     check = json.loads(match.group(1).replace("&quot;", '"'))
     assert check["errors"] == []
-    assert check["images"] == len(list(run_dir.glob("*.png"))) == 7
+    assert check["images"] == len(list(run_dir.glob("*.png"))) == 8
     assert check["loaded"] == check["images"]
     assert "Uncaught" not in done.stderr
     subprocess.run(
@@ -148,3 +152,44 @@ def test_report_of_a_folder_without_results_is_a_clear_error(
     assert cli.main(["report", str(tmp_path / "empty")]) == 2
     assert "results.sqlite does not exist" in capsys.readouterr().err
     assert not (tmp_path / "empty").exists()
+
+
+FIRST_SCREEN = """<script>
+window.addEventListener("load", () => {
+  const table = document.querySelector("h2 + table");
+  const figure = document.querySelector("figure img");
+  const pre = document.createElement("pre");
+  pre.id = "screen";
+  pre.textContent = JSON.stringify({
+    heading: document.querySelector("h2").textContent,
+    table: table.getBoundingClientRect().bottom,
+    figure: figure.getBoundingClientRect().bottom,
+    alt: figure.alt,
+    height: window.innerHeight,
+  });
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+def test_report_first_screen_shows_the_headline_table_and_the_papers_figure(run_dir: Path, tmp_path: Path) -> None:
+    """At 1280 × 900 the headline table and the paper's figure both end inside the first screen."""
+    probe = tmp_path / "screen.html"
+    probe.write_text((run_dir / "report.html").read_text().replace("<head>", "<head>" + FIRST_SCREEN, 1))
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--window-size=1280,900"]
+    flags += [f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000"]
+    done = subprocess.run(
+        [CHROMIUM, *flags, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=90, check=False
+    )
+    match = re.search(r'<pre id="screen">(.*?)</pre>', done.stdout)
+    assert match, done.stderr[-2000:]
+    screen = json.loads(match.group(1).replace("&quot;", '"'))
+    assert screen["heading"] == "Critical sparsity"
+    assert "paper's figure" in screen["alt"]
+    assert 0 < screen["table"] < screen["figure"] <= 900, screen
+    shot = tmp_path / "first_screen.png"
+    subprocess.run(
+        [CHROMIUM, *flags, f"--screenshot={shot}", (run_dir / "report.html").as_uri()], timeout=90, check=True
+    )
+    assert shot.stat().st_size > 20_000

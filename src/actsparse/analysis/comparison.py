@@ -1,17 +1,17 @@
-"""One footing for every method: critical sparsity with its interval, by the low-noise measure (the
-headline, as in the sweep summary) and by accuracy, KL and answer agreement at matched sparsity, and the
-paired-bootstrap interval of each method's difference to top_p.
+"""One footing for every method: the paper's critical sparsity with its interval, the paired difference
+of each method's to top_p's, and where that cannot separate them, damage at matched sparsity (mean KL and
+answer agreement with dense, interpolated at 25, 40 and 50 %) with the paired interval of each method's
+difference to top_p, and a one-line verdict per method.
 
 Curves come from one or more run folders of the same model, documents and tasks (a run folder per
-allocation, say); each (target, rule) of each folder is one method. The difference to top_p is
-paired: every bootstrap resample draws the same documents for every curve, its dense baseline and
-both measures (one draw per target).
+allocation, say); each (target, rule) of each folder is one method. Every difference is paired: every
+bootstrap resample draws the same documents for every curve, its dense baseline and each measure (one
+draw per target).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,37 +19,31 @@ from typing import Any
 
 import numpy as np
 
-from actsparse.analysis import (
-    LEVEL,
-    RESAMPLES,
+from actsparse.analysis.curves import (
+    PAPER,
     THRESHOLD,
+    Criterion,
     Curve,
     CurveAnalysis,
-    achieved_sparsity,
-    agreement,
     analyse_curve,
     build_curve,
     critical_record,
-    draw_weights,
-    grouped_results,
-    low_noise_metric,
-    mean_kl,
     paired_difference,
 )
+from actsparse.analysis.damage import MATCHED_SPARSITIES, NAMES, PROXIES, matched_difference, measure_at, verdict
+from actsparse.analysis.statistics import LEVEL, RESAMPLES, draw_weights
+from actsparse.analysis.summary import grouped_results, point_measure
 from actsparse.evaluate.results import TaskResult
-from actsparse.report.low_noise import interval_cell, measure_names
-from actsparse.report.reading import censor_note, censored
+from actsparse.report.reading import censor_note, censored, interval_cell
 from actsparse.study.store import RunStore
 
-__all__ = ["MATCHED", "MEASURES", "Method", "compare", "interpolate", "load_methods", "write_comparison"]
+__all__ = ["MATCHED", "Method", "compare", "load_methods", "write_comparison"]
 
-MATCHED: tuple[float, ...] = (0.25, 0.40, 0.50)
+MATCHED: tuple[float, ...] = MATCHED_SPARSITIES
 """Sparsities at which KL and agreement are read off each curve (interpolated, never extrapolated)."""
 
-MEASURES: tuple[str, ...] = ("low_noise", "accuracy")
-"""The measures of critical sparsity, the headline first (the sweep summary's `headline`)."""
-
 BASELINE = "top_p"
+CRITERIA = {"task": PAPER, "kl": Criterion("kl", 0.05), "agreement": Criterion("agreement", 0.99)}
 
 
 @dataclass
@@ -60,16 +54,16 @@ class Method:
     rule: str
     label: str
     run: str
-    sparsity: np.ndarray  # [m] achieved sparsity (mean over tasks)
-    kl: np.ndarray  # [m] mean KL (NaN where missing)
-    agreement: np.ndarray  # [m]
+    sparsity: np.ndarray  # [m] achieved sparsity (pooled over the tasks' documents), increasing
     dense: dict[str, TaskResult]  # task → dense run
     runs: dict[str, list[TaskResult]]  # task → per point (in order of sparsity), its run
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def curve(self, keys: Mapping[str, str | None], within: Mapping[str, list[int]]) -> Curve:
-        """The method's curve on the measure `keys[task]` (None: the score), over the documents `within`."""
-        curve, ids = build_curve(self.target, self.rule, self.extra["values"], self.dense, self.runs, keys, within)
+    def curve(self, measure: str, within: Mapping[str, list[int]]) -> Curve:
+        """The method's curve on a measure (`task`, `kl`, `agreement`), over the documents `within`."""
+        curve, ids = build_curve(
+            self.target, self.rule, self.extra["values"], self.dense, self.runs, CRITERIA[measure], within
+        )
         if ids != dict(within):
             raise ValueError(f"{self.label} lacks some of the documents it is compared on")
         return curve
@@ -101,19 +95,16 @@ def load_methods(run_dir: str | Path) -> tuple[list[Method], dict[str, Any]]:
         values = [v for v, by_task in by_value.items() if all(t in by_task for t in tasks)]
         if not values or not tasks:
             continue
-        values.sort(key=lambda v: np.mean([achieved_sparsity(by_value[v][t]) for t in tasks]))
+        measured = {v: point_measure(dense, by_value[v])[0] for v in values}
+        values.sort(key=lambda v: measured[v])
         pts = [by_value[v] for v in values]
-        kls = [[mean_kl(p[t].docs) for t in tasks] for p in pts]
-        agrees = [[agreement(dense[t].docs, p[t].docs) for t in tasks] for p in pts]
         methods.append(
             Method(
                 target=target,
                 rule=rule,
                 label=_label(rule, meta),
                 run=run_dir.name,
-                sparsity=np.array([np.mean([achieved_sparsity(p[t]) for t in tasks]) for p in pts]),
-                kl=np.array([_nanmean(k) for k in kls]),
-                agreement=np.array([_nanmean(a) for a in agrees]),
+                sparsity=np.array([measured[v] for v in values]),
                 dense={t: dense[t] for t in tasks},
                 runs={t: [p[t] for p in pts] for t in tasks},
                 extra={
@@ -125,11 +116,6 @@ def load_methods(run_dir: str | Path) -> tuple[list[Method], dict[str, Any]]:
     return methods, settings
 
 
-def _nanmean(values: Sequence[float | None]) -> float:
-    kept = [v for v in values if v is not None and math.isfinite(v)]
-    return float(np.mean(kept)) if kept else math.nan
-
-
 def _predictor_quality(run_dir: Path, target: str) -> list[dict[str, Any]]:
     out = []
     for path in sorted((run_dir / "calibration").glob("predictor-*.json")):
@@ -137,17 +123,6 @@ def _predictor_quality(run_dir: Path, target: str) -> list[dict[str, Any]]:
         if record.get("target") == target:
             out.append({k: record[k] for k in ("p", "rank", "recall", "precision", "flops_per_token")})
     return out
-
-
-def interpolate(x: np.ndarray, y: np.ndarray, at: float, y0: float) -> float | None:
-    """y at sparsity `at` on the curve through (0, y0) and the points (x, y); None outside it."""
-    keep = np.isfinite(y)
-    xs, ys = np.concatenate([[0.0], x[keep]]), np.concatenate([[y0], y[keep]])
-    order = np.argsort(xs, kind="stable")
-    xs, ys = xs[order], ys[order]
-    if at > xs[-1] + 1e-12:
-        return None
-    return float(np.interp(at, xs, ys))
 
 
 def _shared_ids(methods: Sequence[Method]) -> dict[str, list[int]]:
@@ -165,58 +140,46 @@ def _shared_ids(methods: Sequence[Method]) -> dict[str, list[int]]:
     return out
 
 
-def _low_noise_keys(methods: Sequence[Method], tasks: Sequence[str]) -> dict[str, str | None]:
-    """task → its low-noise measure (`analysis.low_noise_metric`) where every run of every method has
-    the same one, else None (the task's score stands in, as for generation tasks)."""
-    out = {}
-    for t in tasks:
-        keys = {low_noise_metric(r) for m in methods for r in [m.dense[t], *m.runs[t]]}
-        out[t] = keys.pop() if len(keys) == 1 else None
-    return out
-
-
 def compare(
     methods: Sequence[Method], resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL
 ) -> dict[str, list[dict[str, Any]]]:
-    """Per target, one row per method: critical sparsity [CI] by each of `MEASURES`, Δ to top_p [CI] by
-    each, matched-sparsity KL and agreement. One draw of documents per target serves every method and
-    both measures, so the differences are paired."""
+    """Per target, one row per method: critical sparsity [CI], its Δ to top_p [CI], KL and agreement at
+    matched sparsity with the paired Δ to top_p's [CI], and a verdict. One draw of documents per target
+    serves every method and every measure, so the differences are paired."""
     out: dict[str, list[dict[str, Any]]] = {}
     for target in sorted({m.target for m in methods}):
         group = [m for m in methods if m.target == target]
         ids = _shared_ids(group)
-        low_noise = _low_noise_keys(group, list(ids))
-        keys = {"low_noise": low_noise, "accuracy": dict.fromkeys(ids)}
-        weights = draw_weights({t: len(i) for t, i in ids.items()}, resamples, np.random.default_rng(seed))
-        analyses = [
-            {measure: analyse_curve(m.curve(keys[measure], ids), level=level, weights=weights) for measure in MEASURES}
-            for m in group
-        ]
-        base = next((a for m, a in zip(group, analyses, strict=True) if m.rule == BASELINE), None)
-        metrics = {t: low_noise[t] or group[0].dense[t].metric for t in ids}
+        weights = draw_weights({t: len(i) for t, i in ids.items()}, resamples, seed)
+        curves = [{measure: m.curve(measure, ids) for measure in CRITERIA} for m in group]
+        analyses = [analyse_curve(c["task"], level=level, weights=weights) for c in curves]
+        base = next((i for i, m in enumerate(group) if m.rule == BASELINE), None)
         rows = []
-        for m, analysis in zip(group, analyses, strict=True):
+        for i, (m, c, analysis) in enumerate(zip(group, curves, analyses, strict=True)):
+            span = (float(np.nanmin(m.sparsity)), float(np.nanmax(m.sparsity)))
             row: dict[str, Any] = {
                 "method": m.label,
                 "rule": m.rule,
                 "run": m.run,
                 "points": len(m.sparsity),
-                "max_sparsity": float(m.sparsity.max()),
-                "critical_sparsity": {
-                    measure: _critical(a, (float(m.sparsity.min()), float(m.sparsity.max())), m.extra["values"])
-                    for measure, a in analysis.items()
+                "max_sparsity": span[1],
+                "critical_sparsity": _critical(analysis, span, m.extra["values"]),
+                **{
+                    p: {f"{s:g}": v for s, v in zip(MATCHED, measure_at(c[p], MATCHED)[0], strict=True)}
+                    for p in PROXIES
                 },
-                "low_noise_metrics": metrics,
-                "kl": {f"{s:g}": interpolate(m.sparsity, m.kl, s, 0.0) for s in MATCHED},
-                "agreement": {f"{s:g}": interpolate(m.sparsity, m.agreement, s, 1.0) for s in MATCHED},
                 **m.extra,
             }
-            if base is not None and analysis is not base:
-                row["diff_to_top_p"] = {
-                    measure: paired_difference(analysis[measure], base[measure], level) for measure in MEASURES
+            if base is not None and i != base:
+                diff = paired_difference(analysis, analyses[base], level)
+                damage = {p: matched_difference(c[p], curves[base][p], weights, MATCHED, level) for p in PROXIES}
+                row |= {
+                    "diff_to_top_p": diff,
+                    "damage_vs_top_p": damage,
+                    "verdict": verdict(m.label, group[base].label, diff, damage),
                 }
             rows.append(row)
-        rows.sort(key=lambda r: (r["rule"] != BASELINE, -r["critical_sparsity"][MEASURES[0]]["value"]))
+        rows.sort(key=lambda r: (r["rule"] != BASELINE, -r["critical_sparsity"]["value"]))
         out[target] = rows
     return out
 
@@ -242,38 +205,46 @@ def _critical_cell(c: dict[str, Any]) -> str:
     return interval_cell(c) + (f" ({note})" if note else "")
 
 
+def _damage_cell(row: dict[str, Any], proxy: str, s: float) -> str:
+    """The proxy at sparsity s, and its paired Δ to top_p's [CI] where there is one."""
+    value = row[proxy].get(f"{s:g}")
+    if value is None:
+        return "–"
+    cell = f"{value:.4f}" if proxy == "kl" else _pct(value)
+    for d in row.get("damage_vs_top_p", {}).get(proxy, []):
+        if abs(d["sparsity"] - s) < 1e-9:
+            scale, unit = (1.0, "") if proxy == "kl" else (100.0, " pts")
+            cell += f" (Δ {scale * d['value']:+.3g}{unit} [{scale * d['ci_low']:+.3g}, {scale * d['ci_high']:+.3g}])"
+    return cell
+
+
 def markdown(rows_by_target: dict[str, list[dict[str, Any]]], model: str, command: str) -> str:
     lines = [f"# Methods compared on {model}", ""] + ([f"`{command}`", ""] if command else [])
     lines += [
-        f"Critical sparsity: highest achieved sparsity with normalised performance ≥ {THRESHOLD:.0%} "
-        "(95 % paired-bootstrap interval over documents), by the low-noise measure (the headline: the gold "
-        "answer's probability, or bits per byte as dense / sparse) and by accuracy, from the same resamples; "
-        "'≥': the curve never crosses, a lower bound; 'censored': an end of the interval at the lowest or "
-        "highest sparsity the curve reached. Δ: the method's critical sparsity minus top_p's, in points, the "
-        f"same resamples for both. KL and agreement with the dense answer interpolated at "
-        f"{', '.join(f'{s:.0%}' for s in MATCHED)} sparsity ('–': the curve does not reach it).",
+        f"Critical sparsity: the highest achieved sparsity at which the mean over tasks of sparse / dense task "
+        f"metric stays ≥ {THRESHOLD:.0%} (the paper's definition; 95 % paired-bootstrap interval over "
+        "documents); '≥': the curve never crosses, a lower bound; 'censored': an end of the interval at the "
+        "lowest or highest sparsity the curve reached. Δ: the method's critical sparsity minus top_p's, in "
+        "points, the same resamples for both. Damage at matched sparsity: mean KL(dense ‖ sparse) and answer "
+        f"agreement with dense interpolated at {', '.join(f'{s:.0%}' for s in MATCHED)} ('–': not reached), "
+        "with the paired Δ to top_p [95 % CI]. These proxies are not critical sparsity: they say which method "
+        "is damaged less at equal sparsity.",
         "",
     ]
-    for target, rows in rows_by_target.items():
-        lines.append(f"Low-noise measure on {target}: {measure_names(rows[0]['low_noise_metrics'])}.")
-    head = [
-        "target",
-        "method",
-        "critical sparsity, low-noise [95 % CI]",
-        "Δ to top_p, low-noise [95 % CI]",
-        "critical sparsity, accuracy [95 % CI]",
-        "Δ to top_p, accuracy [95 % CI]",
-    ]
-    head += [f"KL @{s:.0%}" for s in MATCHED] + [f"agree @{s:.0%}" for s in MATCHED]
-    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    head = ["target", "method", "critical sparsity [95 % CI]", "Δ to top_p [95 % CI]"]
+    head += [f"{NAMES[p]} @{s:.0%}" for p in PROXIES for s in MATCHED]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for target, rows in rows_by_target.items():
         for r in rows:
-            cells = [target, r["method"]]
-            for measure in MEASURES:
-                diff = r.get("diff_to_top_p", {}).get(measure)
-                cells += [_critical_cell(r["critical_sparsity"][measure]), interval_cell(diff, signed=True)]
-            cells += [_num(r["kl"][f"{s:g}"]) for s in MATCHED] + [_pct(r["agreement"][f"{s:g}"]) for s in MATCHED]
+            cells = [target, r["method"], _critical_cell(r["critical_sparsity"])]
+            cells.append(interval_cell(r.get("diff_to_top_p"), signed=True))
+            cells += [_damage_cell(r, p, s) for p in PROXIES for s in MATCHED]
             lines.append("| " + " | ".join(cells) + " |")
+    verdicts = [
+        f"- {target}: {r['verdict']}" for target, rows in rows_by_target.items() for r in rows if "verdict" in r
+    ]
+    if verdicts:
+        lines += ["", "Verdicts (each method against top_p):", "", *verdicts]
     for rows in rows_by_target.values():
         for r in rows:
             for q in r.get("predictor", []):
@@ -288,50 +259,45 @@ def markdown(rows_by_target: dict[str, list[dict[str, Any]]], model: str, comman
 
 
 def plot(methods: Sequence[Method], target: str, rows: list[dict[str, Any]], model: str) -> Any:
-    """Normalised performance by the low-noise measure and by accuracy (★: critical sparsity with its
-    interval), and KL, against achieved sparsity: one line per method."""
+    """Normalised performance on the task metric (★: critical sparsity with its interval) and mean KL,
+    against achieved sparsity: one line per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.3))
-    ax_k = axes[-1]
+    fig, (ax, ax_k) = plt.subplots(1, 2, figsize=(12, 4.3))
     by_label = {r["method"]: r for r in rows}
     group = [m for m in methods if m.target == target]
     ids = _shared_ids(group)
-    keys = {"low_noise": _low_noise_keys(group, list(ids)), "accuracy": dict.fromkeys(ids)}
     for i, m in enumerate(group):
         color = f"C{i % 10}"
-        for ax, measure in zip(axes[:2], MEASURES, strict=True):
-            perf = m.curve(keys[measure], ids).performance()
-            ax.plot(np.r_[0, m.sparsity] * 100, np.r_[1, perf], "o-", color=color, label=m.label)
-            r = by_label.get(m.label)
-            if r is not None:
-                c = r["critical_sparsity"][measure]
-                low, high = (
-                    x if x is not None and math.isfinite(x) else c["value"] for x in (c["ci_low"], c["ci_high"])
-                )
-                ax.errorbar(
-                    100 * c["value"],
-                    THRESHOLD,
-                    xerr=[[100 * max(c["value"] - low, 0)], [100 * max(high - c["value"], 0)]],
-                    fmt=">" if c["lower_bound"] else "*", ms=12, color=color, capsize=3,
-                )  # fmt: skip
-        ax_k.plot(np.r_[0, m.sparsity] * 100, np.r_[0, m.kl], "o-", color=color, label=m.label)
-    for ax, measure in zip(axes[:2], MEASURES, strict=True):
-        ax.axhline(THRESHOLD, color="gray", ls="--", lw=1)
-        ax.set_xlabel("achieved sparsity (%)")
-        ax.set_ylabel(f"normalised performance, {measure.replace('_', '-')}")
-        ax.set_title(f"{measure.replace('_', '-')} (★: critical sparsity, 95 % CI; ▶: lower bound)", fontsize=10)
+        perf = m.curve("task", ids).performance()
+        ax.plot(np.r_[0, m.sparsity] * 100, np.r_[1, perf], "o-", color=color, label=m.label)
+        r = by_label.get(m.label)
+        if r is not None:
+            c = r["critical_sparsity"]
+            low, high = (x if x is not None and np.isfinite(x) else c["value"] for x in (c["ci_low"], c["ci_high"]))
+            ax.errorbar(
+                100 * c["value"],
+                THRESHOLD,
+                xerr=[[100 * max(c["value"] - low, 0)], [100 * max(high - c["value"], 0)]],
+                fmt=">" if c["lower_bound"] else "*", ms=12, color=color, capsize=3,
+            )  # fmt: skip
+        kl = m.curve("kl", ids).performance()
+        ax_k.plot(np.r_[0, m.sparsity] * 100, np.r_[0, kl], "o-", color=color, label=m.label)
+    ax.axhline(THRESHOLD, color="gray", ls="--", lw=1)
+    ax.set_xlabel("achieved sparsity (%)")
+    ax.set_ylabel("normalised performance (task metric)")
+    ax.set_title("critical sparsity (★, 95 % CI; ▶: lower bound)", fontsize=10)
     for s in MATCHED:
         ax_k.axvline(100 * s, color="gray", ls=":", lw=1)
     ax_k.set_xlabel("achieved sparsity (%)")
     ax_k.set_ylabel("mean KL(dense ‖ sparse)")
     ax_k.set_yscale("symlog", linthresh=1e-3)
     ax_k.set_ylim(bottom=0)
-    ax_k.set_title("KL at matched sparsity (dotted)", fontsize=10)
-    axes[0].legend(fontsize=8)
+    ax_k.set_title("damage at matched sparsity (dotted): mean KL", fontsize=10)
+    ax.legend(fontsize=8)
     fig.suptitle(f"{model}: methods on {target}", fontsize=12)
     fig.tight_layout()
     return fig

@@ -7,6 +7,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from actsparse.models.loading import DEFAULT_MODEL
 
@@ -105,3 +106,12 @@ def read_text_file(path: Path, what: str) -> str:
     if not text.strip():
         raise ValueError(f"{what} {path} is empty")
     return text
+
+
+def parse_criterion(text: str) -> Any:
+    """The `Criterion` of `--criterion` (task, agreement:0.99, kl:0.05), or None for the paper's own
+    critical sparsity; ValueError (exit 2) for anything else, before any model work."""
+    from actsparse.analysis.curves import Criterion
+
+    criterion = Criterion.parse(text)
+    return None if criterion.is_paper else criterion

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from actsparse.cli.common import at_least
+from actsparse.cli.common import at_least, parse_criterion
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -15,6 +15,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/compare"), help="--compare: folder for compare.md")
     p.add_argument(
         "--resamples", type=at_least(10, "--resamples"), default=1000, help="bootstrap resamples for the intervals"
+    )
+    p.add_argument(
+        "--criterion",
+        default="task",
+        help="also report the crossing of another criterion, named after it: agreement:0.99 or kl:0.05 (the "
+        "headline stays the paper's critical sparsity)",
     )
     return p
 
@@ -26,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.resamples < 10:
         raise ValueError(f"--resamples must be at least 10, got {args.resamples}")
+    parse_criterion(args.criterion)  # a bad criterion: exit 2 before any work
     if args.compare:
         from actsparse.report.compare import write_compare
 
@@ -36,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.run_dir is None:
         raise ValueError("report needs a run folder (or --compare RUN_A RUN_B ...)")
-    paths = write_report(args.run_dir, resamples=args.resamples)
+    paths = write_report(args.run_dir, resamples=args.resamples, criterion=parse_criterion(args.criterion))
     console = Console()
     console.print(f"wrote {len(paths)} files in {args.run_dir}:", highlight=False)
     for path in paths:

@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from rich.console import Console
 
-    from actsparse.analysis import _finite
+    from actsparse.analysis import to_json as _finite
     from actsparse.evaluate import evaluate_task
     from actsparse.report.structure import densities, save, sensitivity_figure, task_layer_heatmap
     from actsparse.sparsity.instrument import select_ffns

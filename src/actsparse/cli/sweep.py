@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from actsparse.cli.common import add_model_argument, at_least, comma_list, one_of, parse_limit
+from actsparse.cli.common import add_model_argument, at_least, comma_list, one_of, parse_criterion, parse_limit
 from actsparse.diffusion.scoring import DiffusionOptions
 from actsparse.models.placement import add_dtypes_argument, add_placement_arguments
 from actsparse.sparsity.spec import TARGETS
@@ -101,6 +101,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     add_placement_arguments(p)
     add_dtypes_argument(p)
+    p.add_argument(
+        "--criterion",
+        default="task",
+        help="also report the crossing of another criterion, named after it: agreement:0.99 (share of answers "
+        "equal to dense) or kl:0.05 (mean KL to dense); the headline stays the paper's critical sparsity",
+    )
     p.add_argument(
         "--until-ci",
         type=float,
@@ -245,6 +251,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dtypes:
         return _run_dtypes(args, config, console)
     config.validate()
+    criterion = parse_criterion(args.criterion)
     check_writable(config.out, create=False)
     # others stored there: refused before loading
     bound_settings = check_settings(config.out, config.settings(), UNBOUND_WITH_POINTS)
@@ -261,14 +268,11 @@ def run(args: argparse.Namespace) -> int:
             stored = 0
         console.print(f"interrupted: {stored} points are stored in {args.out}; rerun the same command to resume")
         return 130
-    console.print(
-        f"{len(summary['points'])} points in {args.out}; critical sparsity by the low-noise measure "
-        "(by accuracy in brackets):",
-        highlight=False,
-    )
-    for label, c in summary["critical_sparsity_low_noise"].items():
-        acc = summary["critical_sparsity"][label]
-        console.print(f"  {label}: {_interval(c)} [accuracy: {_interval(acc)}]", highlight=False, markup=False)
+    if criterion is not None:
+        from actsparse.analysis import write_summary
+
+        summary = write_summary(args.out, resamples=config.resamples, seed=config.seed, criterion=criterion)
+    print_summary(console, summary, str(args.out))
     for label, evaluated in summary["search"].get("evaluated", {}).items():
         values = ", ".join(f"{v:g}" for v, _, _ in evaluated)
         console.print(f"  {label}: bisection evaluated {len(evaluated)} values: {values}", highlight=False)
@@ -340,3 +344,24 @@ def _interval(c: dict) -> str:
     bound = "≥ " if c["lower_bound"] else ""
     grid = "dense" if c.get("grid_param") is None else pct(c["grid_value"])
     return f"{bound}{pct(c['value'])} (95% CI {pct(c['ci_low'])}–{pct(c['ci_high'])}, grid {grid})"
+
+
+def print_summary(console: Any, summary: dict, out: str) -> None:
+    """What a finished sweep prints: the paper's critical sparsity per curve first, then the verdicts of
+    the comparisons by damage at matched sparsity, then a named criterion's crossing if one was asked for."""
+    console.print(
+        f"{len(summary['points'])} points in {out}; critical sparsity (the paper's: sparse / dense task metric, "
+        "mean over tasks, ≥ 99%):",
+        highlight=False,
+    )
+    for label, c in summary["critical_sparsity"].items():
+        console.print(f"  {label}: {_interval(c)}", highlight=False, markup=False)
+    if summary.get("comparisons"):
+        console.print("comparisons (critical sparsity, then damage at matched sparsity):", highlight=False)
+        for comparison in summary["comparisons"]:
+            console.print(f"  {comparison['verdict']}", highlight=False, markup=False)
+    extra = summary.get("criterion")
+    if extra:
+        console.print(f"{extra['name']} (not the paper's critical sparsity):", highlight=False, markup=False)
+        for label, c in extra["crossing"].items():
+            console.print(f"  {label}: {_interval(c)}", highlight=False, markup=False)

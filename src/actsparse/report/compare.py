@@ -21,7 +21,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
-from actsparse.analysis import LEVEL, RESAMPLES, THRESHOLD, Curve, critical_sparsity_batch, ratio, resample_weights
+from actsparse.analysis.curves import PAPER, THRESHOLD, Criterion, Curve, analyse_curve, build_curve, paired_difference
+from actsparse.analysis.damage import MATCHED_SPARSITIES, PROXIES, matched_difference, verdict
+from actsparse.analysis.statistics import LEVEL, RESAMPLES, draw_weights
+from actsparse.analysis.summary import Grouped, curves, grouped_results, write_summary
 from actsparse.study.store import RunStore, atomic_path
 
 RUN_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f")
@@ -29,36 +32,50 @@ RUN_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", 
 
 @dataclass
 class Run:
-    """One sweep folder: its label, summary, and per (target, rule) the curve with its documents."""
+    """One sweep folder: its label, summary, its results by point, and per (target, rule) the curve with
+    its documents."""
 
     label: str
     path: Path
     summary: dict[str, Any]
+    grouped: Grouped
     curves: dict[tuple[str, str], Curve]
-    doc_ids: dict[str, list[int]]  # task → the document ids behind each curve's arrays (sorted)
+    doc_ids: dict[str, list[int]]  # task → the documents behind every curve (sorted)
+
+    def curve(self, key: tuple[str, str], measure: str, within: dict[str, list[int]]) -> Curve:
+        """The curve of `key` on a measure, over the tasks and documents of `within`."""
+        dense, sparse = self.grouped
+        values = self.curves[key].params
+        criterion = PAPER if measure == "task" else Criterion(measure, 0.05 if measure == "kl" else 0.99)
+        return build_curve(
+            *key,
+            values,
+            {t: dense[t] for t in within},
+            {t: [sparse[(*key, v)][t] for v in values] for t in within},
+            criterion,
+            within,
+        )[0]
 
 
 def load_run(path: str | Path, resamples: int = RESAMPLES) -> Run:
     """Summarise a sweep folder (summary.json is rewritten) and gather its paired per-document scores."""
-    from actsparse.analysis import _curves, grouped_results, write_summary
-
     path = Path(path)
     with RunStore.open(path, create=False) as store:
         seed = int((store.get_meta("settings") or {}).get("seed") or 0)
-        dense, sparse = grouped_results(store)
+        grouped = grouped_results(store)
     summary = write_summary(path, resamples=resamples, seed=seed)
     if not summary["dense"]:
         raise ValueError(f"{path} has no dense baseline yet")
-    tasks = summary["tasks"]
-    curves = {key: curve for key, (curve, _) in _curves(summary["points"], dense, sparse, tasks).items()}
+    built = curves(grouped, summary["tasks"])
     doc_ids: dict[str, list[int]] = {}
-    for t in tasks:  # as analysis._paired: the documents the dense run and every complete point share
-        shared = {d.doc_id for d in dense[t].docs}
-        for (target, rule, value), by_task in sparse.items():
-            if (target, rule) in curves and value in curves[(target, rule)].params and t in by_task:
-                shared &= {d.doc_id for d in by_task[t].docs}
+    for t in summary["tasks"]:  # the documents every curve pairs
+        shared = {d.doc_id for d in grouped[0][t].docs}
+        for _, ids in built.values():
+            shared &= set(ids[t])
         doc_ids[t] = sorted(shared)
-    return Run(str(summary.get("model") or path.name), path, summary, curves, doc_ids)
+    return Run(
+        str(summary.get("model") or path.name), path, summary, grouped, {k: c for k, (c, _) in built.items()}, doc_ids
+    )
 
 
 def _labels(runs: Sequence[Run]) -> None:
@@ -73,52 +90,33 @@ def critical_difference(
     a: Run, b: Run, key: tuple[str, str], resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL
 ) -> dict[str, Any] | None:
     """Critical sparsity of B minus A on the tasks and documents both have, with a paired-bootstrap
-    interval (the same document draw for both runs); None when they share no task with documents."""
-    ca, cb = a.curves.get(key), b.curves.get(key)
-    if ca is None or cb is None:
+    interval (the same document draw for both runs), and their damage at matched sparsity; None when
+    they share no task with documents."""
+    if key not in a.curves or key not in b.curves:
         return None
-    tasks = sorted(set(ca.scores) & set(cb.scores))
-    rng = np.random.default_rng(seed)
-    boot: dict[str, list[np.ndarray]] = {"a": [], "b": []}
-    point: dict[str, list[np.ndarray]] = {"a": [], "b": []}
-    used, n_docs = [], {}
-    for t in tasks:
-        shared = sorted(set(a.doc_ids[t]) & set(b.doc_ids[t]))
-        if not shared:
-            continue
-        used.append(t)
-        n_docs[t] = len(shared)
-        w = resample_weights(len(shared), resamples, rng).astype(float)
-        for side, run, curve in (("a", a, ca), ("b", b, cb)):
-            if len(run.doc_ids[t]) != len(curve.dense[t]):
-                raise ValueError(f"{run.path}: the points of {key[0]}/{key[1]} on {t} cover different documents")
-            index = np.searchsorted(run.doc_ids[t], shared)
-            dense, scores = curve.dense[t][index], curve.scores[t][:, index]
-            boot[side].append(ratio(w @ scores.T, (w @ dense)[:, None]))  # [R, m]
-            point[side].append(ratio(scores.mean(axis=1), dense.mean())[None, :])  # [1, m]
-    if not used:
+    shared = {t: sorted(set(a.doc_ids[t]) & set(b.doc_ids[t])) for t in sorted(set(a.doc_ids) & set(b.doc_ids))}
+    shared = {t: ids for t, ids in shared.items() if ids}
+    if not shared:
         return None
-
-    def critical(curve: Curve, parts: list[np.ndarray]) -> np.ndarray:
-        stack = np.stack(parts)  # [tasks, R, m]
-        count = (~np.isnan(stack)).sum(axis=0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            perf = np.where(count > 0, np.nansum(stack, axis=0) / np.maximum(count, 1), np.nan)
-        return critical_sparsity_batch(curve.sparsity, perf, THRESHOLD)[0]
-
-    value = float(critical(cb, point["b"])[0] - critical(ca, point["a"])[0])
-    diffs = critical(cb, boot["b"]) - critical(ca, boot["a"])
-    lo, hi = np.nanpercentile(diffs, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    weights = draw_weights({t: len(ids) for t, ids in shared.items()}, resamples, seed)
+    first = analyse_curve(a.curve(key, "task", shared), weights=weights, level=level)
+    second = analyse_curve(b.curve(key, "task", shared), weights=weights, level=level)
+    diff = paired_difference(second, first, level)
+    damage = {
+        m: matched_difference(b.curve(key, m, shared), a.curve(key, m, shared), weights, MATCHED_SPARSITIES, level)
+        for m in PROXIES
+    }
     return {
         "a": a.label,
         "b": b.label,
-        "curve": f"{key[0]}/{key[1]}",
-        "tasks": used,
-        "n_docs": n_docs,
-        "difference": value,
-        "ci_low": float(lo),
-        "ci_high": float(hi),
-        "p_b_greater": float(np.mean(diffs > 0)),
+        "curve": "/".join(key),
+        "tasks": list(shared),
+        "n_docs": {t: len(ids) for t, ids in shared.items()},
+        "difference": diff["value"],
+        "ci_low": diff["ci_low"],
+        "ci_high": diff["ci_high"],
+        "p_b_greater": float(np.mean(second.samples > first.samples)),
+        "verdict": verdict(b.label, a.label, diff, damage),
     }
 
 
@@ -226,6 +224,12 @@ def write_compare(
             )
     if not differences:
         md.append("| – | – | no shared tasks and documents | – | – | – |")
+    verdicts = [
+        d["verdict"] for key in keys for r in runs[1:] if (d := critical_difference(runs[0], r, key, resamples))
+    ]
+    if verdicts:
+        md += ["", "Verdicts (critical sparsity, then damage at matched sparsity: mean KL and agreement):", ""]
+        md += [f"- {v}" for v in verdicts]
     md += ["", "## Curves", "", "![Runs compared](compare.png)", "", f"Command: `{command}`", ""]
     path = out / "compare.md"
     tmp = atomic_path(path)

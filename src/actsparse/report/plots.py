@@ -44,10 +44,9 @@ def _curves(summary: Summary) -> dict[tuple[str, str], list[dict[str, Any]]]:
     return out
 
 
-def _task_ratio(p: dict[str, Any], task: str, dense: dict[str, float]) -> float:
-    d = dense.get(task)
-    s = p["scores"].get(task)
-    return s / d if d and s is not None else math.nan
+def _task_ratio(p: dict[str, Any], task: str) -> float:
+    value = p.get("normalized_per_task", {}).get(task)
+    return math.nan if value is None else value
 
 
 PAGE_WIDTH = 10.8
@@ -123,17 +122,21 @@ def _marker_entries(used: set[str]) -> dict[str, Any]:
     return entries
 
 
-def performance(summary: Summary, rules: tuple[str, ...] | None = None, title: str = "") -> Figure:
-    """Normalised performance vs achieved sparsity with 95 % bands: the average and one panel per task, a
-    line per target; critical sparsity of each curve on a rail below the curves."""
+def performance(
+    summary: Summary, rules: tuple[str, ...] | None = None, title: str = "", panels: list[str] | None = None
+) -> Figure:
+    """Normalised performance vs achieved sparsity with 95 % bands of the same measure, a line per target,
+    critical sparsity of each curve on a rail below the curves: one panel per entry of `panels` (the
+    average over tasks and each task, by default)."""
     curves = {k: v for k, v in _curves(summary).items() if rules is None or k[1] in rules}
     multi_rule = len({r for _, r in curves}) > 1
     tasks = summary["tasks"]
     bands = summary.get("bands", {})
-    panels = ["average", *tasks] if len(tasks) > 1 else tasks or ["average"]
+    if panels is None:
+        panels = ["average", *tasks] if len(tasks) > 1 else tasks or ["average"]
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
-    width = max(7.5, 4.6 * cols)
+    width = max(7.5, 4.6 * cols) if len(panels) > 1 else 8.5
     rail = min(0.4, 0.06 + 0.06 * len(curves))
     fig, axes = plt.subplots(rows, cols, figsize=(width, (3.6 + 0.25 * len(curves)) * rows + 0.9), squeeze=False)
     for ax in axes.flat[1:]:
@@ -152,7 +155,7 @@ def performance(summary: Summary, rules: tuple[str, ...] | None = None, title: s
                 crit = summary["critical_sparsity"].get(label)
             else:
                 xs = [p["sparsity_per_task"].get(panel, p["sparsity"]) for p in pts]
-                perf = [_task_ratio(p, panel, summary["dense"]) for p in pts]
+                perf = [_task_ratio(p, panel) for p in pts]
                 crit = summary.get("critical_sparsity_per_task", {}).get(label, {}).get(panel)
             color = TARGET_COLORS.get(target, "gray")
             band = [(x, *bands[(target, rule, p["value"])][key]) for x, p in zip(xs, pts, strict=True)
@@ -192,7 +195,7 @@ def performance(summary: Summary, rules: tuple[str, ...] | None = None, title: s
         if n % cols:
             ax.tick_params(labelleft=False)
     for ax in axes[:, 0]:
-        ax.set_ylabel("score / dense score")
+        ax.set_ylabel("sparse / dense task metric")
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     _ylim(axes, ys, rail)
@@ -364,7 +367,12 @@ def figures(summary: Summary) -> dict[str, Callable[[], Figure]]:
     if not curves:
         return out
     rules = sorted({r for _, r in curves})
-    out["performance.png"] = lambda: performance(summary)
+    out["critical_sparsity.png"] = lambda: performance(
+        summary, title=f"{summary.get('model')}: normalised performance (task metric) vs achieved sparsity",
+        panels=["average"],
+    )  # fmt: skip
+    if len(summary["tasks"]) > 1:
+        out["performance.png"] = lambda: performance(summary, title="per task", panels=list(summary["tasks"]))
     for target in sorted({t for t, _ in curves}, key=list(TARGET_COLORS).index):
         out[f"heatmap_{target}.png"] = lambda target=target: heatmap(summary, target)  # type: ignore[misc]
     if any(settled(summary, label) for label in summary.get("critical_sparsity_per_task", {})):

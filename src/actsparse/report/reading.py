@@ -11,9 +11,6 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
-from actsparse.analysis import LEVEL, ratio, resample_weights
 from actsparse.study.store import RunStore
 
 Summary = dict[str, Any]
@@ -100,54 +97,28 @@ def planned(store: RunStore) -> list[PointId]:
     return [tuple(p) for p in store.get_meta("planned") or []]  # type: ignore[misc]
 
 
-def bands(
-    store: RunStore, tasks: Sequence[str], resamples: int, seed: int = 0, level: float = LEVEL
-) -> dict[PointId, dict[str, tuple[float, float]]]:
-    """Per-point paired-bootstrap intervals of sparse / dense score: point → {task: (lo, hi), 'average': (lo, hi)}.
-
-    Each resample draws a task's documents with replacement, the same draw for its dense and sparse
-    scores; 'average' (points with every task) is the mean over tasks per resample, as normalised
-    performance is.
-    """
-    dense: dict[str, dict[int, float]] = {}
-    sparse: dict[PointId, dict[str, dict[int, float]]] = {}
-    for key, result in store.items():
-        scores = {d.doc_id: d.score for d in result.docs}
-        if key.is_dense:
-            dense[key.task] = scores
-        else:
-            sparse.setdefault((key.target, key.rule, key.value), {})[key.task] = scores
-    q = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
-    out: dict[PointId, dict[str, tuple[float, float]]] = {}
-    for n, (point, by_task) in enumerate(sorted(sparse.items())):
-        rng = np.random.default_rng([seed, n])
-        boot: dict[str, np.ndarray] = {}
-        for task in tasks:
-            if task not in by_task or task not in dense:
-                continue
-            ids = sorted(set(dense[task]) & set(by_task[task]))
-            if not ids:
-                continue
-            d = np.array([dense[task][i] for i in ids])
-            s = np.array([by_task[task][i] for i in ids])
-            w = resample_weights(len(ids), resamples, rng).astype(float)
-            boot[task] = ratio(w @ s, w @ d)
-        bands_of = {t: _interval(b, q) for t, b in boot.items()}
-        if boot and len(boot) == len(tasks):
-            stack = np.stack(list(boot.values()))  # [tasks, R]; NaN where a resample's dense score is 0
-            count = (~np.isnan(stack)).sum(axis=0)
-            average = np.where(count > 0, np.nansum(stack, axis=0) / np.maximum(count, 1), np.nan)
-            bands_of["average"] = _interval(average, q)
-        out[point] = {k: v for k, v in bands_of.items() if v is not None}
-    return out
+def interval_cell(c: dict[str, Any] | None, signed: bool = False) -> str:
+    """'value [low, high]' of a critical sparsity record (signed: of a difference, in points); '≥' for a bound."""
+    if not c or c.get("value") is None:
+        return "–"
+    value = f"{100 * c['value']:+.1f} pts" if signed else f"{100 * c['value']:.1f} %"
+    low, high = c.get("ci_low"), c.get("ci_high")
+    if low is None or high is None:
+        span = "[–]"
+    elif signed:
+        span = f"[{100 * low:+.1f}, {100 * high:+.1f}]"
+    else:
+        span = f"[{100 * low:.1f} %, {100 * high:.1f} %]"
+    return ("≥ " if c.get("lower_bound") else "") + f"{value} {span}"
 
 
-def _interval(values: np.ndarray, q: list[float]) -> tuple[float, float] | None:
-    values = values[~np.isnan(values)]
-    if not values.size:
-        return None
-    lo, hi = np.percentile(values, q)
-    return float(lo), float(hi)
-
-
-__all__ = ["bands", "censor_note", "censored", "describe_missing", "missing", "planned", "reached", "settled"]
+__all__ = [
+    "censor_note",
+    "censored",
+    "describe_missing",
+    "interval_cell",
+    "missing",
+    "planned",
+    "reached",
+    "settled",
+]

@@ -1,5 +1,5 @@
 """`sweep --until-ci W`: documents added in seeded batches until every curve's critical sparsity has
-a bootstrap half-width ≤ W (on the headline, low-noise measure), or the tasks run out.
+a bootstrap half-width ≤ W (the paper's critical sparsity, on the task metric), or the tasks run out.
 
 Batch k of a task is the same documents for the dense baseline and every point (a seeded shuffle of
 the documents outside the first `--limit` sample, cut into batches of `--limit`). Each point's batch
@@ -33,7 +33,7 @@ def widest_half_width(store: RunStore, resamples: int, seed: int) -> float:
     from actsparse.analysis import summarize
 
     summary = summarize(store, resamples=resamples, seed=seed, power=False)
-    widths = [c.get("half_width") for c in summary["critical_sparsity_low_noise"].values()]
+    widths = [c.get("half_width") for c in summary["critical_sparsity"].values()]
     if not widths:
         return math.inf
     return max(math.inf if w is None else float(w) for w in widths)

@@ -18,22 +18,11 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from actsparse.analysis import (
-    LEVEL,
-    RESAMPLES,
-    THRESHOLD,
-    Curve,
-    _finite,
-    _nanmean_stack,
-    _sparsity_of,
-    critical_sparsity,
-    critical_sparsity_batch,
-    grouped_results,
-    ratio,
-    resample_weights,
-)
+from actsparse.analysis.curves import PAPER, THRESHOLD, Criterion, Curve, analyse_curve, build_curve, paired_values
+from actsparse.analysis.curves import paired_difference as curve_difference
+from actsparse.analysis.damage import MATCHED_SPARSITIES, PROXIES, matched_difference, verdict
+from actsparse.analysis.statistics import LEVEL, RESAMPLES, draw_weights, paired_mean_difference
+from actsparse.analysis.summary import grouped_results, to_json
 from actsparse.evaluate.results import TaskResult
 from actsparse.study.store import RunStore, StoreError, atomic_path
 
@@ -88,14 +77,10 @@ def run_dtypes_sweep(
 # --- analysis ---------------------------------------------------------------------------------------
 
 
-def _by_id(result: TaskResult, ids: list[int]) -> np.ndarray:
-    scores = {d.doc_id: d.score for d in result.docs}
-    return np.array([scores[i] for i in ids], dtype=float)
-
-
 def paired_curves(
     runs: dict[str, tuple[dict[str, TaskResult], dict[tuple[str, str, float], dict[str, TaskResult]]]],
     tasks: list[str],
+    criterion: Criterion = PAPER,
 ) -> dict[tuple[str, str], dict[str, Curve]]:
     """(target, rule) → dtype → its curve over complete points, every curve on the same documents per task
     (those all of its dtypes' runs scored), so that one resample of documents serves them all."""
@@ -121,79 +106,47 @@ def paired_curves(
         for dtype, vals in values.items():
             dense, sparse = runs[dtype]
             vals = sorted(vals, reverse=True)
-            task_sparsity = {
-                t: np.array([_sparsity_of(sparse[(target, rule, v)][t])[0] for v in vals], dtype=float) for t in tasks
-            }
-            curves[dtype] = Curve(
+            curves[dtype] = build_curve(
                 target,
                 rule,
                 vals,
-                _nanmean_stack(list(task_sparsity.values()), len(vals)),
-                task_sparsity,
-                {t: _by_id(dense[t], ids[t]) for t in tasks},
-                {t: np.stack([_by_id(sparse[(target, rule, v)][t], ids[t]) for v in vals]) for t in tasks},
-            )
+                {t: dense[t] for t in tasks},
+                {t: [sparse[(target, rule, v)][t] for v in vals] for t in tasks},
+                criterion,
+                ids,
+            )[0]
         out[(target, rule)] = curves
     return out
 
 
-def _boot_critical(curve: Curve, weights: dict[str, np.ndarray], threshold: float) -> np.ndarray:
-    """[R] critical sparsity of `curve` under each resample (`weights`: task → [R, n] document counts)."""
-    per_task = [ratio(weights[t] @ curve.scores[t].T, (weights[t] @ curve.dense[t])[:, None]) for t in sorted(weights)]
-    stack = np.stack(per_task)  # [tasks, R, m]
-    count = (~np.isnan(stack)).sum(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        perf = np.where(count > 0, np.nansum(stack, axis=0) / np.maximum(count, 1), np.nan)
-    return critical_sparsity_batch(curve.sparsity, perf, threshold)[0]
-
-
 def paired_difference(
-    a: Curve,
-    b: Curve,
-    resamples: int = RESAMPLES,
-    seed: int = 0,
-    level: float = LEVEL,
-    threshold: float = THRESHOLD,
+    a: Curve, b: Curve, resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL
 ) -> dict[str, Any]:
     """Critical sparsity of `b` minus that of `a`, with a paired-bootstrap interval: each resample draws
     documents per task once and uses that draw for both curves and both dense baselines."""
-    rng = np.random.default_rng(seed)
-    weights = {}
-    for t in sorted(a.scores):
-        n = len(a.dense[t])
-        if len(b.dense.get(t, ())) != n:
+    for t in a.scores:
+        if len(b.dense.get(t, ())) != len(a.dense[t]):
             raise ValueError(f"task {t}: the two curves do not score the same documents")
-        weights[t] = resample_weights(n, resamples, rng).astype(float)
-    ca = critical_sparsity(a.sparsity, a.performance(), threshold)
-    cb = critical_sparsity(b.sparsity, b.performance(), threshold)
-    diffs = _boot_critical(b, weights, threshold) - _boot_critical(a, weights, threshold)
-    lo, hi = np.nanpercentile(diffs, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
-    return {
-        "value": cb.value - ca.value,
-        "ci_low": float(lo),
-        "ci_high": float(hi),
-        "a": ca.value,
-        "b": cb.value,
-        "lower_bound": bool(ca.lower_bound or cb.lower_bound),  # a bound on either side: the difference is too
+    weights = draw_weights({t: len(a.dense[t]) for t in a.scores}, resamples, seed)
+    first, second = analyse_curve(a, weights=weights, level=level), analyse_curve(b, weights=weights, level=level)
+    diff = curve_difference(second, first, level)
+    return diff | {
+        "a": first.critical.value,
+        "b": second.critical.value,
         "documents": {t: len(a.dense[t]) for t in weights},
     }
 
 
-def _dense_difference(
-    da: TaskResult, db: TaskResult, resamples: int, rng: np.random.Generator, level: float
-) -> dict[str, Any]:
+def _dense_difference(da: TaskResult, db: TaskResult, resamples: int, seed: int, level: float) -> dict[str, Any]:
     """Dense score of `db` minus `da` on their shared documents, with a paired-bootstrap interval."""
-    ids = sorted({d.doc_id for d in da.docs} & {d.doc_id for d in db.docs})
-    sa, sb = _by_id(da, ids), _by_id(db, ids)
-    w = resample_weights(len(ids), resamples, rng).astype(float)
-    boot = (w @ (sb - sa)) / max(len(ids), 1)
-    lo, hi = np.percentile(boot, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    dense_a, scores_b, ids, _ = paired_values(da, [db])
+    value, (lo, hi) = paired_mean_difference(scores_b[0], dense_a, resamples, seed, level)
     answers = {d.doc_id: d.answer for d in da.docs}
     agree = sum(d.answer == answers[d.doc_id] for d in db.docs if d.doc_id in answers)
     return {
-        "value": float(sb.mean() - sa.mean()) if ids else None,
-        "ci_low": float(lo),
-        "ci_high": float(hi),
+        "value": value if ids else None,
+        "ci_low": lo,
+        "ci_high": hi,
         "agreement": agree / len(ids) if ids else None,
         "documents": len(ids),
     }
@@ -204,7 +157,7 @@ def compare(
     resamples: int = RESAMPLES,
     seed: int = 0,
     level: float = LEVEL,
-    threshold: float = THRESHOLD,
+    matched: tuple[float, ...] = MATCHED_SPARSITIES,
 ) -> dict[str, Any]:
     """The comparison of a `--dtypes` folder: per dtype its summary's critical sparsity and dense scores,
     and for every pair of dtypes (later minus earlier) the paired difference with its interval."""
@@ -227,21 +180,28 @@ def compare(
         for label, record in s["critical_sparsity"].items():
             critical.setdefault(label, {})[dtype] = record
     differences: dict[str, dict[str, Any]] = {}
+    proxies = {m: paired_curves(runs, tasks, Criterion(m, 0.05 if m == "kl" else 0.99)) for m in PROXIES}
     for (target, rule), curves in paired_curves(runs, tasks).items():
         for a, b in combinations([d for d in dtypes if d in curves], 2):
-            differences.setdefault(f"{target}/{rule}", {})[f"{b} - {a}"] = paired_difference(
-                curves[a], curves[b], resamples, seed, level, threshold
-            )
-    rng = np.random.default_rng(seed)
+            diff = paired_difference(curves[a], curves[b], resamples, seed, level)
+            weights = draw_weights({t: len(curves[a].dense[t]) for t in tasks}, resamples, seed)
+            damage = {
+                m: matched_difference(proxies[m][(target, rule)][b], proxies[m][(target, rule)][a], weights, matched)
+                for m in PROXIES
+            }
+            differences.setdefault(f"{target}/{rule}", {})[f"{b} - {a}"] = diff | {
+                "damage": damage,
+                "verdict": verdict(b, a, diff, damage),
+            }
     dense_diff: dict[str, dict[str, Any]] = {}
     for t in tasks:
         for a, b in combinations(dtypes, 2):
             if t in runs[a][0] and t in runs[b][0]:
                 dense_diff.setdefault(t, {})[f"{b} - {a}"] = _dense_difference(
-                    runs[a][0][t], runs[b][0][t], resamples, rng, level
+                    runs[a][0][t], runs[b][0][t], resamples, seed, level
                 )
     first = summaries[dtypes[0]] if dtypes else {}
-    return _finite(
+    return to_json(
         {
             "kind": "precision",
             "model": first.get("model"),
@@ -256,7 +216,7 @@ def compare(
             "points": {d: s["points"] for d, s in summaries.items()},
             "settings": first.get("settings", {}),
             "provenance": {d: s.get("provenance") for d, s in summaries.items()},
-            "threshold": threshold,
+            "threshold": THRESHOLD,
             "bootstrap": {"resamples": resamples, "seed": seed, "level": level, "paired": True},
         }
     )

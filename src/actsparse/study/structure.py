@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from actsparse.analysis import LEVEL, RESAMPLES, mean_kl, resample_weights
+from actsparse.analysis import LEVEL, RESAMPLES, mean_kl, paired_ratio
 from actsparse.evaluate.results import DocResult, TaskResult
 from actsparse.models.adapters import FFN
 from actsparse.sparsity.instrument import RuleSite, TokenContext, instrumented
@@ -125,14 +125,6 @@ def paired_values(dense: TaskResult, sparse: TaskResult) -> tuple[np.ndarray, np
     return values(dense), values(sparse), measure
 
 
-def ratio_of_means(dense: np.ndarray, sparse: np.ndarray, weights: np.ndarray, measure: str) -> np.ndarray:
-    """Per resample (rows of `weights`): mean sparse / mean dense, or for bpb mean dense / mean sparse."""
-    d, s = weights @ dense, weights @ sparse
-    num, den = (d, s) if measure == "bpb" else (s, d)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
-
-
 def retention(
     dense: TaskResult, sparse: TaskResult, resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL
 ) -> Retention:
@@ -140,14 +132,9 @@ def retention(
     d, s, measure = paired_values(dense, sparse)
     if len(d) == 0:
         raise ValueError(f"task {dense.task!r}: the dense and sparse runs share no document")
-    value = float(ratio_of_means(d, s, np.ones((1, len(d))), measure)[0])
-    boot = ratio_of_means(d, s, resample_weights(len(d), resamples, np.random.default_rng(seed)).astype(float), measure)
-    lo, hi = (math.nan, math.nan)
-    if not np.isnan(boot).all():  # all NaN: the dense score is 0 in every resample
-        lo, hi = np.nanpercentile(boot, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
-    return Retention(
-        value, float(lo), float(hi), len(d), measure, float(d.mean()), float(s.mean()), mean_kl(sparse.docs)
-    )
+    num, den = (d, s) if measure == "bpb" else (s, d)
+    value, (lo, hi), _ = paired_ratio(num, den, resamples, seed, level)
+    return Retention(value, lo, hi, len(d), measure, float(d.mean()), float(s.mean()), mean_kl(sparse.docs))
 
 
 @dataclass

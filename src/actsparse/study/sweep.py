@@ -8,7 +8,6 @@ documents, each point stored as soon as it finishes so that a rerun resumes wher
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -439,15 +438,13 @@ class _Driver:
 
 
 def _measured(store: RunStore, point: tuple[str, str, float], dense: dict[str, Any]) -> tuple[float, float]:
-    """(achieved sparsity, normalised performance) of a stored (target, rule, value) over every task."""
-    from actsparse.analysis import achieved_sparsity, normalized_performance
+    """(achieved sparsity, normalised performance) of a stored (target, rule, value) over every task, as
+    the headline measures them (`analysis.point_measure`)."""
+    from actsparse.analysis import point_measure
 
     target, rule, value = point
-    results = {task: store.get(PointKey(target, rule, value, task)) for task in dense}
-    sparsity = [x for r in results.values() if r is not None and not math.isnan(x := achieved_sparsity(r))]
-    scores = {task: r.score for task, r in results.items() if r is not None}
-    performance = normalized_performance(scores, {task: dense[task].score for task in scores})
-    return (sum(sparsity) / len(sparsity) if sparsity else math.nan), performance
+    results = {task: r for task in dense if (r := store.get(PointKey(target, rule, value, task))) is not None}
+    return point_measure(dense, results)
 
 
 def _label(key: PointKey) -> str:

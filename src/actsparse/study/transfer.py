@@ -329,6 +329,6 @@ def _record(
 
 
 def _finite(obj: Any) -> Any:
-    from actsparse.analysis import _finite as finite
+    from actsparse.analysis import to_json as finite
 
     return finite(obj)
