@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from matplotlib.collections import PolyCollection
 
+from actsparse.analysis import point_bands as bands
 from actsparse.evaluate.results import DocResult, TaskResult
 from actsparse.report import plots, render, tables, write_report
-from actsparse.report.reading import bands, censored, missing
+from actsparse.report.reading import censored, missing
 from actsparse.study.store import PointKey, RunStore
 
 CRIT = "Critical sparsity (average over tasks)"

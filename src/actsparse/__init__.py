@@ -1,4 +1,19 @@
-"""actsparse: find and exploit activation sparsity in the FFN layers of modern LLMs."""
+"""actsparse: find and exploit activation sparsity in the FFN layers of modern LLMs.
+
+The public API:
+
+- `load_model(name)` → (model, tokenizer): an alias (`DEFAULT_MODEL`, "gemma3-270m"), a folder, a .gguf file
+  or a hub id; `ModelNotAvailableError` when it cannot be had offline.
+- `SparsitySpec(target, rule, value)`: what to sparsify; `TARGETS` and `RULE_NAMES` list the choices.
+- `sparsify(model, spec)`: a context manager that applies the rule to every FFN and yields the
+  `SparsityStats` of what it zeroed; the model is restored on exit, also after an error.
+- `accelerate(model, spec)`: `sparsify` whose decode steps skip the weights of zeroed activations.
+- `find_ffns(model)`, `SUPPORTED_MODEL_TYPES`, `UnsupportedModelError`: the FFN adapters.
+- `rules`: the rules as pure functions; `NonFiniteActivationError` for NaN/Inf activations.
+
+The rest is organised by step (see the README's flow table): models, sparsity, methods, tasks, evaluate,
+study, analysis, report, speed, cli.
+"""
 
 from actsparse.models.adapters import SUPPORTED_MODEL_TYPES, UnsupportedModelError, find_ffns
 from actsparse.models.loading import DEFAULT_MODEL, ModelNotAvailableError, load_model

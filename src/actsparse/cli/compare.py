@@ -11,8 +11,8 @@ from pathlib import Path
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "compare",
-        help="compare methods across run folders: critical sparsity (low-noise and accuracy), KL/agreement at matched "
-        "sparsity, Δ to top_p",
+        help="compare methods across run folders: critical sparsity and its Δ to top_p, damage (KL, agreement) at "
+        "matched sparsity with its Δ to top_p, a verdict per method",
     )
     p.add_argument(
         "run_dirs", type=Path, nargs="+", help="--out folders of `actsparse sweep` (same model and documents)"

@@ -62,7 +62,8 @@ def _grid(c: dict[str, Any] | None) -> str:
 
 def _damage(rows: list[dict[str, Any]], scale: float) -> str:
     cells = [
-        f"{100 * r['sparsity']:.0f} %: {scale * r['value']:+.3g} [{scale * r['ci_low']:+.3g}, {scale * r['ci_high']:+.3g}]"
+        f"{100 * r['sparsity']:.0f} %: {scale * r['value']:+.3g} "
+        f"[{scale * r['ci_low']:+.3g}, {scale * r['ci_high']:+.3g}]"
         for r in rows
     ]
     return "; ".join(cells) or "not reached by both"
@@ -136,7 +137,8 @@ def tables(summary: dict[str, Any]) -> dict[str, Table]:
         out[POWER] = (
             ["target/rule", "documents per task", "half-width (pts)", "documents needed for ±2 pts"],
             [
-                [label, str(p.get("documents")), "–" if p.get("half_width") is None else f"±{100 * p['half_width']:.1f}",
+                [label, str(p.get("documents")),
+                 "–" if p.get("half_width") is None else f"±{100 * p['half_width']:.1f}",
                  "beyond 10⁶" if p.get("documents_needed") is None else str(p["documents_needed"])]
                 for label, p in sorted(power.items())
             ],

@@ -55,13 +55,21 @@ def tables(summary: dict[str, Any]) -> dict[str, Table]:
         for pair, d in by_pair.items():
             note = "a curve never crosses: bound" if d.get("lower_bound") else ""
             diff_rows.append(
-                [label, pair, _pct(d["value"], True), f"{_pct(d['ci_low'], True)} to {_pct(d['ci_high'], True)}", note]
-            )
+                [label, pair, _pct(d["value"], True), f"{_pct(d['ci_low'], True)} to {_pct(d['ci_high'], True)}", note,
+                 d.get("verdict", "")]
+            )  # fmt: skip
     return {
         "Dense scores by dtype": (dense_head, dense_rows),
         "Critical sparsity by dtype (95 % CI, paired bootstrap)": (["target/rule", *dtypes], critical_rows),
         "Paired difference of critical sparsity between dtypes": (
-            ["target/rule", "dtypes", "difference", "95 % CI (one resample of documents for both dtypes)", ""],
+            [
+                "target/rule",
+                "dtypes",
+                "difference",
+                "95 % CI (one resample of documents for both dtypes)",
+                "",
+                "verdict",
+            ],
             diff_rows,
         ),
     }
