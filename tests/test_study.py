@@ -11,9 +11,9 @@ from tiny import tiny_lm
 
 from actsparse import cli
 from actsparse.cli.study import expected_values, study_config
+from actsparse.sparsity.registry import RULES
 from actsparse.study.provenance import command_line, model_source
 from actsparse.study.store import RunStore
-from actsparse.sparsity.registry import RULES
 from actsparse.study.sweep import PAPER_VALUES
 
 

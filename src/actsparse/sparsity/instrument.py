@@ -175,8 +175,9 @@ def _forward_slot(module: nn.Module) -> str:
 def replaced_forwards(model: nn.Module, ffns: list[FFN], make_forward) -> Iterator[TokenContext]:
     """Replace each FFN's forward by `make_forward(ffn, tokens)` for the block; always restore.
 
-    On a module dispatched by accelerate the hook stays and calls the replacement, so device moves
-    and offloaded weights keep working.
+    A forward is recorded only once it is replaced, so a failure at any layer (in `make_forward`, or in
+    the block) restores every layer replaced so far and raises the original error. On a module dispatched
+    by accelerate the hook stays and calls the replacement, so device moves and offloaded weights keep working.
     """
     tokens = TokenContext()
     saved: list[tuple[nn.Module, str, Any]] = []
@@ -184,8 +185,9 @@ def replaced_forwards(model: nn.Module, ffns: list[FFN], make_forward) -> Iterat
     try:
         for ffn in ffns:
             slot = _forward_slot(ffn.module)
-            saved.append((ffn.module, slot, ffn.module.__dict__.get(slot)))
+            previous = ffn.module.__dict__.get(slot)
             setattr(ffn.module, slot, make_forward(ffn, tokens))
+            saved.append((ffn.module, slot, previous))
         yield tokens
     finally:
         handle.remove()
