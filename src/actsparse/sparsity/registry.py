@@ -10,7 +10,7 @@ functions are named by import path and resolved on first use, so that --help lis
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import import_module
 from typing import Any
@@ -102,7 +102,7 @@ class Rule:
         if self.targets is not None and target not in self.targets:
             raise ValueError(f"{self.name} acts on {', '.join(self.targets)} only, not {target!r}")
 
-    def ordered(self, values: Sequence[float]) -> list[float]:
+    def ordered(self, values: Iterable[float]) -> list[float]:
         """`values` from the densest to the sparsest."""
         return sorted((float(v) for v in values), reverse=self.sparser == "lower")
 
@@ -130,6 +130,13 @@ def _resolve(path: str) -> Callable[..., Any]:
     return found
 
 
+P_LIKE: dict[str, Any] = dict(dense=1.0, sparsest=0.0, sweep_values=(0.99, 0.95, 0.85), grid=PAPER_GRID)
+"""The ends and values of a rule whose value is a p of top_p: the paper's grid, and 0.99, 0.95, 0.85 (p values around
+the 99 % crossing of a small model, few enough for a 2-core machine)."""
+
+FRACTION_LIKE: dict[str, Any] = dict(dense=1.0, sparsest=0.0, sweep_values=(0.9, 0.7, 0.5), grid=FRACTION_GRID)
+"""The ends and values of a rule whose value is a fraction of entries kept."""
+
 _RULES = "actsparse.sparsity.rules"
 _METHODS = "actsparse.methods"
 
@@ -139,10 +146,7 @@ RULES: dict[str, Rule] = {
         Rule(
             "top_p",
             "p, the fraction of ‖v‖₁ kept",
-            dense=1.0,
-            sparsest=0.0,
-            sweep_values=(0.99, 0.95, 0.85),
-            grid=PAPER_GRID,
+            **P_LIKE,
             mask=f"{_RULES}:top_p_mask",
             reference=f"{_RULES}:reference_mask",
             kernels=("cpu_fused", "triton"),
@@ -150,10 +154,7 @@ RULES: dict[str, Rule] = {
         Rule(
             "top_k",
             "f, the fraction of entries kept",
-            dense=1.0,
-            sparsest=0.0,
-            sweep_values=(0.9, 0.7, 0.5),
-            grid=FRACTION_GRID,
+            **FRACTION_LIKE,
             mask=f"{_RULES}:top_k_mask",
             reference=f"{_RULES}:reference_mask",
             kernels=("cpu_fused",),
@@ -183,10 +184,7 @@ RULES: dict[str, Rule] = {
         Rule(
             "wina_top_p",
             "p, the fraction of Σ|v_i|·‖W_:,i‖₂ kept",
-            dense=1.0,
-            sparsest=0.0,
-            sweep_values=(0.99, 0.95, 0.85),
-            grid=PAPER_GRID,
+            **P_LIKE,
             mask=f"{_METHODS}.wina:wina_top_p_mask",
             reference=f"{_METHODS}.wina:reference_wina_mask",
             needs=("column norms",),
@@ -195,10 +193,7 @@ RULES: dict[str, Rule] = {
         Rule(
             "wina_top_k",
             "f, the fraction of entries kept, ranked by |v_i|·‖W_:,i‖₂",
-            dense=1.0,
-            sparsest=0.0,
-            sweep_values=(0.9, 0.7, 0.5),
-            grid=FRACTION_GRID,
+            **FRACTION_LIKE,
             mask=f"{_METHODS}.wina:wina_top_k_mask",
             reference=f"{_METHODS}.wina:reference_wina_mask",
             needs=("column norms",),
@@ -207,10 +202,7 @@ RULES: dict[str, Rule] = {
         Rule(
             "top_p_outlier",
             "p of top_p over the entries below m × the row median (those above are always kept)",
-            dense=1.0,
-            sparsest=0.0,
-            sweep_values=(0.99, 0.95, 0.85),
-            grid=PAPER_GRID,
+            **P_LIKE,
             mask=f"{_METHODS}.outlier_topp:top_p_outlier_mask",
             reference=f"{_METHODS}.outlier_topp:reference_top_p_outlier_mask",
             needs=("outlier factor m",),
@@ -219,10 +211,7 @@ RULES: dict[str, Rule] = {
         Rule(
             "predictor",
             "p of the top_p mask that a low-rank predictor, fitted on calibration text, imitates",
-            dense=1.0,
-            sparsest=0.0,
-            sweep_values=(0.99, 0.95, 0.85),
-            grid=PAPER_GRID,
+            **P_LIKE,
             mask=f"{_METHODS}.predictor:LowRankPredictor.predict_mask",
             reference=None,
             needs=("calibration", "a fitted predictor"),

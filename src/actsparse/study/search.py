@@ -15,7 +15,7 @@ depend only on the results, so a rerun replays the search from the stored points
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from actsparse.analysis import THRESHOLD, Critical, critical_sparsity
@@ -153,7 +153,7 @@ def bisect_curves(
     precision: float = DEFAULT_PRECISION,
     grid: Sequence[float] | None = None,
     refine: bool = False,
-    grids: dict[str, Sequence[float]] | None = None,
+    grids: Mapping[str, Sequence[float]] | None = None,
 ) -> dict[tuple[str, str], Bisection]:
     """Search every (target, rule) curve; each round asks `measure` for the next value of all open curves.
 

@@ -368,7 +368,7 @@ class _Driver:
                 "precision": config.precision,
                 "refine": config.refine,
                 "unit": "achieved sparsity",
-                "grid": list(max(grids.values(), key=len)),  # the longest, for a report that names one grid
+                "grid": max((list(g) for g in grids.values()), key=len),  # the longest: a report names one grid
                 "grids": {rule: list(grid) for rule, grid in grids.items()},
                 "evaluated": {
                     f"{target}/{rule}": [[v, s, p] for v, (s, p) in b.points.items()]
