@@ -57,6 +57,14 @@ def test_each_rule_is_one_consistent_object(name: str) -> None:
         rule.check_value(rule.high + 1)
 
 
+def test_the_kernels_the_registry_names_are_those_that_serve_the_rule() -> None:
+    from actsparse.speed import accelerate
+    from actsparse.speed.kernels.sparse_ffn_cpu import RULE_CODES
+
+    assert set(RULE_CODES) == accelerate._FUSED_RULES
+    assert [name for name, rule in RULES.items() if "triton" in rule.kernels] == ["top_p"]  # kernels.topp_triton
+
+
 @pytest.mark.parametrize("name", list(RULES))
 def test_every_rule_runs_through_sparsify_on_a_tiny_model(name: str) -> None:
     model, tokenizer = tiny_lm()

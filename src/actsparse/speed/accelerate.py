@@ -28,7 +28,7 @@ from torch import nn
 from actsparse.models.adapters import FFN
 from actsparse.models.adapters.base import GatedWeights
 from actsparse.sparsity.instrument import RuleSite, TokenContext, count_entries, instrumented, non_finite
-from actsparse.sparsity.registry import get_rule
+from actsparse.sparsity.registry import RULES, get_rule
 from actsparse.sparsity.spec import SparsitySpec
 from actsparse.sparsity.stats import Key, SparsityStats
 from actsparse.speed.kernels import sparse_ffn_cpu
@@ -134,7 +134,8 @@ class _DecodeMasks:
         return {(self.layer, v, "decode", None): totals[row] for row, v in vectors if totals[row, 2] > 0}
 
 
-_FUSED_RULES = frozenset(sparse_ffn_cpu.RULE_CODES)
+_FUSED_RULES = frozenset(name for name, rule in RULES.items() if "cpu_fused" in rule.kernels)
+"""The rules the fused C kernel serves (the registry's word; `sparse_ffn_cpu.RULE_CODES` holds their codes)."""
 
 
 def fusable(spec: SparsitySpec, weights: GatedWeights) -> bool:
