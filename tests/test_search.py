@@ -104,9 +104,20 @@ def test_max_p_bisects_the_other_way() -> None:
     def measure(p: float) -> tuple[float, float]:  # max_p: a larger p zeroes more
         return p**0.5, 1 - 0.01 * (p**0.5 / 0.6) ** 3
 
-    bisection = run(Bisection("max_p", 0.01), measure)
+    bisection = run(Bisection("max_p", 0.01, grid=PAPER), measure)
     assert bisection.scan == [0.4, 0.7, 0.9, 0.94, 0.975, 0.995, 1.0]  # from the densest to the sparsest
     assert abs(bisection.critical().value - 0.6) <= 0.01
+
+
+def test_each_rule_bisects_its_own_grid_from_its_dense_end() -> None:
+    from actsparse.sparsity.registry import RULES
+
+    for name, rule in RULES.items():
+        bisection = Bisection(name)
+        assert tuple(bisection.grid) == rule.grid and bisection.dense_value == rule.dense
+        ordered = bisection.ordered
+        assert ordered == rule.ordered(ordered) and ordered[-1] == rule.sparsest and rule.dense not in ordered
+    assert Bisection("max_p").scan == [0.002, 0.01, 0.03, 0.1, 1.0]  # in max_p's own unit, not p's grid
 
 
 def test_a_curve_that_never_crosses_is_a_lower_bound_after_the_scan() -> None:
@@ -144,8 +155,10 @@ def test_bisect_curves_asks_for_all_open_curves_at_once() -> None:
 def test_bad_settings() -> None:
     with pytest.raises(ValueError, match="precision"):
         Bisection("top_p", 0.0)
-    with pytest.raises(ValueError, match="top_p, top_k, max_p"):
-        Bisection("threshold")
+    with pytest.raises(ValueError, match="unknown rule 'top_q'; choose one of top_p, top_k, max_p"):
+        Bisection("top_q")
+    with pytest.raises(ValueError, match=r"max_p value must lie in \[0, 1\], got 2"):
+        Bisection("max_p", grid=[0.1, 2.0])
 
 
 def test_bisect_sweep_on_a_tiny_model_stores_what_it_evaluated_resumes_and_reports_it(tmp_path) -> None:

@@ -11,6 +11,7 @@ from tiny import tiny_lm
 
 from actsparse import cli
 from actsparse.cli.study import expected_values, study_config
+from actsparse.sparsity.registry import RULES
 from actsparse.study.provenance import command_line, model_source
 from actsparse.study.store import RunStore
 from actsparse.study.sweep import PAPER_VALUES
@@ -19,12 +20,14 @@ from actsparse.study.sweep import PAPER_VALUES
 def test_study_defaults_are_the_papers_study(tmp_path: Path) -> None:
     args = cli.build_parser().parse_args(["study", "--model", "m", "--out", str(tmp_path)])
     config = study_config(args)
-    assert tuple(config.values) == PAPER_VALUES and len(config.values) == 26
+    assert config.values_for("top_p") == PAPER_VALUES and len(PAPER_VALUES) == 26
+    assert config.values_for("max_p") == RULES["max_p"].grid != PAPER_VALUES  # max_p on its own unit's grid
     assert list(config.targets) == ["input", "gate", "up", "intermediate"]
     assert list(config.rules) == ["top_p", "max_p"] and config.search == "bisect"
     assert len(config.tasks) == 10 and config.limit is None
-    typical, most = expected_values(config)
-    assert 2 <= typical <= most < 26
+    for rule in config.rules:
+        typical, most = expected_values(config, rule)
+        assert 2 <= typical <= most < len(config.values_for(rule))
 
 
 def test_study_prints_and_records_its_estimate_then_resumes(
@@ -43,7 +46,10 @@ def test_study_prints_and_records_its_estimate_then_resumes(
     assert cli.main([*common, "--probe-docs", "2", "--estimate-only"]) == 0
     err = " ".join(capsys.readouterr().err.split())
     assert "estimate:" in err and "from a probe of 2 documents per task" in err
+    for rule in ("top_p", "max_p"):  # each rule's grid, in its own unit
+        assert RULES[rule].describe() in err
     record = json.loads((out / "estimate.json").read_text())
+    assert record["grids"] == {rule: list(RULES[rule].grid) for rule in ("top_p", "max_p")}
     assert set(record["probe"]) == {"arc_easy", "piqa"} and record["documents"] == {"arc_easy": 3, "piqa": 3}
     assert record["seconds"]["most"] >= record["seconds"]["typical"] > 0
     assert loads == [("tiny", "float32", "cpu")]

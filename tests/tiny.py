@@ -36,13 +36,12 @@ MOE_FAMILIES = ("qwen2_moe", "qwen3_moe", "mixtral", "olmoe")
 
 
 def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A 2-layer random model of `family` in eval mode, with eager attention."""
+    """A 2-layer random model of `family` in eval mode, with eager attention (MoE: transformers' default
+    experts implementation, which the sparsified experts follow)."""
     config = AutoConfig.for_model(family, **COMMON, **FAMILIES[family])
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-    if family in MOE_FAMILIES:  # the sparsified experts run the eager loop: compare like with like
-        model.set_experts_implementation("eager")
     widen(model)
     return model
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from actsparse.cli.common import add_model_argument, at_least, check_output_file, read_text_file
 from actsparse.models.placement import add_placement_arguments
-from actsparse.sparsity.spec import RULE_NAMES, TARGETS
+from actsparse.sparsity.registry import RULE_NAMES, RULES
+from actsparse.sparsity.spec import TARGETS
 
 DEFAULT_TEXT = (
     "The capital of France is Paris. Activation sparsity means that many entries of the feed-forward "
@@ -21,8 +22,17 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("profile", help="per-layer sparsity of one target and rule on some text")
     add_model_argument(p)
     p.add_argument("--target", choices=TARGETS, default="input", help="the vector(s) to sparsify")
-    p.add_argument("--rule", choices=RULE_NAMES, default="top_p", help="the rule applied to each token")
-    p.add_argument("--value", default="0.9", help="p or f in [0, 1], or a calibration file for threshold")
+    p.add_argument(
+        "--rule",
+        choices=RULE_NAMES,
+        default="top_p",
+        help="the rule applied to each token; its value: " + "; ".join(f"{r.name}: {r.value}" for r in RULES.values()),
+    )
+    p.add_argument(
+        "--value",
+        default="0.9",
+        help="the rule's value in its own unit (see --rule); for threshold a calibration file (`actsparse calibrate`)",
+    )
     p.add_argument("--text-file", type=Path, help="text to run (default: a short built-in paragraph)")
     p.add_argument(
         "--max-tokens", type=at_least(1, "--max-tokens"), default=512, help="truncate the text to this many tokens"
@@ -41,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from actsparse import SparsitySpec, load_model, sparsify
+    from actsparse.methods import point_spec
     from actsparse.models.placement import from_args
 
     value = args.value if args.rule == "threshold" else _number(args.value)
@@ -54,6 +65,9 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     with console.status(f"loading {args.model}"):
         model, tokenizer = load_model(args.model, where.dtype, where.device)
+    if RULES[spec.rule].method:  # its data from the model: WINA's norms, the outlier factor, fitted predictors
+        with console.status(f"resolving {', '.join(RULES[spec.rule].needs)}"):
+            spec = point_spec(model, tokenizer, spec.target, spec.rule, spec.value, None)
     batch = tokenizer(text, return_tensors="pt", truncation=True, max_length=args.max_tokens).to(model.device)
     prompt = tokenizer(PROMPT, return_tensors="pt").to(model.device)
     with torch.no_grad(), sparsify(model, spec) as stats:

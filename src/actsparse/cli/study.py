@@ -1,7 +1,8 @@
-"""`actsparse study --model M`: the paper's study as one resumable sweep: the 26-value grid (searched by
-bisection unless --search grid), the four targets, top_p and max_p, the ten tasks with every validation
-document. Before it starts, a short timed probe (a few documents per task, dense and sparse) gives an
-estimate of its run time, printed and recorded in OUT/estimate.json."""
+"""`actsparse study --model M`: the paper's study as one resumable sweep: each rule's own grid (top_p's is
+the paper's 26 values of p; searched by bisection unless --search grid), the four targets, top_p and max_p,
+the ten tasks with every validation document. Before it starts, a short timed probe (a few documents per
+task, dense and sparse) gives an estimate of its run time, printed with each rule's grid and recorded in
+OUT/estimate.json."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 
 from actsparse.cli.common import add_model_argument, comma_list, parse_limit
 from actsparse.models.placement import add_placement_arguments
+from actsparse.sparsity.registry import RULE_NAMES
 from actsparse.study.sweep import DEFAULT_TARGETS, SEARCHES
 
 STUDY_RULES = ("top_p", "max_p")
@@ -26,16 +28,22 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "study",
-        help="the paper's study on one model: 26-value grid, 4 targets, top_p and max_p, 10 tasks, every document",
+        help="the paper's study on one model: each rule's grid, 4 targets, top_p and max_p, 10 tasks, every document",
         description=__doc__,
     )
     add_model_argument(p)
     p.add_argument("--out", type=Path, default=None, help="run folder (default: runs/study-MODEL)")
     p.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="comma-separated targets")
-    p.add_argument("--rules", default=",".join(STUDY_RULES), help="comma-separated rules")
+    p.add_argument(
+        "--rules",
+        default=",".join(STUDY_RULES),
+        help=f"comma-separated: {', '.join(RULE_NAMES)}; each is searched on its own grid (listed by --estimate-only)",
+    )
     p.add_argument("--tasks", default=",".join(TASK_NAMES), help="comma-separated task names")
     p.add_argument("--limit", default="all", help="documents per task, or 'all' (the study: every validation document)")
-    p.add_argument("--search", choices=SEARCHES, default="bisect", help="bisect (default) or grid: all 26 values")
+    p.add_argument(
+        "--search", choices=SEARCHES, default="bisect", help="bisect (default) or grid: every value of each rule's grid"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (and of a --limit sample)")
     p.add_argument("--batch-tokens", type=int, default=None, help="tokens of one forward (default: auto)")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the intervals")
@@ -48,14 +56,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def study_config(args: argparse.Namespace) -> Any:
     from actsparse.cli.sweep import run_options
-    from actsparse.study.sweep import PAPER_VALUES, SweepConfig
+    from actsparse.study.sweep import SweepConfig
 
     out = args.out or Path("runs") / f"study-{Path(args.model).name.removesuffix('.gguf')}"
     return SweepConfig(
         model=args.model,
         targets=comma_list(args.targets),
         rules=comma_list(args.rules),
-        values=PAPER_VALUES,
+        values=None,  # each rule's own grid
         tasks=comma_list(args.tasks),
         limit=parse_limit(str(args.limit)),
         seed=args.seed,
@@ -66,16 +74,17 @@ def study_config(args: argparse.Namespace) -> Any:
     )
 
 
-def expected_values(config: Any) -> tuple[int, int]:
-    """(typical, most) values one curve evaluates: the whole grid for a grid search; for bisection a
-    scan of every 4th value from the dense end then about log2(4) steps (typical: a crossing half-way)."""
+def expected_values(config: Any, rule: str) -> tuple[int, int]:
+    """(typical, most) values one curve of `rule` evaluates: its whole grid for a grid search; for bisection
+    a scan of every 4th value from the dense end then about log2(4) steps (typical: a crossing half-way)."""
     from actsparse.study.search import STRIDE, Bisection
 
+    grid = config.values_for(rule)
     if config.search == "grid":
-        return len(config.values), len(config.values)
-    scan = len(Bisection(config.rules[0], grid=config.values).scan)
+        return len(grid), len(grid)
+    scan = len(Bisection(rule, grid=grid).scan)
     steps = math.ceil(math.log2(STRIDE))
-    return min(len(config.values), math.ceil(scan / 2) + steps), min(len(config.values), scan + steps)
+    return min(len(grid), math.ceil(scan / 2) + steps), min(len(grid), scan + steps)
 
 
 def probe(model: Any, tokenizer: Any, config: Any, doc_ids: dict[str, list[int] | None], n: int) -> dict[str, Any]:
@@ -114,7 +123,9 @@ def probe(model: Any, tokenizer: Any, config: Any, doc_ids: dict[str, list[int] 
 
 def estimate(config: Any, doc_ids: dict[str, list[int] | None], rates: dict[str, Any]) -> dict[str, Any]:
     """The study's run time from the probe: dense once per task, then every curve's expected points."""
-    typical, most = expected_values(config)
+    per_rule = {rule: expected_values(config, rule) for rule in config.rules}
+    typical = sum(t for t, _ in per_rule.values()) * len(config.targets)  # values over every curve
+    most = sum(m for _, m in per_rule.values()) * len(config.targets)
     curves = len(config.targets) * len(config.rules)
     sizes = {t: len(ids) if ids is not None else 0 for t, ids in doc_ids.items()}
     dense = sum(sizes[t] * r["dense_s_per_doc"] for t, r in rates.items())
@@ -122,10 +133,16 @@ def estimate(config: Any, doc_ids: dict[str, list[int] | None], rates: dict[str,
     return {
         "documents": sizes,
         "curves": curves,
-        "values_per_curve": {"typical": typical, "most": most, "search": config.search},
+        "values_per_curve": {
+            "typical": typical / curves,
+            "most": most / curves,
+            "search": config.search,
+            "by_rule": {rule: {"typical": t, "most": m} for rule, (t, m) in per_rule.items()},
+        },
+        "grids": {rule: list(config.values_for(rule)) for rule in config.rules},
         "seconds": {
-            "typical": dense + curves * typical * sparse_per_value,
-            "most": dense + curves * most * sparse_per_value,
+            "typical": dense + typical * sparse_per_value,
+            "most": dense + most * sparse_per_value,
         },
         "probe": rates,
         "note": "from a probe at a small batch: larger batches run faster, so the figures lean high",
@@ -141,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
 
     from actsparse.models.loading import load_model
     from actsparse.models.placement import quiet_libraries
+    from actsparse.sparsity.registry import RULES
     from actsparse.study.sweep import prepare, run_sweep
 
     if args.probe_docs < 1:
@@ -158,13 +176,16 @@ def run(args: argparse.Namespace) -> int:
     (config.out / "estimate.json").write_text(json.dumps(record, indent=2))
     seconds = record["seconds"]
     n_docs = sum(record["documents"].values())
+    per_curve = record["values_per_curve"]
     console.print(
         f"estimate: {_hours(seconds['typical'])} (up to {_hours(seconds['most'])}) for {len(doc_ids)} tasks, "
-        f"{n_docs} documents, {record['curves']} curves × {record['values_per_curve']['typical']}–"
-        f"{record['values_per_curve']['most']} values ({config.search}); from a probe of {args.probe_docs} "
-        f"documents per task; recorded in {config.out / 'estimate.json'}",
+        f"{n_docs} documents, {record['curves']} curves × {per_curve['typical']:.3g}–{per_curve['most']:.3g} "
+        f"values ({config.search}); from a probe of {args.probe_docs} documents per task; recorded in "
+        f"{config.out / 'estimate.json'}",
         highlight=False,
     )
+    for rule, grid in record["grids"].items():
+        console.print(f"  {RULES[rule].describe(grid)}", highlight=False, markup=False)
     if args.estimate_only:
         return 0
     summary = run_sweep(config, model, tokenizer, show_progress=not args.no_progress)

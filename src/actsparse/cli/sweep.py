@@ -9,6 +9,7 @@ from typing import Any
 from actsparse.cli.common import add_model_argument, at_least, comma_list, one_of, parse_criterion, parse_limit
 from actsparse.diffusion.scoring import DiffusionOptions
 from actsparse.models.placement import add_dtypes_argument, add_placement_arguments
+from actsparse.sparsity.registry import RULES
 from actsparse.sparsity.spec import TARGETS
 from actsparse.study.executors import EXECUTORS
 from actsparse.study.search import DEFAULT_PRECISION
@@ -17,12 +18,15 @@ from actsparse.study.sweep import (
     DEFAULT_LIMIT,
     DEFAULT_TARGETS,
     DEFAULT_TASKS,
-    DEFAULT_VALUES,
     SEARCHES,
     SWEEP_RULES,
     SweepConfig,
 )
 from actsparse.tasks import TASK_NAMES
+
+
+def _listed(values: tuple[float, ...]) -> str:
+    return ",".join(f"{v:g}" for v in values)
 
 
 def _tokens(text: str) -> int | None:
@@ -62,14 +66,15 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--rules",
         default="top_p",
-        help=f"comma-separated: {one_of(SWEEP_RULES)}; for threshold the values are target sparsities "
-        "(calibrated per point), for wina_*, top_p_outlier and predictor they are p (or f)",
+        help=f"comma-separated: {one_of(SWEEP_RULES)}. Each rule's value: "
+        + "; ".join(f"{r.name}: {r.value} (default {_listed(r.sweep_values)})" for r in RULES.values()),
     )
     p.add_argument(
         "--values",
         default=None,
-        help="comma-separated p (or f for top_k) in [0, 1], or 'paper' for the paper's 26-point grid "
-        f"(default: {','.join(f'{v:g}' for v in DEFAULT_VALUES)}; with --search bisect: paper, the grid it scans)",
+        help="comma-separated values in each rule's own unit (see --rules), or 'paper' for the paper's 26-point "
+        "grid of p (default: each rule's own values; with --search bisect: each rule's own grid, which "
+        "`actsparse study --estimate-only` lists)",
     )
     p.add_argument(
         "--tasks",
@@ -188,7 +193,7 @@ def run_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def config_from_args(args: argparse.Namespace):
     """The `SweepConfig` of sweep's arguments (study shares it)."""
-    from actsparse.study.sweep import PAPER_VALUES, SweepConfig, parse_values
+    from actsparse.study.sweep import SweepConfig, parse_values
 
     if args.values is not None and not args.values.strip(" ,"):
         raise ValueError("--values is empty: give values, 'paper', or leave the option out for the defaults")
@@ -198,11 +203,7 @@ def config_from_args(args: argparse.Namespace):
         model=args.model,
         targets=comma_list(args.targets),
         rules=comma_list(args.rules),
-        values=parse_values(args.values)
-        if args.values is not None
-        else PAPER_VALUES
-        if args.search == "bisect"
-        else DEFAULT_VALUES,
+        values=None if args.values is None else parse_values(args.values),
         tasks=comma_list(args.tasks),
         limit=args.limit,
         seed=args.seed,
@@ -304,7 +305,7 @@ def _record_plan(config: SweepConfig) -> None:
 
     with RunStore.open(config.out) as store:
         known = [tuple(p) for p in store.get_meta("planned") or []]
-        new = [(t, r, float(v)) for t in config.targets for r in config.rules for v in config.values]
+        new = [(t, r, float(v)) for t in config.targets for r in config.rules for v in config.values_for(r)]
         points = known + [p for p in new if p not in known]
         if points != known:
             store.set_meta("planned", [list(p) for p in points])

@@ -9,16 +9,13 @@
   x (`methods.predictor`); the sweep value is the p it was trained to imitate.
 
 `point_spec` turns a stored point (target, rule, value) into the `SparsitySpec` that runs it, with the
-method's data resolved from the model; `sparsify` runs a spec of any of these rules.
+method's data resolved from the model; `actsparse.sparsify` (re-exported here) runs a spec of any rule.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,25 +24,23 @@ from torch import nn
 
 from actsparse.methods.outlier_topp import DEFAULT_M, check_m, reference_top_p_outlier_mask, top_p_outlier_mask
 from actsparse.methods.wina import WINA_BASE, column_norms, reference_wina_mask, wina_top_k_mask, wina_top_p_mask
-from actsparse.models.adapters import FFN
-from actsparse.sparsity.instrument import RuleSite, TokenContext, instrumented
-from actsparse.sparsity.rules import apply_mask
+from actsparse.sparsity.instrument import sparsify
+from actsparse.sparsity.registry import RULES
 from actsparse.sparsity.spec import SparsitySpec
-from actsparse.sparsity.stats import SparsityStats
 
 __all__ = [
     "ALLOCATIONS",
     "METHOD_RULES",
     "MethodOptions",
-    "MethodSite",
     "method_mask",
     "point_spec",
     "reference_method_mask",
     "sparsify",
+    "with_model_data",
 ]
 
-METHOD_RULES: tuple[str, ...] = ("wina_top_p", "wina_top_k", "top_p_outlier", "predictor")
-"""Rules whose mask needs data resolved from the model (run by `MethodSite`)."""
+METHOD_RULES: tuple[str, ...] = tuple(name for name, rule in RULES.items() if rule.method)
+"""Rules whose mask reads data resolved from the model (`method_mask`), from the registry."""
 
 ALLOCATIONS: tuple[str, ...] = ("uniform", "greedy")
 """How `threshold` spreads a model-level sparsity over layers: the same in each, or TEAL's greedy search."""
@@ -124,42 +119,20 @@ def reference_method_mask(v: torch.Tensor, rule: str, value: float, data: Any) -
     raise ValueError(f"no reference for {rule!r}")
 
 
-class MethodSite(RuleSite):
-    """A `RuleSite` for the method rules: the same counting, the mask from `method_mask`."""
-
-    def __init__(self, spec: SparsitySpec, layer: int, tokens: TokenContext, stats: SparsityStats):
-        super().__init__(spec, layer, tokens, stats)
-        self.x: torch.Tensor | None = None
-
-    def __call__(
-        self, vector: str, v: torch.Tensor, expert: int | None = None, token_index: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        if vector == "input":
-            self.x = v
-        return super().__call__(vector, v, expert, token_index)
-
-    def masked(self, vector: str, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        keep = method_mask(self.spec, self.layer, vector, v, self.x)
-        return apply_mask(v, keep), keep
-
-
-@contextmanager
-def sparsify(model: nn.Module, spec: SparsitySpec, layers: list[int] | None = None) -> Iterator[SparsityStats]:
-    """`instrument.sparsify` for a spec of any rule, method rules included."""
-    if spec.rule not in METHOD_RULES:
-        from actsparse.sparsity.instrument import sparsify as sparsify_rule
-
-        with sparsify_rule(model, spec, layers) as stats:
-            yield stats
-        return
-    if spec.data is None:
-        raise ValueError(f"{spec.rule} needs its data resolved from the model: use methods.point_spec")
-
-    def make_forward(ffn: FFN, tokens: TokenContext, stats: SparsityStats) -> Callable[..., torch.Tensor]:
-        return partial(ffn.adapter.forward, ffn.module, MethodSite(spec, ffn.layer, tokens, stats))
-
-    with instrumented(model, spec, layers, make_forward) as stats:
-        yield stats
+def with_model_data(model: nn.Module, spec: SparsitySpec, options: MethodOptions | None = None) -> SparsitySpec:
+    """`spec` with the data its method reads from the model alone: WINA's column norms, top_p_outlier's m.
+    A predictor is fitted on calibration text, so it needs a tokenizer: `point_spec` builds it."""
+    options = options or MethodOptions()
+    if spec.rule in WINA_BASE:
+        return SparsitySpec(spec.target, spec.rule, spec.value, data=column_norms(model))
+    if spec.rule == "top_p_outlier":
+        return SparsitySpec(spec.target, spec.rule, spec.value, data=check_m(options.outlier_m))
+    if spec.rule == "predictor":
+        raise ValueError(
+            "the predictor rule needs fitted predictors: build its spec with "
+            "actsparse.methods.point_spec(model, tokenizer, target, 'predictor', p, options)"
+        )
+    return spec
 
 
 def point_spec(
@@ -172,14 +145,10 @@ def point_spec(
 
         return SparsitySpec(target, rule, cached_thresholds(model, tokenizer, target, value, options))
     spec = SparsitySpec(target, rule, value)
-    if rule in WINA_BASE:
-        return SparsitySpec(target, rule, spec.value, data=column_norms(model))
-    if rule == "top_p_outlier":
-        return SparsitySpec(target, rule, spec.value, data=check_m(options.outlier_m))
     if rule == "predictor":
         from actsparse.methods.predictor import cached_predictors
 
         return SparsitySpec(
             target, rule, spec.value, data=cached_predictors(model, tokenizer, target, spec.value, options)
         )
-    return spec
+    return with_model_data(model, spec, options)

@@ -177,8 +177,10 @@ def load_model(
     if tokenizer.pad_token is None:  # batching needs one; padding never counts in the statistics
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     tokenizer.padding_side = "left"
-    if getattr(model.config, "_experts_implementation", None) not in (None, "eager"):
-        model.set_experts_implementation("eager")  # the sparsified experts run the eager loop too
+    from actsparse.models.adapters.moe import FORWARDS as EXPERTS_FORWARDS
+
+    if getattr(model.config, "_experts_implementation", None) not in (None, *EXPERTS_FORWARDS):
+        model.set_experts_implementation("grouped_mm")  # one that the sparsified experts follow (adapters.moe)
     if device_map is None:
         model.to(device)
     model.eval()

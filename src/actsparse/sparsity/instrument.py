@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from actsparse.models.adapters import FFN, find_ffns
-from actsparse.sparsity.rules import NonFiniteActivationError, masked
+from actsparse.sparsity.registry import get_rule
+from actsparse.sparsity.rules import NonFiniteActivationError, apply_mask, masked
 from actsparse.sparsity.spec import SparsitySpec
 from actsparse.sparsity.stats import SparsityStats
 
@@ -118,10 +119,14 @@ class RuleSite:
 
     def __init__(self, spec: SparsitySpec, layer: int, tokens: TokenContext, stats: SparsityStats):
         self.spec, self.layer, self.tokens, self.stats = spec, layer, tokens, stats
+        self.method = get_rule(spec.rule).method
+        self.x: torch.Tensor | None = None  # the FFN input, which the predictor reads
 
     def __call__(
         self, vector: str, v: torch.Tensor, expert: int | None = None, token_index: torch.Tensor | None = None
     ) -> torch.Tensor:
+        if vector == "input":
+            self.x = v
         if vector not in self.spec.vectors:
             return v
         try:
@@ -138,8 +143,13 @@ class RuleSite:
         return sparse
 
     def masked(self, vector: str, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sparsified v, keep-mask) of the spec's rule; `actsparse.methods` overrides it per method."""
-        return masked(v, self.spec.rule, self.spec.value_for(self.layer, vector))
+        """(sparsified v, keep-mask) of the spec's rule; a method rule's mask from `methods.method_mask`."""
+        if not self.method:
+            return masked(v, self.spec.rule, self.spec.value_for(self.layer, vector))
+        from actsparse.methods import method_mask
+
+        keep = method_mask(self.spec, self.layer, vector, v, self.x)
+        return apply_mask(v, keep), keep
 
 
 def select_ffns(model: nn.Module, layers: list[int] | None) -> list[FFN]:
@@ -165,8 +175,9 @@ def _forward_slot(module: nn.Module) -> str:
 def replaced_forwards(model: nn.Module, ffns: list[FFN], make_forward) -> Iterator[TokenContext]:
     """Replace each FFN's forward by `make_forward(ffn, tokens)` for the block; always restore.
 
-    On a module dispatched by accelerate the hook stays and calls the replacement, so device moves
-    and offloaded weights keep working.
+    A forward is recorded only once it is replaced, so a failure at any layer (in `make_forward`, or in
+    the block) restores every layer replaced so far and raises the original error. On a module dispatched
+    by accelerate the hook stays and calls the replacement, so device moves and offloaded weights keep working.
     """
     tokens = TokenContext()
     saved: list[tuple[nn.Module, str, Any]] = []
@@ -174,8 +185,9 @@ def replaced_forwards(model: nn.Module, ffns: list[FFN], make_forward) -> Iterat
     try:
         for ffn in ffns:
             slot = _forward_slot(ffn.module)
-            saved.append((ffn.module, slot, ffn.module.__dict__.get(slot)))
+            previous = ffn.module.__dict__.get(slot)
             setattr(ffn.module, slot, make_forward(ffn, tokens))
+            saved.append((ffn.module, slot, previous))
         yield tokens
     finally:
         handle.remove()
@@ -214,10 +226,16 @@ def instrumented(
 
 @contextmanager
 def sparsify(model: nn.Module, spec: SparsitySpec, layers: list[int] | None = None) -> Iterator[SparsityStats]:
-    """Sparsify `spec.target` of every FFN (or of `layers`) while the block runs.
+    """Sparsify `spec.target` of every FFN (or of `layers`) under any rule of the registry while the block runs.
 
-    Yields a `SparsityStats` that fills as the model runs; the model is restored on exit.
+    Yields a `SparsityStats` that fills as the model runs; the model is restored on exit. A method rule's
+    data that the model alone gives (WINA's column norms, top_p_outlier's default m) is resolved here; a
+    predictor must come fitted (`actsparse.methods.point_spec`).
     """
+    if isinstance(spec, SparsitySpec) and get_rule(spec.rule).method and spec.data is None:
+        from actsparse.methods import with_model_data
+
+        spec = with_model_data(model, spec)
 
     def make_forward(ffn: FFN, tokens: TokenContext, stats: SparsityStats) -> Callable[..., torch.Tensor]:
         return partial(ffn.adapter.forward, ffn.module, RuleSite(spec, ffn.layer, tokens, stats))

@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import torch
 
+from actsparse.sparsity.registry import RULES as REGISTRY
+from actsparse.sparsity.registry import get_rule
 from actsparse.speed.kernels._common import NonFiniteActivationError, apply_mask, check_finite, sorted_top_p_mask
 
 __all__ = [
@@ -122,12 +124,9 @@ def threshold(v: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
 
 
 RULES: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
-    "top_p": top_p_mask,
-    "top_k": top_k_mask,
-    "max_p": max_p_mask,
-    "threshold": threshold_mask,
+    name: rule.mask_fn() for name, rule in REGISTRY.items() if not rule.method
 }
-"""Rule name → mask function (v, value) → bool keep-mask."""
+"""Rule name → mask function (v, value) → bool keep-mask, of the rules that read v alone (from the registry)."""
 
 
 def masked(v: torch.Tensor, rule: str, value: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,7 +135,7 @@ def masked(v: torch.Tensor, rule: str, value: float) -> tuple[torch.Tensor, torc
         from actsparse.speed.kernels.topp import top_p_fast
 
         return top_p_fast(v, _check_fraction("p", value))
-    keep = RULES[rule](v, value)
+    keep = get_rule(rule).mask_fn()(v, value)
     return apply_mask(v, keep), keep
 
 

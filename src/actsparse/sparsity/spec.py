@@ -9,16 +9,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from actsparse.sparsity.registry import RULE_NAMES, get_rule
+
+__all__ = ["RULE_NAMES", "TARGETS", "VECTORS", "SparsitySpec", "Thresholds", "check_target", "target_vectors"]
+
 TARGETS: tuple[str, ...] = ("input", "gate", "up", "intermediate", "all_inputs")
 """The five targets of SPEC §1; `all_inputs` is `input` and `intermediate` together."""
 
 VECTORS: tuple[str, ...] = ("input", "gate", "up", "intermediate")
 """The four activation vectors a rule can act on."""
-
-RULE_NAMES: tuple[str, ...] = (
-    "top_p", "top_k", "max_p", "threshold", "wina_top_p", "wina_top_k", "top_p_outlier", "predictor",
-)  # fmt: skip
-"""The rules of `actsparse.sparsity.rules`, then the field's other methods (`actsparse.methods`)."""
 
 Thresholds = dict[int, dict[str, float]]
 """Calibrated thresholds: layer index → {vector: τ}."""
@@ -54,18 +53,12 @@ class SparsitySpec:
 
     def __post_init__(self) -> None:
         check_target(self.target)
-        if self.rule not in RULE_NAMES:
-            raise ValueError(f"unknown rule {self.rule!r}; choose one of {', '.join(RULE_NAMES)}")
+        rule = get_rule(self.rule)
+        rule.check_target(self.target)
         if self.rule == "threshold":
             object.__setattr__(self, "thresholds", _load_thresholds(self.value, self.target))
             return
-        try:
-            value = float(self.value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{self.rule} needs a number in [0, 1], got {self.value!r}") from None
-        if not (math.isfinite(value) and 0.0 <= value <= 1.0):
-            raise ValueError(f"{self.rule} value must lie in [0, 1], got {value}")
-        object.__setattr__(self, "value", value)
+        object.__setattr__(self, "value", rule.check_value(self.value))
 
     @property
     def vectors(self) -> tuple[str, ...]:

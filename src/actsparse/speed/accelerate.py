@@ -28,7 +28,7 @@ from torch import nn
 from actsparse.models.adapters import FFN
 from actsparse.models.adapters.base import GatedWeights
 from actsparse.sparsity.instrument import RuleSite, TokenContext, count_entries, instrumented, non_finite
-from actsparse.sparsity.rules import RULES
+from actsparse.sparsity.registry import RULES, get_rule
 from actsparse.sparsity.spec import SparsitySpec
 from actsparse.sparsity.stats import Key, SparsityStats
 from actsparse.speed.kernels import sparse_ffn_cpu
@@ -60,7 +60,7 @@ class _DecodeMasks:
 
     def __init__(self, spec: SparsitySpec, layer: int, tokens: TokenContext, stats: SparsityStats):
         self.spec, self.layer, self.tokens, self.stats = spec, layer, tokens, stats
-        self.mask_fn = RULES[spec.rule]
+        self.mask_fn = get_rule(spec.rule).mask_fn()
         self._cache: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
         self._real_seen: torch.Tensor | None = None
         self._one_real = True
@@ -134,7 +134,8 @@ class _DecodeMasks:
         return {(self.layer, v, "decode", None): totals[row] for row, v in vectors if totals[row, 2] > 0}
 
 
-_FUSED_RULES = frozenset(sparse_ffn_cpu.RULE_CODES)
+_FUSED_RULES = frozenset(name for name, rule in RULES.items() if "cpu_fused" in rule.kernels)
+"""The rules the fused C kernel serves (the registry's word; `sparse_ffn_cpu.RULE_CODES` holds their codes)."""
 
 
 def fusable(spec: SparsitySpec, weights: GatedWeights) -> bool:
@@ -208,6 +209,9 @@ def _parameters_of(module: nn.Module, tensors: list[torch.Tensor]) -> list[nn.Pa
 def accelerate(model: nn.Module, spec: SparsitySpec, layers: list[int] | None = None) -> Iterator[SparsityStats]:
     """Like `sparsify(model, spec, layers)`, with sparse kernels in decode; restores the model on exit
     (its weights too: the same bits at the same addresses)."""
+    if isinstance(spec, SparsitySpec) and get_rule(spec.rule).method:
+        rule = get_rule(spec.rule)
+        raise ValueError(f"accelerate has no kernels for {rule.name}, whose mask reads {', '.join(rule.needs)}")
     steps: list[DecodeStep] = []
     relaid = ExitStack()
 

@@ -15,19 +15,14 @@ depend only on the results, so a rerun replays the search from the stored points
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from actsparse.analysis import THRESHOLD, Critical, critical_sparsity
+from actsparse.sparsity.registry import PAPER_GRID, RULES, get_rule
 
-DENSE_VALUE = {"top_p": 1.0, "top_k": 1.0, "max_p": 0.0}
-"""Each rule's value that keeps every entry; the other end of [0, 1] is its sparsest value."""
-
-PAPER_GRID: tuple[float, ...] = (
-    1.0, 0.995, 0.99, 0.985, 0.98, 0.975, 0.97, 0.96, 0.95, 0.94, 0.93, 0.92, 0.91,
-    0.90, 0.85, 0.80, 0.75, 0.70, 0.65, 0.60, 0.50, 0.40, 0.30, 0.20, 0.10, 0.0,
-)  # fmt: skip
-"""The paper's grid of p (SPEC §4): the default scan grid."""
+DENSE_VALUE = {name: rule.dense for name, rule in RULES.items()}
+"""Each rule's value that keeps every entry (from the registry, which also holds its sparsest value)."""
 
 DEFAULT_PRECISION = 0.02
 """Default precision of the critical sparsity, in achieved sparsity (two points)."""
@@ -55,15 +50,15 @@ class Bisection:
 
     rule: str
     precision: float = DEFAULT_PRECISION
-    grid: Sequence[float] = PAPER_GRID
+    grid: Sequence[float] | None = None  # None: the rule's own grid (`Rule.grid`)
     stride: int = STRIDE
     threshold: float = THRESHOLD
     refine: bool = False
     points: dict[float, tuple[float, float]] = field(default_factory=dict)  # in evaluation order
 
     def __post_init__(self) -> None:
-        if self.rule not in DENSE_VALUE:
-            raise ValueError(f"bisection needs a rule with a value in [0, 1]: {', '.join(DENSE_VALUE)}")
+        rule = get_rule(self.rule)
+        self.grid = tuple(rule.check_value(v) for v in (rule.grid if self.grid is None else self.grid))
         if not 0 < self.precision < 1:
             raise ValueError(f"--precision is a fraction of sparsity in (0, 1), got {self.precision}")
         if self.stride < 1:
@@ -71,14 +66,14 @@ class Bisection:
 
     @property
     def dense_value(self) -> float:
-        return DENSE_VALUE[self.rule]
+        return get_rule(self.rule).dense
 
     @property
     def ordered(self) -> list[float]:
         """The grid's values and the sparsest value, from the densest to the sparsest, dense excluded."""
-        sparsest = 1.0 - self.dense_value
-        values = ({float(v) for v in self.grid} | {sparsest}) - {self.dense_value}
-        return sorted(values, reverse=self.dense_value == 1.0)
+        rule = get_rule(self.rule)
+        assert self.grid is not None
+        return rule.ordered(({float(v) for v in self.grid} | {rule.sparsest}) - {rule.dense})
 
     @property
     def scan(self) -> list[float]:
@@ -156,11 +151,17 @@ def bisect_curves(
     curves: Sequence[tuple[str, str]],
     measure: Measure,
     precision: float = DEFAULT_PRECISION,
-    grid: Sequence[float] = PAPER_GRID,
+    grid: Sequence[float] | None = None,
     refine: bool = False,
+    grids: Mapping[str, Sequence[float]] | None = None,
 ) -> dict[tuple[str, str], Bisection]:
-    """Search every (target, rule) curve; each round asks `measure` for the next value of all open curves."""
-    searches = {(target, rule): Bisection(rule, precision, grid, refine=refine) for target, rule in curves}
+    """Search every (target, rule) curve; each round asks `measure` for the next value of all open curves.
+
+    A rule's grid is `grids[rule]`, else `grid`, else its own (`Rule.grid`)."""
+    grids = grids or {}
+    searches = {
+        (target, rule): Bisection(rule, precision, grids.get(rule, grid), refine=refine) for target, rule in curves
+    }
     while True:
         wanted = {c: v for c, s in searches.items() if (v := s.next_value()) is not None}
         if not wanted:

@@ -16,18 +16,18 @@ from typing import Any
 
 from actsparse.diffusion.scoring import DiffusionOptions
 from actsparse.models.loading import DEFAULT_MODEL
-from actsparse.sparsity.spec import RULE_NAMES, TARGETS, SparsitySpec
+from actsparse.sparsity.registry import RULE_NAMES, RULES, get_rule
+from actsparse.sparsity.spec import TARGETS
 from actsparse.study.executors import Executor, LocalExecutor, PointContext, make_executor
 from actsparse.study.progress import SweepProgress
 from actsparse.study.search import DEFAULT_PRECISION, PAPER_GRID
 from actsparse.study.store import PointKey, RunStore, StoreError, atomic_path, check_writable, reference_path
 
 PAPER_VALUES: tuple[float, ...] = PAPER_GRID
-"""The paper's grid of p (SPEC §4), 26 points (defined in `search`, whose default scan grid it is)."""
+"""The paper's grid of p (SPEC §4), 26 points (defined in the registry, as top_p's own grid)."""
 
-DEFAULT_VALUES: tuple[float, ...] = (0.99, 0.95, 0.85)
-"""p values around the 99 % crossing of a small model (smollm2-135m loses about 2 % at p = 0.99 and
-18 % at p = 0.85 on `input`), few enough for a 2-core machine; `--values paper` for the full grid."""
+DEFAULT_VALUES: tuple[float, ...] = get_rule("top_p").sweep_values
+"""top_p's default values (each rule has its own: `Rule.sweep_values` in `actsparse.sparsity.registry`)."""
 
 DEFAULT_TARGETS: tuple[str, ...] = ("input", "gate", "up", "intermediate")
 DEFAULT_TASKS: tuple[str, ...] = ("arc_easy", "piqa")
@@ -37,7 +37,7 @@ under 15 minutes on 2 CPU cores. For a study use `--limit all --values paper` an
 statistics help, but 80 documents still leave intervals of several points of sparsity."""
 
 SWEEP_RULES: tuple[str, ...] = RULE_NAMES
-"""Rules a sweep can grid over; for `threshold` each value is a target sparsity, calibrated per point."""
+"""Rules a sweep can grid over (the registry's); for `threshold` each value is a target sparsity."""
 
 BACKENDS = ("native", "lm-eval")
 SEARCHES = ("grid", "bisect")
@@ -50,7 +50,7 @@ class SweepConfig:
     model: str = DEFAULT_MODEL
     targets: Sequence[str] = DEFAULT_TARGETS
     rules: Sequence[str] = ("top_p",)
-    values: Sequence[float] = DEFAULT_VALUES
+    values: Sequence[float] | None = None  # None: each rule's own (`Rule.sweep_values`; bisect: `Rule.grid`)
     tasks: Sequence[Any] = DEFAULT_TASKS
     limit: int | None = DEFAULT_LIMIT
     seed: int = 0
@@ -93,22 +93,25 @@ class SweepConfig:
             unknown = [g for g in given if g not in allowed]
             if unknown:
                 raise ValueError(f"unknown {name} {unknown[0]!r}; choose from {', '.join(allowed)}")
-        if not self.values:
+        if self.values is not None and not self.values:
             raise ValueError("no values given")
-        for rule in self.rules:
-            for value in self.values:
-                if rule == "threshold" and not 0.0 <= float(value) <= 1.0:
-                    raise ValueError(f"threshold's values are target sparsities in [0, 1], got {value}")
-                if rule != "threshold":
-                    SparsitySpec(self.targets[0], rule, value)  # raises on a value outside [0, 1]
+        if self.search not in SEARCHES:
+            raise ValueError(f"unknown search {self.search!r}; choose from {', '.join(SEARCHES)}")
+        for name in self.rules:
+            rule = get_rule(name)
+            for target in self.targets:
+                rule.check_target(target)
+            for value in self.values_for(name):
+                rule.check_value(value)
+            if self.search == "bisect":
+                from actsparse.study.search import Bisection
+
+                Bisection(name, self.precision, self.values_for(name), refine=self.refine)
         self.method_options().validate()
-        if "predictor" in self.rules and not set(self.targets) <= {"gate", "up", "intermediate"}:
-            raise ValueError("the predictor rule guesses d-dimensional masks: targets gate, up or intermediate only")
-        method_rules = sorted(set(self.rules) & {"wina_top_p", "wina_top_k", "top_p_outlier", "predictor", "threshold"})
-        if self.accelerate and method_rules:
-            raise ValueError(
-                f"--accelerate runs the rules of actsparse.sparsity.rules only, not {', '.join(method_rules)}"
-            )
+        unaccelerated = [name for name in self.rules if get_rule(name).needs]  # calibrated or fitted per point
+        if self.accelerate and unaccelerated:
+            plain = [name for name, rule in RULES.items() if not rule.needs]
+            raise ValueError(f"--accelerate runs {', '.join(plain)} only, not {', '.join(unaccelerated)}")
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; choose from {', '.join(BACKENDS)}")
         if self.limit is not None and self.limit < 1:
@@ -123,8 +126,6 @@ class SweepConfig:
         if self.gpus_per_point < 0 or self.cpus_per_point <= 0:
             raise ValueError("--gpus-per-point must be ≥ 0 and --cpus-per-point > 0")
         self.executor_for()  # an unknown executor, or Ray options without Ray, is refused here
-        if self.search not in SEARCHES:
-            raise ValueError(f"unknown search {self.search!r}; choose from {', '.join(SEARCHES)}")
         if not 0 < self.precision < 1:
             raise ValueError(f"--precision is a fraction of sparsity in (0, 1), got {self.precision}")
         if self.until_ci is not None:
@@ -182,6 +183,13 @@ class SweepConfig:
             self.validate()
         return self._tasks
 
+    def values_for(self, rule: str) -> tuple[float, ...]:
+        """The values of `rule` this sweep evaluates (grid) or scans (bisect): the given ones, else the rule's own."""
+        if self.values is not None:
+            return tuple(float(v) for v in self.values)
+        own = get_rule(rule)
+        return own.grid if self.search == "bisect" else own.sweep_values
+
     def method_options(self) -> Any:
         """The methods' settings (`actsparse.methods.MethodOptions`), caching into the run folder."""
         from actsparse.methods import MethodOptions
@@ -233,7 +241,7 @@ def plan(config: SweepConfig) -> list[PointKey]:
         PointKey(target, rule, float(value), task)
         for target in config.targets
         for rule in config.rules
-        for value in config.values
+        for value in config.values_for(rule)
         for task in names
     ]
     return dense + sparse
@@ -350,7 +358,8 @@ class _Driver:
                 self.run(self.pending(keys), progress)
                 return {p: _measured(self.store, p, dense) for p in points}
 
-            found = bisect_curves(curves, measure, config.precision, config.values, config.refine)
+            grids = {rule: config.values_for(rule) for rule in config.rules}
+            found = bisect_curves(curves, measure, config.precision, refine=config.refine, grids=grids)
         self.store.set_meta(
             "search",
             {
@@ -358,7 +367,8 @@ class _Driver:
                 "precision": config.precision,
                 "refine": config.refine,
                 "unit": "achieved sparsity",
-                "grid": [float(v) for v in config.values],
+                "grid": max((list(g) for g in grids.values()), key=len),  # the longest: a report names one grid
+                "grids": {rule: list(grid) for rule, grid in grids.items()},
                 "evaluated": {
                     f"{target}/{rule}": [[v, s, p] for v, (s, p) in b.points.items()]
                     for (target, rule), b in found.items()
