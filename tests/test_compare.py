@@ -83,45 +83,47 @@ def _methods_store(path, docs_of, rules=("top_p", "top_k"), tasks=("mc",), n=30)
     return path
 
 
-GOLD = {None: 0.8, 0.9: 0.796, 0.7: 0.78, 0.5: 0.7}  # normalised: 0.995 at 20 %, 0.975 at 40 %, 0.875 at 60 %
+SCORE = {None: 0.8, 0.9: 0.796, 0.7: 0.78, 0.5: 0.7}  # normalised: 0.995 at 20 %, 0.975 at 40 %, 0.875 at 60 %
+KL = {0.9: 0.01, 0.7: 0.05, 0.5: 0.2}
 
 
 def _exact(task, rule, value, i):
-    """Every answer right at every point; top_p's gold probability falls as GOLD, top_k's one point sooner."""
-    gold = GOLD[{None: None, 0.9: 0.7, 0.7: 0.5, 0.5: 0.5}[value]] if rule == "top_k" else GOLD[value]
-    return DocResult(i, 1.0, {"acc": 1.0, "p_gold": gold}, answer="0")
+    """Every document scores SCORE (top_k one point sooner) with the same answer; KL grows, twice on top_k."""
+    shifted = {None: None, 0.9: 0.7, 0.7: 0.5, 0.5: 0.5}[value] if rule == "top_k" else value
+    kl = None if value is None else KL[value] * (2 if rule == "top_k" else 1)
+    return DocResult(i, SCORE[shifted], {"acc": SCORE[shifted]}, answer="0", kl=kl, tokens=10)
 
 
-def test_compare_headlines_the_low_noise_crossing_with_accuracy_beside_it(tmp_path):
+def test_compare_headlines_the_papers_crossing_with_damage_at_matched_sparsity_beside_it(tmp_path):
     run = _methods_store(tmp_path / "run", _exact)
     paths = write_comparison([run], tmp_path / "cmp", resamples=50)
     rows = json.loads(paths[1].read_text())["targets"]["intermediate"]
     top_p, top_k = rows
     assert (top_p["method"], top_k["method"]) == ("top_p", "top_k")
-    assert top_p["low_noise_metrics"] == {"mc": "p_gold"}
     # top_p: 0.995 at 20 %, 0.975 at 40 %: 99 % is crossed a quarter of the way, at 25 %; no document
     # differs from another, so every resample gives 25 % (a zero-width interval), not censored
-    low = top_p["critical_sparsity"]["low_noise"]
-    assert (low["value"], low["ci_low"], low["ci_high"]) == pytest.approx((0.25, 0.25, 0.25))
-    assert low["censored"] == {"below": False, "above": False} and not low["lower_bound"]
+    c = top_p["critical_sparsity"]
+    assert (c["value"], c["ci_low"], c["ci_high"]) == pytest.approx((0.25, 0.25, 0.25))
+    assert c["censored"] == {"below": False, "above": False} and not c["lower_bound"]
     # top_k: 1 at 0 %, 0.975 at 20 %: crossed at 8 %, below the lowest sparsity reached: censored below
-    low_k = top_k["critical_sparsity"]["low_noise"]
-    assert (low_k["value"], low_k["ci_low"], low_k["ci_high"]) == pytest.approx((0.08, 0.08, 0.08))
-    assert low_k["censored"] == {"below": True, "above": False}
-    diff = top_k["diff_to_top_p"]["low_noise"]
+    k = top_k["critical_sparsity"]
+    assert (k["value"], k["ci_low"], k["ci_high"]) == pytest.approx((0.08, 0.08, 0.08))
+    assert k["censored"] == {"below": True, "above": False}
+    diff = top_k["diff_to_top_p"]
     assert (diff["value"], diff["ci_low"], diff["ci_high"]) == pytest.approx((-0.17, -0.17, -0.17))
-    # accuracy never falls: a lower bound at the highest sparsity reached, censored above
-    for r in rows:
-        acc = r["critical_sparsity"]["accuracy"]
-        assert acc["lower_bound"] and acc["value"] == acc["ci_high"] == pytest.approx(0.6)
-        assert acc["censored"] == {"below": False, "above": True}
-    md = paths[0].read_text()
-    assert "| target | method | critical sparsity, low-noise [95 % CI] | Δ to top_p, low-noise [95 % CI] | " in md
-    assert (
-        "| intermediate | top_p | 25.0 % [25.0 %, 25.0 %] | – | ≥ 60.0 % [60.0 %, 60.0 %] (censored above) | – |" in md
+    # KL at 40 %: 0.05 on top_p, 0.10 on top_k; agreement is 1 on both: no ordering by it
+    kl = {r["sparsity"]: r for r in top_k["damage_vs_top_p"]["kl"]}
+    assert kl[0.4]["value"] == pytest.approx(0.05) and kl[0.4]["better"] == ["intermediate", "top_p"]
+    assert all(r["better"] is None for r in top_k["damage_vs_top_p"]["agreement"])
+    assert top_k["verdict"] == (
+        "top_k vs top_p: top_p has the higher critical sparsity (-17.0 pts [-17.0, -17.0]); "
+        "intermediate/top_p is damaged less by mean KL at 25 %, 40 %, 50 %"
     )
-    assert "| top_k | 8.0 % [8.0 %, 8.0 %] (censored below) | -17.0 pts [-17.0, -17.0] | ≥ 60.0 %" in md
-    assert "Low-noise measure on intermediate: mc: gold probability." in md
+    md = paths[0].read_text()
+    assert "| target | method | critical sparsity [95 % CI] | Δ to top_p [95 % CI] | mean KL @25% |" in md
+    assert "| intermediate | top_p | 25.0 % [25.0 %, 25.0 %] | – | 0.0200 |" in md
+    assert "| intermediate | top_k | 8.0 % [8.0 %, 8.0 %] (censored below) | -17.0 pts [-17.0, -17.0] |" in md
+    assert "gold" not in md and "low-noise" not in md
     assert (tmp_path / "cmp" / "compare_intermediate.png").stat().st_size > 0
 
 
@@ -135,18 +137,14 @@ def _noisy(task, rule, value, i):
     return DocResult(i, correct, {"acc": correct, "p_gold": correct} if task == "mc" else {"exact_match": correct})
 
 
-def test_one_resample_serves_both_measures_and_every_method(tmp_path):
+def test_one_resample_serves_every_method_and_every_measure(tmp_path):
     run = _methods_store(tmp_path / "run", _noisy, rules=("top_p", "top_k", "wina_top_p"), tasks=("mc", "gen"), n=40)
     methods, _ = load_methods(run)
     rows = {r["rule"]: r for r in compare(methods, resamples=200)["intermediate"]}
-    assert rows["top_p"]["low_noise_metrics"] == {"mc": "p_gold", "gen": "exact_match"}  # gen: its score stands in
     # top_k is top_p on the same documents: in every resample the difference is exactly 0
-    for measure in ("low_noise", "accuracy"):
-        d = rows["top_k"]["diff_to_top_p"][measure]
-        assert d["value"] == d["ci_low"] == d["ci_high"] == 0.0
-    # the gold probability is the 0/1 score: one draw for both measures gives the same intervals
-    for r in rows.values():
-        assert r["critical_sparsity"]["low_noise"] == r["critical_sparsity"]["accuracy"]
-        assert r.get("diff_to_top_p", {}).get("low_noise") == r.get("diff_to_top_p", {}).get("accuracy")
-    wina = rows["wina_top_p"]["diff_to_top_p"]["low_noise"]
+    d = rows["top_k"]["diff_to_top_p"]
+    assert d["value"] == d["ci_low"] == d["ci_high"] == 0.0
+    for proxy in ("agreement",):
+        assert all(r["value"] == r["ci_low"] == r["ci_high"] == 0.0 for r in rows["top_k"]["damage_vs_top_p"][proxy])
+    wina = rows["wina_top_p"]["diff_to_top_p"]
     assert wina["ci_low"] < wina["ci_high"]  # a real interval, so the equality above says something
