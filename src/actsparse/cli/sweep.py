@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from actsparse.cli.common import add_model_argument, at_least, comma_list, one_of, parse_limit
-from actsparse.diffusion.scoring import DiffusionOptions
+from actsparse.diffusion.options import DiffusionOptions
 from actsparse.models.placement import add_dtypes_argument, add_placement_arguments
 from actsparse.sparsity.spec import TARGETS
 from actsparse.study.executors import EXECUTORS
@@ -239,12 +239,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.dtypes and args.dtype != "auto":
         raise ValueError("give --dtype or --dtypes, not both")
-    quiet_libraries(args.verbose)
     config = config_from_args(args)
     console = Console(stderr=True)
     if args.dtypes:
+        quiet_libraries(args.verbose)
         return _run_dtypes(args, config, console)
-    config.validate()
+    config.validate()  # before transformers is imported (quiet_libraries): a bad argument answers at once
+    quiet_libraries(args.verbose)
     check_writable(config.out, create=False)
     # others stored there: refused before loading
     bound_settings = check_settings(config.out, config.settings(), UNBOUND_WITH_POINTS)

@@ -10,11 +10,12 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from actsparse.speed.kernels.cbuild import cache_dir
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -73,6 +74,7 @@ def _converted(gguf: Path) -> Path:
 
 def _from_gguf(gguf: Path) -> Path:
     """Dequantise a GGUF file once into a cached Hugging Face folder; return that folder."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = _converted(gguf)
@@ -149,7 +151,7 @@ def _hub_message(name: str) -> str:
 
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
-    dtype: torch.dtype | str = torch.float32,
+    dtype: torch.dtype | str = "float32",
     device: str | torch.device = "cpu",
     device_map: str | dict[str, Any] | None = None,
 ) -> tuple[Any, Any]:
@@ -158,6 +160,7 @@ def load_model(
     `device_map` ('auto', 'balanced', or a module → device dict) spreads a model larger than one
     device over the GPUs (and CPU or disk) through accelerate; `device` is then ignored.
     """
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if isinstance(dtype, str):

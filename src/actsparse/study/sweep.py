@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from actsparse.diffusion.scoring import DiffusionOptions
+from actsparse.diffusion.options import DiffusionOptions
 from actsparse.models.loading import DEFAULT_MODEL
 from actsparse.sparsity.spec import RULE_NAMES, TARGETS, SparsitySpec
 from actsparse.study.executors import Executor, LocalExecutor, PointContext, make_executor
