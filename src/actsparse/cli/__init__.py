@@ -7,7 +7,7 @@ import importlib
 import sys
 from typing import Any
 
-from actsparse.cli.common import HelpFormatter
+from actsparse.cli.common import HelpFormatter, make_console
 
 COMMANDS = (
     "profile",
@@ -55,9 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except (ValueError, RuntimeError, OSError) as err:
-        from rich.console import Console
-
-        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False)
+        make_console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False)
         return 2
 
 

@@ -4,11 +4,29 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from actsparse.models.loading import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+LOG_WIDTH = 200
+"""Columns of a table written to a file or a log (a terminal's own width otherwise)."""
+
+
+def make_console(stderr: bool = False) -> Console:
+    """A rich Console on stdout (or stderr) that wraps lines only in a terminal: written to a file or a log, a
+    message stays one line and a table keeps whole rows."""
+    from rich.console import Console
+
+    if (sys.stderr if stderr else sys.stdout).isatty():
+        return Console(stderr=stderr)
+    return Console(stderr=stderr, soft_wrap=True, width=LOG_WIDTH)
 
 
 def disk_size(path: Path) -> int:

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from actsparse.cli.common import add_model_argument, at_least, check_output_file, read_text_file
+from actsparse.cli.common import add_model_argument, at_least, check_output_file, make_console, read_text_file
 from actsparse.models.placement import add_placement_arguments
 from actsparse.sparsity.spec import RULE_NAMES, TARGETS
 
@@ -37,7 +37,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from rich.console import Console
     from rich.table import Table
 
     from actsparse import SparsitySpec, load_model, sparsify
@@ -51,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     text = read_text_file(args.text_file, "--text-file") if args.text_file else DEFAULT_TEXT
     if args.json:
         check_output_file(args.json)
-    console = Console()
+    console = make_console()
     with console.status(f"loading {args.model}"):
         model, tokenizer = load_model(args.model, where.dtype, where.device)
     batch = tokenizer(text, return_tensors="pt", truncation=True, max_length=args.max_tokens).to(model.device)

@@ -14,7 +14,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from actsparse.cli.common import add_model_argument, add_sample_arguments, comma_list, parse_limit
+from actsparse.cli.common import add_model_argument, add_sample_arguments, comma_list, make_console, parse_limit
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -38,7 +38,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
-    from rich.console import Console
 
     from actsparse.analysis import _finite
     from actsparse.evaluate import evaluate_task
@@ -61,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     docs = {n: select_docs(t, args.limit, args.seed) for n, t in tasks.items()}
     check_writable(args.out)
     command = "actsparse " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["sensitivity"] else "actsparse sensitivity"
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     from actsparse.models.loading import load_model
 
     model, tokenizer = load_model(args.model)

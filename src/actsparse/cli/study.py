@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from actsparse.cli.common import add_model_argument, comma_list, parse_limit
+from actsparse.cli.common import add_model_argument, comma_list, make_console, parse_limit
 from actsparse.models.placement import add_placement_arguments
 from actsparse.study.sweep import DEFAULT_TARGETS, SEARCHES
 
@@ -137,8 +137,6 @@ def _hours(seconds: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from actsparse.models.loading import load_model
     from actsparse.models.placement import quiet_libraries
     from actsparse.study.sweep import prepare, run_sweep
@@ -149,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     config = study_config(args)
     store, doc_ids = prepare(config)  # validates and binds the folder before any model work
     store.close()
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     where = config.placement
     console.print(f"study of {config.model} on {where.device} in {where.dtype} → {config.out}", highlight=False)
     model, tokenizer = load_model(config.model, where.dtype, where.device)

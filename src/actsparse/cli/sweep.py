@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from actsparse.cli.common import add_model_argument, at_least, comma_list, one_of, parse_limit
+from actsparse.cli.common import add_model_argument, at_least, comma_list, make_console, one_of, parse_limit
 from actsparse.diffusion.options import DiffusionOptions
 from actsparse.models.placement import add_dtypes_argument, add_placement_arguments
 from actsparse.sparsity.spec import TARGETS
@@ -231,8 +231,6 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from actsparse.models.placement import quiet_libraries
     from actsparse.study.store import RunStore, check_settings, check_writable
     from actsparse.study.sweep import UNBOUND_WITH_POINTS, run_sweep
@@ -240,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dtypes and args.dtype != "auto":
         raise ValueError("give --dtype or --dtypes, not both")
     config = config_from_args(args)
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     if args.dtypes:
         quiet_libraries(args.verbose)
         return _run_dtypes(args, config, console)

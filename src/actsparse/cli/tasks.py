@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
-from actsparse.cli.common import disk_size
+from actsparse.cli.common import disk_size, make_console
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -52,7 +51,6 @@ def _mb(n: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     rows = task_rows()
@@ -62,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     for r in rows:
         docs = "missing" if r["documents"] is None else str(r["documents"])
         table.add_row(r["task"], r["kind"], r["split"], r["metric"], docs, _mb(r["bytes"]))
-    console = Console() if sys.stdout.isatty() else Console(width=120)  # a log keeps whole rows
+    console = make_console()
     console.print(table)
     total = sum(r["documents"] or 0 for r in rows)
     console.print(f"{total} documents in all; `actsparse study` scores every one of them", highlight=False)

@@ -245,7 +245,11 @@ UNBOUND_WITH_POINTS = {"dtype": "float32"}
 
 
 def prepare(config: SweepConfig) -> tuple[RunStore, dict[str, list[int] | None]]:
-    """Validate, open the store and fix each task's documents (all before loading a model)."""
+    """Validate, open the store and fix each task's documents (all before loading a model).
+
+    A folder without points is bound to these settings by the first point stored, not here: a run that
+    fails before it (a model whose dense baseline is not finite) leaves the folder free for another model.
+    """
     config.validate()
     if (config.out / "precision.json").exists():
         raise StoreError(f"{config.out} holds a --dtypes sweep (one folder per dtype): rerun it with --dtypes")
@@ -255,7 +259,7 @@ def prepare(config: SweepConfig) -> tuple[RunStore, dict[str, list[int] | None]]
         if store.get_meta("dtype") is None and store.keys():  # a folder from before dtypes were bound
             store.set_meta("dtype", UNBOUND_WITH_POINTS["dtype"])
         for key, value in config.settings().items():
-            store.bind(key, value)
+            store.bind(key, value, with_first_point=True)
         doc_ids: dict[str, list[int] | None] = {}
         for task in config.resolved_tasks:
             from actsparse.tasks import TASK_NAMES, get_task, select_docs
@@ -265,15 +269,16 @@ def prepare(config: SweepConfig) -> tuple[RunStore, dict[str, list[int] | None]]
             else:  # the same seeded sample with either backend
                 ids = select_docs(get_task(task) if isinstance(task, str) else task, config.limit, config.seed)
             name = _name(task)
-            store.bind(f"docs/{name}", ids)
+            store.bind(f"docs/{name}", ids, with_first_point=True)
             doc_ids[name] = ids
         known = (store.get_meta("settings") or {}).get("tasks", [])
         tasks = known + [t for t in doc_ids if t not in known]
-        store.set_meta("settings", {**config.settings(), "tasks": tasks})
+        store.set_meta("settings", {**config.settings(), "tasks": tasks}, with_first_point=True)
         from actsparse.study.provenance import provenance
 
         where = config.placement
-        store.set_meta("provenance", provenance(config.model, where.device, where.dtype, config.argv))
+        record = provenance(config.model, where.device, where.dtype, config.argv)
+        store.set_meta("provenance", record, with_first_point=True)
     except BaseException:
         store.close()
         raise
@@ -393,8 +398,11 @@ class _Driver:
                     path = reference_path(self.config.out, key.task)
                     path.parent.mkdir(parents=True, exist_ok=True)
                     tmp = atomic_path(path)
-                    outcome.reference.save(tmp)
-                    os.replace(tmp, path)
+                    try:
+                        outcome.reference.save(tmp)
+                        os.replace(tmp, path)
+                    finally:  # a full disk leaves no partial file behind
+                        tmp.unlink(missing_ok=True)
                     context.references[key.task] = outcome.reference
                 self.store.put(key, outcome.result, outcome.seconds)  # no-op if the dense point was stored
                 if not self.executor.reports_documents:
