@@ -53,7 +53,7 @@ def test_the_mistyped_alias_is_refused_offline_and_binds_nothing(
 ) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("COLUMNS", "500")
-    monkeypatch.chdir(tmp_path)  # the default run folder, runs/sweep, is relative
+    monkeypatch.chdir(tmp_path)  # the default run folder, runs/MODEL, is relative
     assert cli.main(["sweep", "--model", "smollm2-135"]) == 2
     assert "unknown model 'smollm2-135': did you mean smollm2-135m?" in _err(capsys)
     assert not (tmp_path / "runs").exists()

@@ -11,9 +11,11 @@ from tiny import tiny_lm
 
 from actsparse import cli
 from actsparse.cli.study import expected_values, study_config
+from actsparse.cli.tasks import KIND_ORDER
 from actsparse.study.provenance import command_line, model_source
 from actsparse.study.store import RunStore
 from actsparse.study.sweep import PAPER_VALUES
+from actsparse.tasks import EXTRA_TASK_NAMES, TASK_NAMES
 
 
 def test_study_defaults_are_the_papers_study(tmp_path: Path) -> None:
@@ -74,10 +76,16 @@ def test_study_prints_and_records_its_estimate_then_resumes(
 
 def test_tasks_lists_the_offline_suite_with_counts(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert cli.main(["tasks", "--json", str(tmp_path / "t.json")]) == 0
-    rows = {r["task"]: r for r in json.loads((tmp_path / "t.json").read_text())}
-    assert len(rows) == 10 and rows["arc_easy"]["documents"] == 570 and rows["piqa"]["documents"] == 1838
+    listed = json.loads((tmp_path / "t.json").read_text())
+    rows = {r["task"]: r for r in listed}
+    assert set(rows) == set(TASK_NAMES + EXTRA_TASK_NAMES), "every task a command accepts"
+    assert sum(r["suite"] for r in listed) == 10 and rows["arc_easy"]["documents"] == 570
+    assert rows["piqa"]["documents"] == 1838 and rows["humaneval_bpb"]["documents"] == 164
     assert all(r["bytes"] > 0 for r in rows.values())
-    assert "arc_easy" in capsys.readouterr().out
+    kinds = [r["kind"] for r in listed]
+    assert kinds == sorted(kinds, key=KIND_ORDER.index), "grouped by kind"
+    out = capsys.readouterr().out
+    assert "arc_easy" in out and "gsm8k_bpb" in out
 
 
 def test_models_lists_the_aliases_with_files_and_quantisation(tmp_path: Path) -> None:

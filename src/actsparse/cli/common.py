@@ -81,6 +81,12 @@ def model_reference(text: str) -> str:
     return text
 
 
+def run_folder(model: str, prefix: str = "") -> Path:
+    """runs/PREFIX+NAME, the default run folder of a model: NAME is its alias, or the name of its folder, its .gguf
+    file or its hub repository (so that two models' runs never share a folder by default)."""
+    return Path("runs") / f"{prefix}{Path(model).name.removesuffix('.gguf')}"
+
+
 def add_model_argument(parser: argparse.ArgumentParser) -> None:
     """`--model`, as every command that loads one takes it."""
     parser.add_argument(

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from actsparse.cli.common import add_model_argument, comma_list, make_console, parse_limit
+from actsparse.cli.common import add_model_argument, comma_list, make_console, parse_limit, run_folder
 from actsparse.models.placement import add_placement_arguments
 from actsparse.study.sweep import DEFAULT_TARGETS, SEARCHES
 
@@ -50,7 +50,7 @@ def study_config(args: argparse.Namespace) -> Any:
     from actsparse.cli.sweep import run_options
     from actsparse.study.sweep import PAPER_VALUES, SweepConfig
 
-    out = args.out or Path("runs") / f"study-{Path(args.model).name.removesuffix('.gguf')}"
+    out = args.out or run_folder(args.model, "study-")
     return SweepConfig(
         model=args.model,
         targets=comma_list(args.targets),

@@ -6,7 +6,15 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from actsparse.cli.common import add_model_argument, at_least, comma_list, make_console, one_of, parse_limit
+from actsparse.cli.common import (
+    add_model_argument,
+    at_least,
+    comma_list,
+    make_console,
+    one_of,
+    parse_limit,
+    run_folder,
+)
 from actsparse.diffusion.options import DiffusionOptions
 from actsparse.models.placement import add_dtypes_argument, add_placement_arguments
 from actsparse.sparsity.spec import TARGETS
@@ -80,7 +88,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--limit", type=parse_limit, default=DEFAULT_LIMIT, help="documents per task (seeded sample), or 'all'"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the document sample and of the bootstrap")
-    p.add_argument("--out", type=Path, default=Path("runs/sweep"), help="run folder (results.sqlite, summary.json)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="run folder: results.sqlite, summary.json (default: runs/MODEL, the alias or the model's folder, "
+        "file or repository name)",
+    )
     p.add_argument("--accelerate", action="store_true", help="run sparse kernels (actsparse.speed.accelerate)")
     p.add_argument(
         "--backend", choices=BACKENDS, default="native", help="native (fast, with KL) or lm-eval (any lm-eval task)"
@@ -237,6 +251,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.dtypes and args.dtype != "auto":
         raise ValueError("give --dtype or --dtypes, not both")
+    args.out = args.out or run_folder(args.model)
     config = config_from_args(args)
     console = make_console(stderr=True)
     if args.dtypes:
