@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import re
 import sys
@@ -64,8 +65,21 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except (ValueError, RuntimeError, OSError) as err:
-        make_console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False)
+        from rich.markup import escape
+
+        make_console(stderr=True).print(f"[bold red]error:[/] {escape(error_line(err))}", highlight=False)
         return 2
+
+
+def error_line(err: Exception) -> str:
+    """The one line a failed command prints: what happened and, where the error leaves it out, what to do."""
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        where = f" to write {err.filename}" if err.filename else ""
+        return (
+            f"no space left on the device{where}: free space, then rerun the same command "
+            "(a sweep resumes where it stopped; what it stored is kept)"
+        )
+    return " ".join(str(err).split())
 
 
 if __name__ == "__main__":
