@@ -188,9 +188,9 @@ def test_a_mistyped_alias_is_refused_before_any_hub_call(
     capsys.readouterr()
     assert sweep(out, "0.9,0.5", model="smollm3-135m") == 2
     assert first_line(capsys) == (
-        "actsparse sweep: error: argument --model: unknown model 'smollm3-135m': did you mean smollm2-135m? --model takes an alias "
-        "(smollm2-135m, gemma3-270m), a folder, a .gguf file or a hub id owner/name (`actsparse models` lists "
-        "those here) (see actsparse sweep --help)"
+        "actsparse sweep: error: argument --model: unknown model 'smollm3-135m': did you mean smollm2-135m? "
+        "--model takes an alias (smollm2-135m, gemma3-270m), a folder, a .gguf file or a hub id owner/name "
+        "(`actsparse models` lists those here) (see actsparse sweep --help)"
     )
     assert folder_bytes(out) == before
     assert tiny_models == ["org/tiny"], "nothing loaded for the typo"

@@ -102,7 +102,6 @@ class SweepConfig:
                     raise ValueError(f"threshold's values are target sparsities in [0, 1], got {value}")
                 if rule != "threshold":
                     SparsitySpec(self.targets[0], rule, value)  # raises on a value outside [0, 1]
-        self.method_options().validate()
         if "predictor" in self.rules and not set(self.targets) <= {"gate", "up", "intermediate"}:
             raise ValueError("the predictor rule guesses d-dimensional masks: targets gate, up or intermediate only")
         method_rules = sorted(set(self.rules) & {"wina_top_p", "wina_top_k", "top_p_outlier", "predictor", "threshold"})
@@ -118,12 +117,10 @@ class SweepConfig:
             raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.batch_tokens is not None and self.batch_tokens < 1:
             raise ValueError(f"--batch-tokens must be at least 1 (or auto), got {self.batch_tokens}")
-        self._placement = self._resolve_placement()
         if not self.tasks:
             raise ValueError("no tasks given")
         if self.gpus_per_point < 0 or self.cpus_per_point <= 0:
             raise ValueError("--gpus-per-point must be ≥ 0 and --cpus-per-point > 0")
-        self.executor_for()  # an unknown executor, or Ray options without Ray, is refused here
         if self.search not in SEARCHES:
             raise ValueError(f"unknown search {self.search!r}; choose from {', '.join(SEARCHES)}")
         if not 0 < self.precision < 1:
@@ -135,15 +132,20 @@ class SweepConfig:
                 raise ValueError("--until-ci adds documents beyond --limit: give a --limit, not 'all'")
             if self.backend != "native":
                 raise ValueError("--until-ci needs the native backend (it adds documents to the dense reference)")
+        self._tasks = [self._resolve(t) for t in self.tasks]
+        names = [_name(t) for t in self._tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"a task is listed twice: {', '.join(names)}")
+        # the checks above import nothing heavy, so that a bad argument answers at once; these import torch
+        # (methods, the device), Ray or the sparse kernels
+        self.method_options().validate()
+        self._placement = self._resolve_placement()
+        self.executor_for()  # an unknown executor, or Ray options without Ray, is refused here
         if self.accelerate:
             try:
                 import actsparse.speed.accelerate  # noqa: F401
             except ImportError as err:
                 raise ValueError(f"--accelerate is not available here: {err}") from None
-        self._tasks = [self._resolve(t) for t in self.tasks]
-        names = [_name(t) for t in self._tasks]
-        if len(set(names)) != len(names):
-            raise ValueError(f"a task is listed twice: {', '.join(names)}")
 
     def _resolve(self, task: Any) -> Any:
         if not isinstance(task, str):
