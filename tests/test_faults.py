@@ -249,3 +249,31 @@ def test_a_sweep_without_out_uses_a_folder_of_its_model(
         assert sqlite3.connect(tmp_path / "runs" / name / "results.sqlite").execute(
             "SELECT COUNT(*) FROM points"
         ).fetchone() == (2,)
+
+
+def test_an_unreachable_hub_fails_at_once_without_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offline without HF_HUB_OFFLINE, a hub id that is not cached here used to cost a minute of retries."""
+    import socket
+
+    import huggingface_hub
+
+    from actsparse.models import loading
+    from actsparse.models.loading import ModelNotAvailableError
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    probes: list[tuple] = []
+
+    def unreachable(address, timeout=None):
+        probes.append(address)
+        raise OSError("Name or service not known")
+
+    def no_hub_call(*args, **kwargs):
+        raise AssertionError("the hub was called")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.setattr("transformers.utils.cached_file", no_hub_call)
+    with pytest.raises(ModelNotAvailableError, match="the hub could not be reached or has no such model"):
+        loading.check_model("no-such-org/no-such-model")
+    with pytest.raises(ModelNotAvailableError, match="the hub could not be reached or has no such model"):
+        loading.load_model("no-such-org/no-such-model")
+    assert probes == [("huggingface.co", 443)] * 2

@@ -151,10 +151,32 @@ def check_model(name_or_path: str) -> None:
     elif kind == "hub":
         from transformers.utils import cached_file
 
+        check_hub(name_or_path)
         try:
             cached_file(name_or_path, "config.json")
         except OSError as err:
             raise ModelNotAvailableError(_hub_message(name_or_path)) from err
+
+
+def check_hub(name: str) -> None:
+    """ModelNotAvailableError at once, not after a minute of retries, for a hub id that is neither in the local
+    cache nor reachable (HF_HUB_OFFLINE=1 fails fast by itself; a cached model loads without the network)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    try:
+        cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except ValueError:  # not a valid repository id: the hub call below says so
+        cached = False
+    if constants.HF_HUB_OFFLINE or cached:
+        return
+    endpoint = urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=5).close()
+    except OSError:
+        raise ModelNotAvailableError(_hub_message(name)) from None
 
 
 def _hub_message(name: str) -> str:
@@ -181,6 +203,8 @@ def load_model(
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     kind, path = resolve(name_or_path)
+    if kind == "hub":
+        check_hub(name_or_path)
     source = str(_from_gguf(path) if kind == "gguf" and path is not None else path or name_or_path)
     model_class = _diffusion_class(path) if kind == "folder" and path is not None else None
     model_class = model_class or AutoModelForCausalLM

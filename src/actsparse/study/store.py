@@ -223,10 +223,9 @@ class RunStore:
                         seconds,
                     ),
                 )
-                self._db.executemany(
-                    _INSERT_DOC,
-                    [_doc_row(cur.lastrowid, d) for d in result.docs],
-                )
+                point_id = cur.lastrowid
+                assert point_id is not None  # the rowid of the row just inserted
+                self._db.executemany(_INSERT_DOC, [_doc_row(point_id, d) for d in result.docs])
         self._with_first_point.clear()  # written: the folder is bound
         return new
 
