@@ -432,14 +432,6 @@ def table(records: list[dict[str, Any]], title: str) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from actsparse.models.placement import device_kind, from_args
-
-    where = from_args(args)  # a bad --device or --dtype, or cuda without a GPU: exit 2 before any work
-    if where.device.startswith("cuda:"):
-        torch.cuda.set_device(torch.device(where.device))  # the ops below run on "cuda", the current device
-    device, dtype = device_kind(where.device), where.torch_dtype
     sparsities = [float(s) for s in args.sparsities.split(",")]
     if any(not 0.0 <= s < 1.0 for s in sparsities):
         raise ValueError("sparsities must lie in [0, 1)")
@@ -447,6 +439,14 @@ def run(args: argparse.Namespace) -> int:
     unknown = set(ops) - {"gemv", "ffn", "decode"}
     if unknown:
         raise ValueError(f"unknown ops {sorted(unknown)}; choose from gemv, ffn, decode")
+    import torch  # here: the checks above answer without it
+
+    from actsparse.models.placement import device_kind, from_args
+
+    where = from_args(args)  # a bad --device or --dtype, or cuda without a GPU: exit 2 before any work
+    if where.device.startswith("cuda:"):
+        torch.cuda.set_device(torch.device(where.device))  # the ops below run on "cuda", the current device
+    device, dtype = device_kind(where.device), where.torch_dtype
     if args.threads:
         torch.set_num_threads(args.threads)
     on_cpu = device == "cpu"

@@ -24,19 +24,19 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from actsparse.models.loading import load_model
     from actsparse.sparsity.spec import check_target
-    from actsparse.speed.calibrate import calibrate, calibration_batches, calibration_text, save_thresholds
 
     check_target(args.target)
     if not 0.0 <= args.sparsity <= 1.0:
         raise ValueError(f"--sparsity must lie in [0, 1], got {args.sparsity}")
     if args.tokens < 1 or args.seq_len < 1:
         raise ValueError("--tokens and --seq-len must be positive")
+    check_output_file(args.out)  # before loading and calibrating, not after
+    from actsparse.models.loading import load_model
     from actsparse.models.placement import from_args
+    from actsparse.speed.calibrate import calibrate, calibration_batches, calibration_text, save_thresholds
 
     where = from_args(args)
-    check_output_file(args.out)  # before loading and calibrating, not after
     text = calibration_text() if args.data is None else read_text_file(args.data, "--data")
     console = make_console()
     with console.status(f"loading {args.model}"):

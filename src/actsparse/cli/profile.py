@@ -36,20 +36,22 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-    from rich.table import Table
-
-    from actsparse import SparsitySpec, load_model, sparsify
-    from actsparse.models.placement import from_args
+    from actsparse.sparsity.spec import SparsitySpec
 
     value = args.value if args.rule == "threshold" else _number(args.value)
     if args.rule == "threshold":
         _check_calibration_file(Path(args.value))
     spec = SparsitySpec(args.target, args.rule, value)  # validated before any model work
-    where = from_args(args)
     text = read_text_file(args.text_file, "--text-file") if args.text_file else DEFAULT_TEXT
     if args.json:
         check_output_file(args.json)
+    import torch  # here: the checks above answer without it
+    from rich.table import Table
+
+    from actsparse import load_model, sparsify
+    from actsparse.models.placement import from_args
+
+    where = from_args(args)
     console = make_console()
     with console.status(f"loading {args.model}"):
         model, tokenizer = load_model(args.model, where.dtype, where.device)

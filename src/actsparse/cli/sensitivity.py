@@ -56,16 +56,8 @@ def every_kth(layers: list[int], every: int) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
-
-    from actsparse.analysis import _finite
-    from actsparse.evaluate import evaluate_task
-    from actsparse.report.structure import densities, save, sensitivity_figure, task_layer_heatmap
-    from actsparse.sparsity.instrument import select_ffns
     from actsparse.sparsity.spec import SparsitySpec
     from actsparse.study.store import atomic_path, check_writable
-    from actsparse.study.structure import layer_sensitivity, record_tokens, retention
     from actsparse.tasks import get_task, select_docs
 
     spec = SparsitySpec(args.target, "top_p", args.p)  # bad target or p: an error before model work
@@ -77,6 +69,15 @@ def run(args: argparse.Namespace) -> int:
     tasks = {n: get_task(n) for n in names}
     docs = {n: select_docs(t, args.limit, args.seed) for n, t in tasks.items()}
     check_writable(args.out)
+    import numpy as np  # here: the checks above answer without torch
+    import torch
+
+    from actsparse.analysis import _finite
+    from actsparse.evaluate import evaluate_task
+    from actsparse.report.structure import densities, save, sensitivity_figure, task_layer_heatmap
+    from actsparse.sparsity.instrument import select_ffns
+    from actsparse.study.structure import layer_sensitivity, record_tokens, retention
+
     command = "actsparse " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["sensitivity"] else "actsparse sensitivity"
     console = make_console(stderr=True)
     from actsparse.models.loading import load_model

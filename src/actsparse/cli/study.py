@@ -143,10 +143,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.probe_docs < 1:
         raise ValueError(f"--probe-docs must be at least 1, got {args.probe_docs}")
-    quiet_libraries(args.verbose)
     config = study_config(args)
     store, doc_ids = prepare(config)  # validates and binds the folder before any model work
     store.close()
+    quiet_libraries(args.verbose)  # imports transformers: after the arguments are checked
     console = make_console(stderr=True)
     where = config.placement
     console.print(f"study of {config.model} on {where.device} in {where.dtype} → {config.out}", highlight=False)
