@@ -84,7 +84,9 @@ def model_reference(text: str) -> str:
 def run_folder(model: str, prefix: str = "") -> Path:
     """runs/PREFIX+NAME, the default run folder of a model: NAME is its alias, or the name of its folder, its .gguf
     file or its hub repository (so that two models' runs never share a folder by default)."""
-    return Path("runs") / f"{prefix}{Path(model).name.removesuffix('.gguf')}"
+    path = Path(model).expanduser()
+    name = (path.resolve() if path.exists() else path).name  # `--model .` is a folder with a name too
+    return Path("runs") / f"{prefix}{name.removesuffix('.gguf')}"
 
 
 def add_model_argument(parser: argparse.ArgumentParser) -> None:
