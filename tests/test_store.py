@@ -101,10 +101,12 @@ def test_foreign_sqlite_is_refused_and_left_untouched(tmp_path: Path) -> None:
 def test_unwritable_folder_is_a_clear_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(StoreError, match="not writable"):
+    with pytest.raises(StoreError, match=r"/file is a file, not a folder"):
         check_writable(blocker / "run")
-    with pytest.raises(StoreError, match="not writable"):
+    with pytest.raises(StoreError, match=r"/file is a file, not a folder"):
         RunStore.open(blocker / "run")
+    with pytest.raises(StoreError, match=r"/file is a file, not a folder"):
+        check_writable(blocker / "run", create=False)
 
 
 def test_opening_a_missing_store_without_create(tmp_path: Path) -> None:

@@ -11,14 +11,16 @@ from tiny import tiny_lm
 
 from actsparse import cli
 from actsparse.cli.study import expected_values, study_config
+from actsparse.cli.tasks import KIND_ORDER
 from actsparse.sparsity.registry import RULES
 from actsparse.study.provenance import command_line, model_source
 from actsparse.study.store import RunStore
 from actsparse.study.sweep import PAPER_VALUES
+from actsparse.tasks import EXTRA_TASK_NAMES, TASK_NAMES
 
 
 def test_study_defaults_are_the_papers_study(tmp_path: Path) -> None:
-    args = cli.build_parser().parse_args(["study", "--model", "m", "--out", str(tmp_path)])
+    args = cli.build_parser().parse_args(["study", "--model", "org/m", "--out", str(tmp_path)])
     config = study_config(args)
     assert config.values_for("top_p") == PAPER_VALUES and len(PAPER_VALUES) == 26
     assert config.values_for("max_p") == RULES["max_p"].grid != PAPER_VALUES  # max_p on its own unit's grid
@@ -42,7 +44,7 @@ def test_study_prints_and_records_its_estimate_then_resumes(
 
     monkeypatch.setattr("actsparse.models.loading.load_model", tiny)
     out = tmp_path / "study"
-    common = ["study", "--model", "tiny", "--out", str(out), "--tasks", "arc_easy,piqa", "--limit", "3"]
+    common = ["study", "--model", "org/tiny", "--out", str(out), "--tasks", "arc_easy,piqa", "--limit", "3"]
     assert cli.main([*common, "--probe-docs", "2", "--estimate-only"]) == 0
     err = " ".join(capsys.readouterr().err.split())
     assert "estimate:" in err and "from a probe of 2 documents per task" in err
@@ -52,7 +54,7 @@ def test_study_prints_and_records_its_estimate_then_resumes(
     assert record["grids"] == {rule: list(RULES[rule].grid) for rule in ("top_p", "max_p")}
     assert set(record["probe"]) == {"arc_easy", "piqa"} and record["documents"] == {"arc_easy": 3, "piqa": 3}
     assert record["seconds"]["most"] >= record["seconds"]["typical"] > 0
-    assert loads == [("tiny", "float32", "cpu")]
+    assert loads == [("org/tiny", "float32", "cpu")]
     with RunStore.open(out) as store:
         assert store.keys() == set(), "--estimate-only stores no point"
     args = [
@@ -75,15 +77,21 @@ def test_study_prints_and_records_its_estimate_then_resumes(
     assert cli.main(args) == 0  # resumes: nothing left to do, nothing stored twice
     with RunStore.open(out) as store:
         assert store.keys() == first
-        assert store.get_meta("provenance")["command"].startswith("actsparse study --model tiny")
+        assert store.get_meta("provenance")["command"].startswith("actsparse study --model org/tiny")
 
 
 def test_tasks_lists_the_offline_suite_with_counts(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert cli.main(["tasks", "--json", str(tmp_path / "t.json")]) == 0
-    rows = {r["task"]: r for r in json.loads((tmp_path / "t.json").read_text())}
-    assert len(rows) == 10 and rows["arc_easy"]["documents"] == 570 and rows["piqa"]["documents"] == 1838
+    listed = json.loads((tmp_path / "t.json").read_text())
+    rows = {r["task"]: r for r in listed}
+    assert set(rows) == set(TASK_NAMES + EXTRA_TASK_NAMES), "every task a command accepts"
+    assert sum(r["suite"] for r in listed) == 10 and rows["arc_easy"]["documents"] == 570
+    assert rows["piqa"]["documents"] == 1838 and rows["humaneval_bpb"]["documents"] == 164
     assert all(r["bytes"] > 0 for r in rows.values())
-    assert "arc_easy" in capsys.readouterr().out
+    kinds = [r["kind"] for r in listed]
+    assert kinds == sorted(kinds, key=KIND_ORDER.index), "grouped by kind"
+    out = capsys.readouterr().out
+    assert "arc_easy" in out and "gsm8k_bpb" in out
 
 
 def test_models_lists_the_aliases_with_files_and_quantisation(tmp_path: Path) -> None:

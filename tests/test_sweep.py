@@ -168,7 +168,7 @@ def test_unwritable_run_dir_is_refused(tmp_path: Path, capsys: pytest.CaptureFix
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert cli.main(["sweep", "--out", str(blocker / "run")]) == 2
-    assert "is not writable" in _err(capsys)
+    assert f"{blocker} is a file, not a folder" in _err(capsys)
 
 
 def test_corrupt_or_mismatched_store_is_refused_and_kept(

@@ -117,6 +117,6 @@ def test_until_ci_survives_a_kill_between_batches(exhausted, tmp_path, monkeypat
 )
 def test_bad_until_ci_is_refused_before_any_model_work(tmp_path, capsys, args, message):
     out = tmp_path / "run"
-    assert cli.main(["sweep", "--model", "no-such-model", "--out", str(out), "--no-progress", *args]) == 2
+    assert cli.main(["sweep", "--model", "org/no-such-model", "--out", str(out), "--no-progress", *args]) == 2
     assert re.search(message, capsys.readouterr().err)
     assert not (out / "results.sqlite").exists()

@@ -13,16 +13,26 @@ The public API:
 
 The rest is organised by step (see the README's flow table): models, sparsity, methods, tasks, evaluate,
 study, analysis, report, speed, cli.
+
+The public names load on first use, so that the command line answers `--help` and argument errors
+without importing torch or transformers.
 """
 
-from actsparse.models.adapters import SUPPORTED_MODEL_TYPES, UnsupportedModelError, find_ffns
-from actsparse.models.loading import DEFAULT_MODEL, ModelNotAvailableError, load_model
-from actsparse.sparsity import rules
-from actsparse.sparsity.instrument import sparsify
-from actsparse.sparsity.rules import NonFiniteActivationError
-from actsparse.sparsity.spec import RULE_NAMES, TARGETS, SparsitySpec
-from actsparse.sparsity.stats import SparsityStats
-from actsparse.speed.accelerate import accelerate
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from actsparse._lazy import lazy_attributes
+
+if TYPE_CHECKING:
+    from actsparse.models.adapters import SUPPORTED_MODEL_TYPES, UnsupportedModelError, find_ffns
+    from actsparse.models.loading import DEFAULT_MODEL, ModelNotAvailableError, load_model
+    from actsparse.sparsity import rules
+    from actsparse.sparsity.instrument import sparsify
+    from actsparse.sparsity.rules import NonFiniteActivationError
+    from actsparse.sparsity.spec import RULE_NAMES, TARGETS, SparsitySpec
+    from actsparse.sparsity.stats import SparsityStats
+    from actsparse.speed.accelerate import accelerate
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -41,3 +51,23 @@ __all__ = [
     "sparsify",
 ]
 __version__ = "0.1.0"
+
+__getattr__, __dir__ = lazy_attributes(
+    __name__,
+    {
+        "DEFAULT_MODEL": "actsparse.models.loading",
+        "ModelNotAvailableError": "actsparse.models.loading",
+        "load_model": "actsparse.models.loading",
+        "SUPPORTED_MODEL_TYPES": "actsparse.models.adapters",
+        "UnsupportedModelError": "actsparse.models.adapters",
+        "find_ffns": "actsparse.models.adapters",
+        "RULE_NAMES": "actsparse.sparsity.spec",
+        "TARGETS": "actsparse.sparsity.spec",
+        "SparsitySpec": "actsparse.sparsity.spec",
+        "rules": "actsparse.sparsity",
+        "sparsify": "actsparse.sparsity.instrument",
+        "NonFiniteActivationError": "actsparse.sparsity.rules",
+        "SparsityStats": "actsparse.sparsity.stats",
+        "accelerate": "actsparse.speed.accelerate",
+    },
+)

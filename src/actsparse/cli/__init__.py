@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import re
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
-from actsparse.cli.common import HelpFormatter
+from actsparse.cli.common import HelpFormatter, make_console
 
 COMMANDS = (
     "profile",
@@ -26,7 +28,15 @@ COMMANDS = (
 """Subcommand modules of actsparse.cli; each has `add_parser(subparsers)` and `run(args)`."""
 
 
-class _SubcommandParser(argparse.ArgumentParser):
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line that names the command and its --help, not the usage block first."""
+
+    def error(self, message: str) -> NoReturn:
+        message = re.sub(r"^argument (\S+): (?=\1\b)", "", message)  # 'argument --limit: --limit 0 ...' once
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _SubcommandParser(_Parser):
     """A subcommand's parser: its --help shows the defaults, unless it names another formatter_class."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -35,7 +45,7 @@ class _SubcommandParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="actsparse", description=__doc__)
+    parser = _Parser(prog="actsparse", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_SubcommandParser)
     for name in COMMANDS:
         module = importlib.import_module(f"actsparse.cli.{name}")
@@ -55,10 +65,21 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except (ValueError, RuntimeError, OSError) as err:
-        from rich.console import Console
+        from rich.markup import escape
 
-        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False)
+        make_console(stderr=True).print(f"[bold red]error:[/] {escape(error_line(err))}", highlight=False)
         return 2
+
+
+def error_line(err: Exception) -> str:
+    """The one line a failed command prints: what happened and, where the error leaves it out, what to do."""
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        where = f" to write {err.filename}" if err.filename else ""
+        return (
+            f"no space left on the device{where}: free space, then rerun the same command "
+            "(a sweep resumes where it stopped; what it stored is kept)"
+        )
+    return " ".join(str(err).split())
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from actsparse.cli.common import comma_list
+from actsparse.cli.common import comma_list, make_console
 
 SPARSITIES = (0.0, 0.25, 0.5, 0.7, 0.9)
 GEMV_SHAPES = ("14336x4096", "4096x14336", "28672x8192", "1536x576", "576x1536")
@@ -377,6 +377,8 @@ def bench_decode(sparsities, device: str, dtype, args) -> list[dict]:
                     timing="cuda-eager" if device == "cuda" else "cpu-wall",
                     kernel="+".join(ran) or "pytorch",
                     decoder=sparse_loop,
+                    model=name,
+                    rule=rule,
                     dense_best=f"{best[1]} ({best[0]})",
                     **extra,
                 )
@@ -395,17 +397,41 @@ def _list(text: str | None, all_values: tuple[str, ...], default: tuple[str, ...
     return all_values if text == "all" else tuple(comma_list(text))
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
-    from rich.console import Console
+TABLE_COLUMNS = ("op", "shape", "s", "meas.", "dense", "sparse", "speed-up", "limit ×", "ideal", "kernel")
+"""The compact table, whole at 100 columns: nominal and measured sparsity, the best dense and the sparse time (µs),
+their ratio, that of the gathered limit (gemv, ffn) and the ideal 1/(1 − measured); the rest is in --json."""
+
+
+def table_row(r: dict[str, Any]) -> tuple[str, ...]:
+    """A record's cells under TABLE_COLUMNS; a decode row's shape is its rule (model and loop are in the title)."""
+    return (
+        r["op"],
+        r.get("rule", r["shape"]) if r["op"] == "decode" else r["shape"],
+        f"{r['sparsity']:.2f}",
+        f"{r['measured_sparsity']:.3f}",
+        f"{r['dense_us']:.1f}",
+        f"{r['sparse_us']:.1f}",
+        f"{r['speedup']:.2f}×",
+        f"{r['limit_speedup']:.2f}×" if "limit_speedup" in r else "-",
+        f"{r['ideal']:.2f}×",
+        r["kernel"],
+    )
+
+
+def table(records: list[dict[str, Any]], title: str) -> Any:
+    """The rich Table of `records`, without borders, so that it reads whole at 100 columns."""
     from rich.table import Table
 
-    from actsparse.models.placement import device_kind, from_args
+    decode = sorted({f"{r['model']} ({r['decoder']} loop)" for r in records if "model" in r})
+    grid = Table(title=f"{title}; times in µs" + (f"; decode: {', '.join(decode)}" if decode else ""), box=None)
+    for column in TABLE_COLUMNS:
+        grid.add_column(column, justify="left" if column in ("op", "shape", "kernel") else "right", no_wrap=True)
+    for r in records:
+        grid.add_row(*table_row(r))
+    return grid
 
-    where = from_args(args)  # a bad --device or --dtype, or cuda without a GPU: exit 2 before any work
-    if where.device.startswith("cuda:"):
-        torch.cuda.set_device(torch.device(where.device))  # the ops below run on "cuda", the current device
-    device, dtype = device_kind(where.device), where.torch_dtype
+
+def run(args: argparse.Namespace) -> int:
     sparsities = [float(s) for s in args.sparsities.split(",")]
     if any(not 0.0 <= s < 1.0 for s in sparsities):
         raise ValueError("sparsities must lie in [0, 1)")
@@ -413,13 +439,21 @@ def run(args: argparse.Namespace) -> int:
     unknown = set(ops) - {"gemv", "ffn", "decode"}
     if unknown:
         raise ValueError(f"unknown ops {sorted(unknown)}; choose from gemv, ffn, decode")
+    import torch  # here: the checks above answer without it
+
+    from actsparse.models.placement import device_kind, from_args
+
+    where = from_args(args)  # a bad --device or --dtype, or cuda without a GPU: exit 2 before any work
+    if where.device.startswith("cuda:"):
+        torch.cuda.set_device(torch.device(where.device))  # the ops below run on "cuda", the current device
+    device, dtype = device_kind(where.device), where.torch_dtype
     if args.threads:
         torch.set_num_threads(args.threads)
     on_cpu = device == "cpu"
     shapes = _list(args.shapes, GEMV_SHAPES, SMALL if on_cpu else GEMV_SHAPES)
     ffn_shapes = _list(args.ffn_shapes, FFN_SHAPES, ("576x1536",) if on_cpu else FFN_SHAPES)
 
-    console = Console() if sys.stdout.isatty() else Console(width=160)  # a log keeps whole rows
+    console = make_console()
     records: list[dict] = []
     torch.manual_seed(0)
     with torch.no_grad():
@@ -438,40 +472,12 @@ def run(args: argparse.Namespace) -> int:
     from actsparse.speed.benchmarking import load_average
 
     threads = torch.get_num_threads() if on_cpu else None
-    title = f"decode speed on {device} ({dtype}" + (f", {threads} threads" if threads else "")
-    table = Table(title=f"{title}; load average {load_average()} at the end)")
-    columns = (
-        "op",
-        "shape",
-        "sparsity",
-        "measured",
-        "dense µs",
-        "sparse µs",
-        "speed-up",
-        "gather ×",
-        "limit µs",
-        "limit ×",
+    title = f"decode speed on {device} ({str(dtype).removeprefix('torch.')}" + (
+        f", {threads} threads" if threads else ""
     )
-    for column in (*columns, "1/(1−s)", "kernel", "timing", "load"):
-        table.add_column(column, justify="left" if column in ("op", "shape", "kernel") else "right")
-    for r in records:
-        table.add_row(
-            r["op"],
-            r["shape"],
-            f"{r['sparsity']:.2f}",
-            f"{r['measured_sparsity']:.3f}",
-            f"{r['dense_us']:.1f}",
-            f"{r['sparse_us']:.1f}",
-            f"{r['speedup']:.2f}×",
-            f"{r['gather_speedup']:.2f}×" if "gather_speedup" in r else "-",
-            f"{r['limit_us']:.1f}" if "limit_us" in r else "-",
-            f"{r['limit_speedup']:.2f}×" if "limit_speedup" in r else "-",
-            f"{r['ideal']:.2f}×",
-            r["kernel"],
-            r["timing"],
-            r["load"],
-        )
-    console.print(table)
+    console.print(table(records, f"{title}; load average {load_average()} at the end)"))
+    if not args.json:
+        console.print("each row's timing, load, loops and every time measured: --json FILE", highlight=False)
     if args.json:
         args.json.write_text(json.dumps(records, indent=2) + "\n")
     return 0

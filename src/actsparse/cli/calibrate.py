@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from actsparse.cli.common import add_model_argument, check_output_file, read_text_file
+from actsparse.cli.common import add_model_argument, check_output_file, make_console, read_text_file
 from actsparse.models.placement import add_placement_arguments
 from actsparse.sparsity.spec import TARGETS
 
@@ -24,23 +24,21 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from actsparse.models.loading import load_model
     from actsparse.sparsity.spec import check_target
-    from actsparse.speed.calibrate import calibrate, calibration_batches, calibration_text, save_thresholds
 
     check_target(args.target)
     if not 0.0 <= args.sparsity <= 1.0:
         raise ValueError(f"--sparsity must lie in [0, 1], got {args.sparsity}")
     if args.tokens < 1 or args.seq_len < 1:
         raise ValueError("--tokens and --seq-len must be positive")
+    check_output_file(args.out)  # before loading and calibrating, not after
+    from actsparse.models.loading import load_model
     from actsparse.models.placement import from_args
+    from actsparse.speed.calibrate import calibrate, calibration_batches, calibration_text, save_thresholds
 
     where = from_args(args)
-    check_output_file(args.out)  # before loading and calibrating, not after
     text = calibration_text() if args.data is None else read_text_file(args.data, "--data")
-    console = Console()
+    console = make_console()
     with console.status(f"loading {args.model}"):
         model, tokenizer = load_model(args.model, where.dtype, where.device)
     batches = calibration_batches(tokenizer, text, args.tokens, args.seq_len)

@@ -4,12 +4,29 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from actsparse.models.loading import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+LOG_WIDTH = 200
+"""Columns of a table written to a file or a log (a terminal's own width otherwise)."""
+
+
+def make_console(stderr: bool = False) -> Console:
+    """A rich Console on stdout (or stderr) that wraps lines only in a terminal: written to a file or a log, a
+    message stays one line and a table keeps whole rows."""
+    from rich.console import Console
+
+    if (sys.stderr if stderr else sys.stdout).isatty():
+        return Console(stderr=stderr)
+    return Console(stderr=stderr, soft_wrap=True, width=LOG_WIDTH)
 
 
 def disk_size(path: Path) -> int:
@@ -48,14 +65,35 @@ def parse_limit(text: str) -> int | None:
         limit = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"--limit takes a number of documents or 'all', got {text!r}") from None
-    if limit == 0:  # would score no document; it once meant 'all', silently
-        raise argparse.ArgumentTypeError("--limit 0 would score no document: give a positive number, or 'all'")
+    if limit < 1:  # 0 once meant 'all', silently
+        raise argparse.ArgumentTypeError(f"--limit {limit} would score no document: give a positive number, or 'all'")
     return limit
+
+
+def model_reference(text: str) -> str:
+    """An argparse type for `--model`: a mistyped alias is a usage error (exit 2), before any hub call."""
+    from actsparse.models.loading import ModelNotAvailableError, check_reference
+
+    try:
+        check_reference(text)
+    except ModelNotAvailableError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def run_folder(model: str, prefix: str = "") -> Path:
+    """runs/PREFIX+NAME, the default run folder of a model: NAME is its alias, or the name of its folder, its .gguf
+    file or its hub repository (so that two models' runs never share a folder by default)."""
+    path = Path(model).expanduser()
+    name = (path.resolve() if path.exists() else path).name  # `--model .` is a folder with a name too
+    return Path("runs") / f"{prefix}{name.removesuffix('.gguf')}"
 
 
 def add_model_argument(parser: argparse.ArgumentParser) -> None:
     """`--model`, as every command that loads one takes it."""
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="alias, folder, .gguf file or hub id")
+    parser.add_argument(
+        "--model", type=model_reference, default=DEFAULT_MODEL, help="alias, folder, .gguf file or hub id owner/name"
+    )
 
 
 def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,7 +123,12 @@ def check_output_file(path: Path) -> None:
     """Refuse an output file that cannot be written (ValueError) before any model work; writes nothing there."""
     if path.is_dir():
         raise ValueError(f"{path} is a folder: give the path of a file to write")
+    from actsparse.study.store import file_in_the_way
+
     folder = path.parent
+    blocker = file_in_the_way(folder)
+    if blocker is not None:
+        raise ValueError(f"cannot write {path}: {blocker} is a file, not a folder")
     if not folder.is_dir():
         raise ValueError(f"cannot write {path}: the folder {folder} does not exist")
     try:

@@ -7,6 +7,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from actsparse.cli.common import make_console
+
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
@@ -23,8 +25,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from actsparse.analysis.comparison import write_comparison
 
     if args.resamples < 10:
@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{run_dir} is not a sweep folder (no results.sqlite)")
     command = "actsparse " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["compare"] else ""
     paths = write_comparison(args.run_dirs, args.out or args.run_dirs[0], args.resamples, command)
-    console = Console()
+    console = make_console()
     console.print(paths[0].read_text(), highlight=False)
     console.print(f"wrote {', '.join(str(p) for p in paths)}", highlight=False)
     return 0

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
-from actsparse.cli.common import disk_size
+from actsparse.cli.common import disk_size, make_console
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -58,7 +57,6 @@ def model_rows() -> list[dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     rows = model_rows()
@@ -74,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
             else ("no (made on first load)" if r["kind"] == "alias" and r["available"] else "")
         )
         table.add_row(r["model"], r["kind"], size, r.get("quantisation") or "", cached, where)
-    (Console() if sys.stdout.isatty() else Console(width=200)).print(table)  # a log keeps whole rows
+    make_console().print(table)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0

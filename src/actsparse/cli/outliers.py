@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from actsparse.cli.common import add_model_argument, comma_list
+from actsparse.cli.common import add_model_argument, comma_list, make_console
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -22,8 +22,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from actsparse.methods.outlier_topp import check_m
     from actsparse.sparsity.spec import VECTORS
 
@@ -39,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from actsparse.study.outliers import find_outliers, table
 
     text = calibration_text(args.data)
-    console = Console()
+    console = make_console()
     with console.status(f"loading {args.model}"):
         from actsparse.models.loading import load_model
 

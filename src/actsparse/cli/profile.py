@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from actsparse.cli.common import add_model_argument, at_least, check_output_file, read_text_file
+from actsparse.cli.common import add_model_argument, at_least, check_output_file, make_console, read_text_file
 from actsparse.models.placement import add_placement_arguments
 from actsparse.sparsity.registry import RULE_NAMES, RULES
 from actsparse.sparsity.spec import TARGETS
@@ -46,23 +46,24 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-    from rich.console import Console
-    from rich.table import Table
-
-    from actsparse import SparsitySpec, load_model, sparsify
-    from actsparse.methods import point_spec
-    from actsparse.models.placement import from_args
+    from actsparse.sparsity.spec import SparsitySpec
 
     value = args.value if args.rule == "threshold" else _number(args.value)
     if args.rule == "threshold":
         _check_calibration_file(Path(args.value))
     spec = SparsitySpec(args.target, args.rule, value)  # validated before any model work
-    where = from_args(args)
     text = read_text_file(args.text_file, "--text-file") if args.text_file else DEFAULT_TEXT
     if args.json:
         check_output_file(args.json)
-    console = Console()
+    import torch  # here: the checks above answer without it
+    from rich.table import Table
+
+    from actsparse import load_model, sparsify
+    from actsparse.methods import point_spec
+    from actsparse.models.placement import from_args
+
+    where = from_args(args)
+    console = make_console()
     with console.status(f"loading {args.model}"):
         model, tokenizer = load_model(args.model, where.dtype, where.device)
     if RULES[spec.rule].method:  # its data from the model: WINA's norms, the outlier factor, fitted predictors

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from actsparse.cli.common import at_least, parse_criterion
+from actsparse.cli.common import at_least, make_console, parse_criterion
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -26,8 +26,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from actsparse.report import write_report
 
     if args.resamples < 10:
@@ -39,12 +37,12 @@ def run(args: argparse.Namespace) -> int:
         if args.run_dir is not None:
             raise ValueError("give either RUN_DIR or --compare RUN_A RUN_B ..., not both")
         paths = write_compare(args.compare, args.out, resamples=args.resamples)
-        Console().print(f"wrote {', '.join(p.name for p in paths)} in {args.out}", highlight=False)
+        make_console().print(f"wrote {', '.join(p.name for p in paths)} in {args.out}", highlight=False)
         return 0
     if args.run_dir is None:
         raise ValueError("report needs a run folder (or --compare RUN_A RUN_B ...)")
     paths = write_report(args.run_dir, resamples=args.resamples, criterion=parse_criterion(args.criterion))
-    console = Console()
+    console = make_console()
     console.print(f"wrote {len(paths)} files in {args.run_dir}:", highlight=False)
     for path in paths:
         console.print(

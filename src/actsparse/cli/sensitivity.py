@@ -14,7 +14,14 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from actsparse.cli.common import add_model_argument, add_sample_arguments, comma_list, parse_limit
+from actsparse.cli.common import (
+    add_model_argument,
+    add_sample_arguments,
+    at_least,
+    comma_list,
+    make_console,
+    parse_limit,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -28,30 +35,32 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--tasks", default="arc_easy,piqa", help="comma-separated task names")
     p.add_argument("--target", default="input", help="the target sparsified")
     p.add_argument("--p", type=float, default=0.9, help="the fixed top_p value")
-    p.add_argument("--every", type=int, default=1, help="sparsify every k-th layer alone (1: every layer)")
+    p.add_argument(
+        "--every", type=at_least(1, "--every"), default=1, help="sparsify every k-th layer alone (1: every layer)"
+    )
     p.add_argument("--limit", type=parse_limit, default=30, help="documents per task, or 'all'")
     add_sample_arguments(p)
     p.add_argument("--out", type=Path, default=Path("runs/sensitivity"), help="folder for the report")
     return p
 
 
-def run(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
-    from rich.console import Console
+def every_kth(layers: list[int], every: int) -> list[int]:
+    """Every `every`-th of the model's layers, from the first; ValueError when that leaves one of several
+    (a --every meant for a deeper model would test layer 0 alone, silently)."""
+    if len(layers) > 1 and every >= len(layers):
+        raise ValueError(
+            f"--every {every} tests only layer {layers[0]} of this model's {len(layers)} layers: "
+            f"give --every {len(layers) - 1} or less"
+        )
+    return layers[::every]
 
-    from actsparse.analysis import to_json as _finite
-    from actsparse.evaluate import evaluate_task
-    from actsparse.report.structure import densities, save, sensitivity_figure, task_layer_heatmap
-    from actsparse.sparsity.instrument import select_ffns
+
+def run(args: argparse.Namespace) -> int:
     from actsparse.sparsity.spec import SparsitySpec
     from actsparse.study.store import atomic_path, check_writable
-    from actsparse.study.structure import layer_sensitivity, record_tokens, retention
     from actsparse.tasks import get_task, select_docs
 
     spec = SparsitySpec(args.target, "top_p", args.p)  # bad target or p: an error before model work
-    if args.every < 1:
-        raise ValueError(f"--every must be at least 1, got {args.every}")
     if args.resamples < 10:
         raise ValueError(f"--resamples must be at least 10, got {args.resamples}")
     names = comma_list(args.tasks)
@@ -60,11 +69,21 @@ def run(args: argparse.Namespace) -> int:
     tasks = {n: get_task(n) for n in names}
     docs = {n: select_docs(t, args.limit, args.seed) for n, t in tasks.items()}
     check_writable(args.out)
+    import numpy as np  # here: the checks above answer without torch
+    import torch
+
+    from actsparse.analysis import to_json as _finite
+    from actsparse.evaluate import evaluate_task
+    from actsparse.report.structure import densities, save, sensitivity_figure, task_layer_heatmap
+    from actsparse.sparsity.instrument import select_ffns
+    from actsparse.study.structure import layer_sensitivity, record_tokens, retention
+
     command = "actsparse " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["sensitivity"] else "actsparse sensitivity"
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     from actsparse.models.loading import load_model
 
     model, tokenizer = load_model(args.model)
+    layers = every_kth(sorted({f.layer for f in select_ffns(model, None)}), args.every)
     dense, refs = {}, {}
     for n in names:
         console.print(f"dense {n} ({len(docs[n])} documents)", highlight=False)
@@ -88,7 +107,6 @@ def run(args: argparse.Namespace) -> int:
         tokens[n] = sink.per_token()
         full[n] = asdict(retention(dense[n], result, args.resamples, args.seed))
         full[n]["sparsity"] = stats.to_dict().get("all", {}).get("sparsity")
-    layers = sorted({f.layer for f in select_ffns(model, None)})[:: args.every]
     losses = layer_sensitivity(
         model,
         layers,

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from actsparse.cli.common import add_model_argument, comma_list, parse_limit
+from actsparse.cli.common import add_model_argument, comma_list, make_console, parse_limit, run_folder
 from actsparse.models.placement import add_placement_arguments
 from actsparse.sparsity.registry import RULE_NAMES
 from actsparse.study.sweep import DEFAULT_TARGETS, SEARCHES
@@ -58,7 +58,7 @@ def study_config(args: argparse.Namespace) -> Any:
     from actsparse.cli.sweep import run_options
     from actsparse.study.sweep import SweepConfig
 
-    out = args.out or Path("runs") / f"study-{Path(args.model).name.removesuffix('.gguf')}"
+    out = args.out or run_folder(args.model, "study-")
     return SweepConfig(
         model=args.model,
         targets=comma_list(args.targets),
@@ -154,8 +154,6 @@ def _hours(seconds: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from actsparse.models.loading import load_model
     from actsparse.models.placement import quiet_libraries
     from actsparse.sparsity.registry import RULES
@@ -163,11 +161,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.probe_docs < 1:
         raise ValueError(f"--probe-docs must be at least 1, got {args.probe_docs}")
-    quiet_libraries(args.verbose)
     config = study_config(args)
     store, doc_ids = prepare(config)  # validates and binds the folder before any model work
     store.close()
-    console = Console(stderr=True)
+    quiet_libraries(args.verbose)  # imports transformers: after the arguments are checked
+    console = make_console(stderr=True)
     where = config.placement
     console.print(f"study of {config.model} on {where.device} in {where.dtype} → {config.out}", highlight=False)
     model, tokenizer = load_model(config.model, where.dtype, where.device)

@@ -6,8 +6,17 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from actsparse.cli.common import add_model_argument, at_least, comma_list, one_of, parse_criterion, parse_limit
-from actsparse.diffusion.scoring import DiffusionOptions
+from actsparse.cli.common import (
+    add_model_argument,
+    at_least,
+    comma_list,
+    make_console,
+    one_of,
+    parse_criterion,
+    parse_limit,
+    run_folder,
+)
+from actsparse.diffusion.options import DiffusionOptions
 from actsparse.models.placement import add_dtypes_argument, add_placement_arguments
 from actsparse.sparsity.registry import RULES
 from actsparse.sparsity.spec import TARGETS
@@ -85,7 +94,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--limit", type=parse_limit, default=DEFAULT_LIMIT, help="documents per task (seeded sample), or 'all'"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the document sample and of the bootstrap")
-    p.add_argument("--out", type=Path, default=Path("runs/sweep"), help="run folder (results.sqlite, summary.json)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="run folder: results.sqlite, summary.json (default: runs/MODEL, the alias or the model's folder, "
+        "file or repository name)",
+    )
     p.add_argument("--accelerate", action="store_true", help="run sparse kernels (actsparse.speed.accelerate)")
     p.add_argument(
         "--backend", choices=BACKENDS, default="native", help="native (fast, with KL) or lm-eval (any lm-eval task)"
@@ -238,21 +253,21 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from actsparse.models.placement import quiet_libraries
     from actsparse.study.store import RunStore, check_settings, check_writable
     from actsparse.study.sweep import UNBOUND_WITH_POINTS, run_sweep
 
     if args.dtypes and args.dtype != "auto":
         raise ValueError("give --dtype or --dtypes, not both")
-    quiet_libraries(args.verbose)
+    args.out = args.out or run_folder(args.model)
     config = config_from_args(args)
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     if args.dtypes:
+        quiet_libraries(args.verbose)
         return _run_dtypes(args, config, console)
-    config.validate()
+    config.validate()  # before transformers is imported (quiet_libraries): a bad argument answers at once
     criterion = parse_criterion(args.criterion)
+    quiet_libraries(args.verbose)
     check_writable(config.out, create=False)
     # others stored there: refused before loading
     bound_settings = check_settings(config.out, config.settings(), UNBOUND_WITH_POINTS)

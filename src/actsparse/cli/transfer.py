@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from actsparse.cli.common import add_model_argument, add_sample_arguments, comma_list, parse_limit
+from actsparse.cli.common import add_model_argument, add_sample_arguments, comma_list, make_console, parse_limit
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -40,13 +40,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from actsparse.report.transfer import write_transfer_report
     from actsparse.study.sweep import parse_values
     from actsparse.study.transfer import TransferConfig, run_transfer
 
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     config = TransferConfig(
         model=args.model,
         sources=comma_list(args.sources),

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from actsparse.diffusion.denoisers import Denoiser, denoiser_for
+from actsparse.diffusion.options import DiffusionOptions
 from actsparse.evaluate.encode import Encoder, left_pad
 from actsparse.evaluate.kl import TOPK, at_ids, top_k
 from actsparse.evaluate.metrics import (
@@ -33,22 +33,6 @@ from actsparse.evaluate.reference import DenseReference
 from actsparse.evaluate.results import DocResult, TaskResult
 from actsparse.sparsity.instrument import active_stats
 from actsparse.tasks import Completion, Generation, MultipleChoice, Task, task_docs
-
-
-@dataclass(frozen=True)
-class DiffusionOptions:
-    """How diffusion models are scored: Monte-Carlo samples, generation length, steps and blocks."""
-
-    mc_samples: int = 8
-    seed: int = 0
-    gen_length: int = 32
-    steps: int = 32
-    block_length: int = 32
-
-    def __post_init__(self) -> None:
-        for name in ("mc_samples", "gen_length", "steps", "block_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
 @contextmanager

@@ -10,17 +10,20 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from torch import nn
-
-from actsparse.evaluate.reference import DenseReference
+from actsparse._lazy import lazy_attributes
 from actsparse.evaluate.results import DocResult, TaskResult
-from actsparse.evaluate.scorer import evaluate_causal_task
 
 if TYPE_CHECKING:
-    from actsparse.diffusion.scoring import DiffusionOptions
+    from torch import nn
+
+    from actsparse.diffusion.options import DiffusionOptions
+    from actsparse.evaluate.reference import DenseReference
     from actsparse.tasks import Task
 
 __all__ = ["DenseReference", "DocResult", "TaskResult", "evaluate_task"]
+
+# torch loads with the first use of DenseReference or evaluate_task, not with this package
+__getattr__, __dir__ = lazy_attributes(__name__, {"DenseReference": "actsparse.evaluate.reference"})
 
 
 def evaluate_task(
@@ -44,8 +47,9 @@ def evaluate_task(
     take `batch_size`, `batch_tokens` and `packing` (`scorer.evaluate_causal_task`).
     """
     # imported here: the diffusion scorer builds on this package's modules, so this package cannot
-    # import it while it is itself being imported
+    # import it while it is itself being imported (and torch loads with the first evaluation)
     from actsparse.diffusion import evaluate_diffusion_task, is_diffusion_model
+    from actsparse.evaluate.scorer import evaluate_causal_task
 
     if is_diffusion_model(model):
         return evaluate_diffusion_task(

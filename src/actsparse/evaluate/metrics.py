@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 import string
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
@@ -56,6 +58,8 @@ def topk_kl(ref_logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     The rest of the vocabulary is one bucket on each side, so this is the exact KL of the coarsened
     distributions: a lower bound of the full KL, equal to it when P's tail mass is zero.
     """
+    import torch  # here: the metric names and text metrics are read without torch (analysis, the CLI)
+
     logp, logq = ref_logp.double(), logq.double()
     p, q = logp.exp(), logq.exp()
     head = (p * (logp - logq)).sum(-1)
@@ -75,6 +79,8 @@ BITS_PER_BYTE = "bpb"
 def gold_probability(lls: Sequence[float], choices: Sequence[str], gold: int, normalized: bool = False) -> float:
     """Probability of the gold choice under a softmax over the choices' log-likelihoods: the expected
     accuracy of sampling an answer. `normalized`: per character of the choice text, as acc_norm ranks."""
+    import torch
+
     values = [ll / len(c) if c else float("-inf") for ll, c in zip(lls, choices, strict=True)] if normalized else lls
     scores = torch.tensor(values, dtype=torch.float64)
     return float(scores.softmax(0)[gold]) if torch.isfinite(scores).any() else float("nan")

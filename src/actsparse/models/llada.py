@@ -1,6 +1,6 @@
-"""LLaDA (masked-diffusion LLM) in one place: a faithful, minimal model definition without remote code, its
-FFN adapter (how `sparsify` reaches the four vectors) and its denoiser (how the diffusion scorer runs it).
-`actsparse.models.adapters` and `actsparse.diffusion` only look the last two up by `model_type`.
+"""LLaDA (masked-diffusion LLM): a faithful, minimal model definition without remote code and its denoiser
+(how the diffusion scorer runs it, looked up by `actsparse.diffusion` by `model_type`). Its FFN adapter (how
+`sparsify` reaches the four vectors) is `actsparse.models.adapters.llada`, with the other families'.
 
 Parameter names and config keys are those of the GSAI-ML LLaDA checkpoints (`modeling_llada.py`,
 `block_type: llama`): `model.transformer.{wte, blocks.N.{attn_norm, q_proj, k_proj, v_proj, attn_out,
@@ -20,8 +20,6 @@ from torch.nn import functional as F
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import CausalLMOutput
-
-from actsparse.models.adapters.llama import LlamaMLPAdapter
 
 MASK_TOKEN_ID = 126336
 """`<|mdm_mask|>` of the LLaDA tokenizer."""
@@ -299,20 +297,6 @@ def is_llada_config(config: dict[str, Any]) -> bool:
 
 
 AutoConfig.register("llada", LLaDAConfig, exist_ok=True)  # so config.json reads offline, without remote code
-
-
-class LLaDAFeedForwardAdapter(LlamaMLPAdapter):
-    """LLaDA's SwiGLU FFN for `sparsify`: `ff_out(act(ff_proj(x)) * up_proj(x))`, ff_proj the gate, up_proj the
-    up. The adapted module is the parameter-free `LLaDAFeedForward` view, not the block (which also has
-    attention)."""
-
-    name = "llada"
-
-    def __init__(self) -> None:
-        super().__init__(gate="ff_proj", up="up_proj", down="ff_out", act="act")
-
-    def matches(self, module: nn.Module) -> bool:
-        return super().matches(module) and not hasattr(module, "attn_out")  # the view, not the block
 
 
 class MaskDenoiser:

@@ -3,6 +3,7 @@ a hub id. GGUF weights are dequantised once and cached as safetensors, so later 
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib
 import importlib.util
@@ -10,11 +11,12 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from actsparse.speed.kernels.cbuild import cache_dir
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -47,10 +49,24 @@ ALIASES = {"smollm2-135m": _smollm2, "gemma3-270m": _gemma3}
 """Models that ship inside PyPI packages, by short name."""
 
 
+def check_reference(name_or_path: str) -> None:
+    """Refuse a reference that can only be a mistyped alias (no '/', not a local path), ModelNotAvailableError,
+    before any hub call: a hub id has the form owner/name, and offline a wrong one costs a minute of retries."""
+    if name_or_path in ALIASES or "/" in name_or_path or Path(name_or_path).expanduser().exists():
+        return
+    close = difflib.get_close_matches(name_or_path, ALIASES, n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    raise ModelNotAvailableError(
+        f"unknown model {name_or_path!r}: {hint}--model takes an alias ({', '.join(ALIASES)}), a folder, "
+        "a .gguf file or a hub id owner/name (`actsparse models` lists those here)"
+    )
+
+
 def resolve(name_or_path: str) -> tuple[str, Path | None]:
     """('gguf', file) | ('folder', dir) | ('hub', None) for a model reference."""
     if name_or_path in ALIASES:
         return "gguf", ALIASES[name_or_path]()
+    check_reference(name_or_path)
     path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -73,6 +89,7 @@ def _converted(gguf: Path) -> Path:
 
 def _from_gguf(gguf: Path) -> Path:
     """Dequantise a GGUF file once into a cached Hugging Face folder; return that folder."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = _converted(gguf)
@@ -134,10 +151,32 @@ def check_model(name_or_path: str) -> None:
     elif kind == "hub":
         from transformers.utils import cached_file
 
+        check_hub(name_or_path)
         try:
             cached_file(name_or_path, "config.json")
         except OSError as err:
             raise ModelNotAvailableError(_hub_message(name_or_path)) from err
+
+
+def check_hub(name: str) -> None:
+    """ModelNotAvailableError at once, not after a minute of retries, for a hub id that is neither in the local
+    cache nor reachable (HF_HUB_OFFLINE=1 fails fast by itself; a cached model loads without the network)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    try:
+        cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except ValueError:  # not a valid repository id: the hub call below says so
+        cached = False
+    if constants.HF_HUB_OFFLINE or cached:
+        return
+    endpoint = urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=5).close()
+    except OSError:
+        raise ModelNotAvailableError(_hub_message(name)) from None
 
 
 def _hub_message(name: str) -> str:
@@ -149,7 +188,7 @@ def _hub_message(name: str) -> str:
 
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
-    dtype: torch.dtype | str = torch.float32,
+    dtype: torch.dtype | str = "float32",
     device: str | torch.device = "cpu",
     device_map: str | dict[str, Any] | None = None,
 ) -> tuple[Any, Any]:
@@ -158,11 +197,14 @@ def load_model(
     `device_map` ('auto', 'balanced', or a module → device dict) spreads a model larger than one
     device over the GPUs (and CPU or disk) through accelerate; `device` is then ignored.
     """
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     kind, path = resolve(name_or_path)
+    if kind == "hub":
+        check_hub(name_or_path)
     source = str(_from_gguf(path) if kind == "gguf" and path is not None else path or name_or_path)
     model_class = _diffusion_class(path) if kind == "folder" and path is not None else None
     model_class = model_class or AutoModelForCausalLM

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from actsparse.evaluate.results import TaskResult
-from actsparse.sparsity.rules import NonFiniteActivationError
 from actsparse.sparsity.spec import SparsitySpec
 from actsparse.study.store import PointKey
 
@@ -86,6 +85,7 @@ def evaluate_point(key: PointKey, context: PointContext, progress: Progress | No
     start = time.perf_counter()
     if key.is_dense:
         from actsparse.sparsity.instrument import finite_checked
+        from actsparse.sparsity.rules import NonFiniteActivationError
 
         with torch.no_grad(), _dense_baseline(key.task), finite_checked(model):  # as every sparse point is
             result, reference = _evaluate(model, tokenizer, key.task, context, None, progress)
@@ -107,6 +107,8 @@ def evaluate_point(key: PointKey, context: PointContext, progress: Progress | No
 @contextlib.contextmanager
 def _dense_baseline(task: str) -> Iterator[None]:
     """Say that it is the dense baseline of `task` that failed (and is not stored)."""
+    from actsparse.sparsity.rules import NonFiniteActivationError
+
     try:
         yield
     except NonFiniteActivationError as err:

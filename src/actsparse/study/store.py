@@ -2,15 +2,19 @@
 
 Each point (dense baseline or (target, rule, value) on one task) is written in one transaction under
 a unique key, so an interrupted sweep (Ctrl-C, kill -9) loses at most the point in flight and a rerun
-never stores a point twice. A file that is not a results store is refused without being touched.
+never stores a point twice. A file that is not a results store is refused without being touched. A full
+disk or a writer that holds the store too long is a StoreError that says what to do; nothing stored is lost.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sqlite3
+import struct
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -52,6 +56,11 @@ CREATE TABLE docs (
 """
 
 
+LOCK_WAIT_S = 30.0
+"""How long a write waits for another process that holds the store (a concurrent sweep's write takes
+milliseconds) before it gives up with a StoreError that names that process."""
+
+
 class StoreError(RuntimeError):
     """The run folder or its results file cannot be used (names the path and why)."""
 
@@ -79,12 +88,13 @@ def check_writable(run_dir: Path, create: bool = True) -> None:
 
     With `create=False` nothing is made: the folder, or the nearest folder above it that exists, is tried.
     """
+    blocker = file_in_the_way(run_dir)
+    if blocker is not None:
+        raise StoreError(f"cannot make run folder {run_dir}: {blocker} is a file, not a folder")
     folder = run_dir
     if not create:
         while not folder.exists() and folder != folder.parent:
             folder = folder.parent
-        if not folder.is_dir():
-            raise StoreError(f"run folder {run_dir} is not writable: {folder} is not a folder")
     try:
         if create:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -92,6 +102,12 @@ def check_writable(run_dir: Path, create: bool = True) -> None:
             pass
     except OSError as err:
         raise StoreError(f"run folder {run_dir} is not writable: {err.strerror or err}") from None
+
+
+def file_in_the_way(folder: Path) -> Path | None:
+    """The existing path that is not a folder where `folder` or one above it should be; None if there is none."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    return None if existing is None or existing.is_dir() else existing
 
 
 class RunStore:
@@ -102,6 +118,7 @@ class RunStore:
     def __init__(self, path: Path, connection: sqlite3.Connection):
         self.path = path
         self._db = connection
+        self._with_first_point: dict[str, tuple[Any, bool]] = {}  # key → (value, bound), written by `put`
 
     @classmethod
     def open(cls, run_dir: str | Path, create: bool = True) -> RunStore:
@@ -115,15 +132,15 @@ class RunStore:
         else:
             check_writable(run_dir)
         try:
-            db = sqlite3.connect(path, timeout=30, isolation_level=None)
+            db = sqlite3.connect(path, timeout=LOCK_WAIT_S, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA foreign_keys=ON")
             if not _tables(db):
-                with _transaction(db):
+                with _transaction(db, path):
                     _create(db)
         except sqlite3.Error as err:
-            raise StoreError(f"cannot use results file {path}: {err}") from None
+            raise _store_error(path, err) from None
         return cls(path, db)
 
     def close(self) -> None:
@@ -140,17 +157,42 @@ class RunStore:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else json.loads(row[0])
 
-    def set_meta(self, key: str, value: Any) -> None:
-        with _transaction(self._db):
-            self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, json.dumps(value)))
+    def set_meta(self, key: str, value: Any, with_first_point: bool = False) -> None:
+        """Record `value` under `key`; `with_first_point`: in a store without points, in the transaction of
+        the first point `put` stores instead (so that a run that stores nothing leaves nothing behind)."""
+        if with_first_point and not self.keys():
+            self._with_first_point[key] = (value, False)
+            return
+        with _transaction(self._db, self.path):
+            self._set_meta(key, value)
 
-    def bind(self, key: str, value: Any) -> None:
-        """Record a setting on first use; later runs in this folder must use the same value."""
+    def bind(self, key: str, value: Any, with_first_point: bool = False) -> None:
+        """Record a setting on first use; later runs in this folder must use the same value.
+
+        `with_first_point`: in a store without points, the setting is checked now and written with the first
+        point `put` stores, so that a run that fails before it (a broken model) leaves the folder unbound."""
         stored = self.get_meta(key)
-        if stored is None:
-            self.set_meta(key, value)
-        else:
+        if stored is not None:
             _check_bound(self.path, key, stored, value)
+        elif key in self._with_first_point:
+            _check_bound(self.path, key, self._with_first_point[key][0], value)
+        elif with_first_point and not self.keys():
+            self._with_first_point[key] = (value, True)
+        else:
+            self.set_meta(key, value)
+
+    def _set_meta(self, key: str, value: Any) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, json.dumps(value)))
+
+    def _write_first_point_meta(self) -> None:
+        """Inside `put`'s transaction: write what waited for the first point, checking the settings against
+        those another process may have bound meanwhile (StoreError: the point is not stored)."""
+        for key, (value, bound) in self._with_first_point.items():
+            stored = self.get_meta(key) if bound else None
+            if stored is None:
+                self._set_meta(key, value)
+            else:
+                _check_bound(self.path, key, stored, value)
 
     # --- points ------------------------------------------------------------------------------------
     def keys(self) -> set[PointKey]:
@@ -163,46 +205,36 @@ class RunStore:
 
     def put(self, key: PointKey, result: TaskResult, seconds: float = 0.0) -> bool:
         """Store one point and its documents atomically; False (nothing written) if it is already there."""
-        with _transaction(self._db):
-            if self._point_id(key) is not None:
-                return False
-            cur = self._db.execute(
-                "INSERT INTO points (target, rule, value, task, split, metric, sparsity, seconds)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    key.target,
-                    key.rule,
-                    float(key.value),
-                    key.task,
-                    result.split,
-                    result.metric,
-                    json.dumps(result.sparsity),
-                    seconds,
-                ),
-            )
-            self._db.executemany(
-                "INSERT INTO docs (point_id, doc_id, score, metrics, answer, kl, tokens) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [
+        with _transaction(self._db, self.path):
+            self._write_first_point_meta()
+            new = self._point_id(key) is None
+            if new:
+                cur = self._db.execute(
+                    "INSERT INTO points (target, rule, value, task, split, metric, sparsity, seconds)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (
-                        cur.lastrowid,
-                        int(d.doc_id),
-                        float(d.score),
-                        json.dumps(d.metrics),
-                        str(d.answer),
-                        None if d.kl is None or not math.isfinite(d.kl) else float(d.kl),
-                        int(d.tokens),
-                    )
-                    for d in result.docs
-                ],
-            )
-        return True
+                        key.target,
+                        key.rule,
+                        float(key.value),
+                        key.task,
+                        result.split,
+                        result.metric,
+                        json.dumps(result.sparsity),
+                        seconds,
+                    ),
+                )
+                point_id = cur.lastrowid
+                assert point_id is not None  # the rowid of the row just inserted
+                self._db.executemany(_INSERT_DOC, [_doc_row(point_id, d) for d in result.docs])
+        self._with_first_point.clear()  # written: the folder is bound
+        return new
 
     def add_docs(
         self, key: PointKey, docs: Sequence[DocResult], sparsity: dict[str, Any], seconds: float = 0.0
     ) -> bool:
         """Add documents to a stored point (`sweep --until-ci`) and replace its sparsity, atomically;
         False (nothing written) if any of them is stored already. KeyError if the point is not stored."""
-        with _transaction(self._db):
+        with _transaction(self._db, self.path):
             point_id = self._point_id(key)
             if point_id is None:
                 raise KeyError(f"no stored point {key}")
@@ -214,7 +246,7 @@ class RunStore:
             if held:
                 return False
             self._db.executemany(
-                "INSERT INTO docs (point_id, doc_id, score, metrics, answer, kl, tokens) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                _INSERT_DOC,
                 [_doc_row(point_id, d) for d in docs],
             )
             self._db.execute(
@@ -258,22 +290,80 @@ class RunStore:
         return None if row is None else int(row[0])
 
 
+_INSERT_DOC = "INSERT INTO docs (point_id, doc_id, score, metrics, answer, kl, tokens) VALUES (?, ?, ?, ?, ?, ?, ?)"
+
+
 def _doc_row(point_id: int, d: DocResult) -> tuple:
     kl = None if d.kl is None or not math.isfinite(d.kl) else float(d.kl)
     return (point_id, int(d.doc_id), float(d.score), json.dumps(d.metrics), str(d.answer), kl, int(d.tokens))
 
 
-class _transaction:
-    """BEGIN IMMEDIATE … COMMIT, rolled back on any exception (KeyboardInterrupt included)."""
+@contextlib.contextmanager
+def _transaction(db: sqlite3.Connection, path: Path) -> Iterator[None]:
+    """BEGIN IMMEDIATE … COMMIT, rolled back on any exception (KeyboardInterrupt included); a full disk or
+    a store held by another writer past LOCK_WAIT_S is a StoreError that says so."""
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:  # sqlite has already rolled back after some errors (a full disk)
+                db.execute("ROLLBACK")
+            raise
+    except sqlite3.OperationalError as err:
+        raise _store_error(path, err) from None
 
-    def __init__(self, db: sqlite3.Connection):
-        self.db = db
 
-    def __enter__(self) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
+def _store_error(path: Path, err: sqlite3.Error) -> StoreError:
+    """What a failed use of the store at `path` means, and what to do."""
+    code = getattr(err, "sqlite_errorcode", None)
+    if code == sqlite3.SQLITE_FULL or "disk is full" in str(err):
+        return StoreError(
+            f"the disk holding {path} is full: the point being stored was not written, every point stored "
+            "before is intact; free space, then rerun the same command to resume"
+        )
+    if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or "database is locked" in str(err):
+        holder = lock_holder(path)
+        return StoreError(
+            f"{path} is held by another writer ({holder or 'another process'}) for over {LOCK_WAIT_S:g} s: "
+            "wait until it ends (or stop it), then rerun; nothing was written"
+        )
+    return StoreError(f"cannot use results file {path}: {err}")
 
-    def __exit__(self, exc_type: object, *rest: object) -> None:
-        self.db.execute("ROLLBACK" if exc_type is not None else "COMMIT")
+
+_WAL_WRITE_LOCK = 120
+"""Offset in the -shm file of the lock a WAL database's writer holds (sqlite's os_unix.c: 120 + index 0)."""
+
+
+def lock_holder(path: Path) -> str | None:
+    """'pid N (its command line)' of the process holding the write lock of the store at `path`; None when
+    none does, or it cannot be told (not Linux; sqlite's locks are POSIX record locks, which F_GETLK names)."""
+    shm = path.with_name(path.name + "-shm")
+    if sys.platform != "linux" or not shm.exists():
+        return None
+    import fcntl
+
+    query = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, _WAL_WRITE_LOCK, 1, 0)  # struct flock
+    try:
+        fd = os.open(shm, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        kind, _, _, _, pid = struct.unpack("hhqqi4x", fcntl.fcntl(fd, fcntl.F_GETLK, query))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if kind == fcntl.F_UNLCK:
+        return None
+    try:
+        command = " ".join(
+            Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").replace("\0", " ").split()
+        )
+    except OSError:
+        command = ""
+    return f"pid {pid}: {command[:100]}" if command else f"pid {pid}"
 
 
 def _create(db: sqlite3.Connection) -> None:
@@ -371,7 +461,10 @@ def _check_ours(path: Path) -> None:
         finally:
             db.close()
     except (sqlite3.DatabaseError, json.JSONDecodeError) as err:
-        raise StoreError(f"{path} is corrupt or not an sqlite database ({err}); left untouched") from None
+        raise StoreError(
+            f"{path} is corrupt or not an sqlite database ({err}); left untouched: move it (with any -wal and "
+            "-shm files beside it) out of the folder to start the run afresh, or give another --out folder"
+        ) from None
 
 
 def atomic_path(path: Path) -> Path:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from actsparse.diffusion.scoring import DiffusionOptions
+from actsparse.diffusion.options import DiffusionOptions
 from actsparse.models.loading import DEFAULT_MODEL
 from actsparse.sparsity.registry import RULE_NAMES, RULES, get_rule
 from actsparse.sparsity.spec import TARGETS
@@ -107,7 +107,6 @@ class SweepConfig:
                 from actsparse.study.search import Bisection
 
                 Bisection(name, self.precision, self.values_for(name), refine=self.refine)
-        self.method_options().validate()
         unaccelerated = [name for name in self.rules if get_rule(name).needs]  # calibrated or fitted per point
         if self.accelerate and unaccelerated:
             plain = [name for name, rule in RULES.items() if not rule.needs]
@@ -120,12 +119,10 @@ class SweepConfig:
             raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.batch_tokens is not None and self.batch_tokens < 1:
             raise ValueError(f"--batch-tokens must be at least 1 (or auto), got {self.batch_tokens}")
-        self._placement = self._resolve_placement()
         if not self.tasks:
             raise ValueError("no tasks given")
         if self.gpus_per_point < 0 or self.cpus_per_point <= 0:
             raise ValueError("--gpus-per-point must be ≥ 0 and --cpus-per-point > 0")
-        self.executor_for()  # an unknown executor, or Ray options without Ray, is refused here
         if not 0 < self.precision < 1:
             raise ValueError(f"--precision is a fraction of sparsity in (0, 1), got {self.precision}")
         if self.until_ci is not None:
@@ -135,15 +132,20 @@ class SweepConfig:
                 raise ValueError("--until-ci adds documents beyond --limit: give a --limit, not 'all'")
             if self.backend != "native":
                 raise ValueError("--until-ci needs the native backend (it adds documents to the dense reference)")
+        self._tasks = [self._resolve(t) for t in self.tasks]
+        names = [_name(t) for t in self._tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"a task is listed twice: {', '.join(names)}")
+        # the checks above import nothing heavy, so that a bad argument answers at once; these import torch
+        # (methods, the device), Ray or the sparse kernels
+        self.method_options().validate()
+        self._placement = self._resolve_placement()
+        self.executor_for()  # an unknown executor, or Ray options without Ray, is refused here
         if self.accelerate:
             try:
                 import actsparse.speed.accelerate  # noqa: F401
             except ImportError as err:
                 raise ValueError(f"--accelerate is not available here: {err}") from None
-        self._tasks = [self._resolve(t) for t in self.tasks]
-        names = [_name(t) for t in self._tasks]
-        if len(set(names)) != len(names):
-            raise ValueError(f"a task is listed twice: {', '.join(names)}")
 
     def _resolve(self, task: Any) -> Any:
         if not isinstance(task, str):
@@ -252,7 +254,11 @@ UNBOUND_WITH_POINTS = {"dtype": "float32"}
 
 
 def prepare(config: SweepConfig) -> tuple[RunStore, dict[str, list[int] | None]]:
-    """Validate, open the store and fix each task's documents (all before loading a model)."""
+    """Validate, open the store and fix each task's documents (all before loading a model).
+
+    A folder without points is bound to these settings by the first point stored, not here: a run that
+    fails before it (a model whose dense baseline is not finite) leaves the folder free for another model.
+    """
     config.validate()
     if (config.out / "precision.json").exists():
         raise StoreError(f"{config.out} holds a --dtypes sweep (one folder per dtype): rerun it with --dtypes")
@@ -262,7 +268,7 @@ def prepare(config: SweepConfig) -> tuple[RunStore, dict[str, list[int] | None]]
         if store.get_meta("dtype") is None and store.keys():  # a folder from before dtypes were bound
             store.set_meta("dtype", UNBOUND_WITH_POINTS["dtype"])
         for key, value in config.settings().items():
-            store.bind(key, value)
+            store.bind(key, value, with_first_point=True)
         doc_ids: dict[str, list[int] | None] = {}
         for task in config.resolved_tasks:
             from actsparse.tasks import TASK_NAMES, get_task, select_docs
@@ -272,15 +278,16 @@ def prepare(config: SweepConfig) -> tuple[RunStore, dict[str, list[int] | None]]
             else:  # the same seeded sample with either backend
                 ids = select_docs(get_task(task) if isinstance(task, str) else task, config.limit, config.seed)
             name = _name(task)
-            store.bind(f"docs/{name}", ids)
+            store.bind(f"docs/{name}", ids, with_first_point=True)
             doc_ids[name] = ids
         known = (store.get_meta("settings") or {}).get("tasks", [])
         tasks = known + [t for t in doc_ids if t not in known]
-        store.set_meta("settings", {**config.settings(), "tasks": tasks})
+        store.set_meta("settings", {**config.settings(), "tasks": tasks}, with_first_point=True)
         from actsparse.study.provenance import provenance
 
         where = config.placement
-        store.set_meta("provenance", provenance(config.model, where.device, where.dtype, config.argv))
+        record = provenance(config.model, where.device, where.dtype, config.argv)
+        store.set_meta("provenance", record, with_first_point=True)
     except BaseException:
         store.close()
         raise
@@ -402,8 +409,11 @@ class _Driver:
                     path = reference_path(self.config.out, key.task)
                     path.parent.mkdir(parents=True, exist_ok=True)
                     tmp = atomic_path(path)
-                    outcome.reference.save(tmp)
-                    os.replace(tmp, path)
+                    try:
+                        outcome.reference.save(tmp)
+                        os.replace(tmp, path)
+                    finally:  # a full disk leaves no partial file behind
+                        tmp.unlink(missing_ok=True)
                     context.references[key.task] = outcome.reference
                 self.store.put(key, outcome.result, outcome.seconds)  # no-op if the dense point was stored
                 if not self.executor.reports_documents:

@@ -1,5 +1,4 @@
-"""FFN adapters: one small file per family, all presenting the same four vectors (LLaDA's sits with the rest
-of its family in `actsparse.models.llada`).
+"""FFN adapters: one small file per family, all presenting the same four vectors.
 
 `find_ffns(model)` lists every FFN module of a supported causal LM with its decoder-layer index
 and adapter; an unsupported `model_type` gets an error naming the supported ones.
@@ -14,10 +13,10 @@ from torch import nn
 
 from actsparse.models.adapters.base import FFNAdapter, GatedWeights, Site
 from actsparse.models.adapters.diffusion_gemma import DIFFUSION_GEMMA_ADAPTERS
+from actsparse.models.adapters.llada import LLaDAFeedForwardAdapter
 from actsparse.models.adapters.llama import LlamaMLPAdapter
 from actsparse.models.adapters.moe import PackedExpertsAdapter
 from actsparse.models.adapters.phi3 import Phi3MLPAdapter
-from actsparse.models.llada import LLaDAFeedForwardAdapter
 
 __all__ = ["FFN", "SUPPORTED_MODEL_TYPES", "FFNAdapter", "GatedWeights", "Site", "UnsupportedModelError", "find_ffns"]
 

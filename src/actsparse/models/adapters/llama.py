@@ -1,7 +1,7 @@
 """LLaMA-like gated MLP: `down_proj(act_fn(gate_proj(x)) * up_proj(x))`.
 
 Used as is by llama, mistral, qwen2, qwen3, gemma2, gemma3, olmo2, granite and the shared experts
-of qwen2_moe; with other attribute names by LLaDA (`models/llada.py`).
+of qwen2_moe; with other attribute names by LLaDA (`adapters/llada.py`).
 """
 
 from __future__ import annotations
