@@ -81,7 +81,7 @@ def test_sweep_prints_the_papers_critical_sparsity_on_a_tiny_model(
     monkeypatch.setenv("COLUMNS", "500")
     monkeypatch.setattr("actsparse.models.loading.load_model", lambda *a, **k: tiny_lm())
     out = tmp_path / "run"
-    args = ["sweep", "--model", "tiny", "--out", str(out), "--tasks", "arc_easy,piqa", "--limit", "16"]
+    args = ["sweep", "--model", "test/tiny", "--out", str(out), "--tasks", "arc_easy,piqa", "--limit", "16"]
     args += ["--targets", "input,intermediate", "--values", "0.95,0.7,0.3", "--resamples", "50", "--no-progress"]
     assert cli.main(args) == 0
     shown = printed(capsys.readouterr().err)
