@@ -59,7 +59,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iters", type=int, default=0, help="calls per repeat (default: chosen per shape)")
     p.add_argument("--working-set", type=float, default=256.0, help="MB of weight copies to rotate over")
     p.add_argument("--decode-tokens", type=int, default=16, help="greedy tokens per decode repeat")
-    p.add_argument("--model", default="smollm2-135m", help="model of the decode op on cpu")
+    p.add_argument(
+        "--model",
+        help="decode op: alias, folder or .gguf file, or a random model: llama3-8b-shaped, tiny-llama-shaped "
+        "(default: llama3-8b-shaped on cuda, smollm2-135m on cpu)",
+    )
     p.add_argument("--rules", default="threshold,top_k", help="decode op: comma list of threshold, top_k")
     p.add_argument(
         "--decoder",
@@ -68,7 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="decode op: the loop of the sparse row: StaticDecoder where the model allows (auto), always "
         "(static), or transformers' forward (generate); dense is the best of the loops timed",
     )
-    p.add_argument("--layers", type=int, default=32, help="decode op on cuda: layers of the random 8B-shaped model")
+    p.add_argument("--layers", type=int, default=32, help="decode op: layers of a random model")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     p.add_argument("--json", type=Path, help="write the records here")
 
@@ -273,18 +277,27 @@ def bench_decode(sparsities, device: str, dtype, args) -> list[dict]:
     from actsparse.models.loading import load_model
     from actsparse.sparsity.spec import SparsitySpec
     from actsparse.speed.accelerate import accelerate
-    from actsparse.speed.benchmarking import llama3_8b_shaped, lower_quartile, prefill, timed_decoder_step, timed_step
+    from actsparse.speed.benchmarking import (
+        RANDOM_SHAPES,
+        lower_quartile,
+        prefill,
+        random_batches,
+        random_llama,
+        timed_decoder_step,
+        timed_step,
+    )
     from actsparse.speed.calibrate import calibrate, calibration_batches, calibration_text
     from actsparse.speed.decoding import StaticDecoder, UnsupportedModelError
 
-    if device == "cuda":
-        name, model = "llama3-8b-shaped (random)", llama3_8b_shaped(device, dtype, args.layers)
-        generator = torch.Generator().manual_seed(0)
-        batches = [{"input_ids": torch.randint(0, model.config.vocab_size, (2, 256), generator=generator)}]
+    name = args.model or ("llama3-8b-shaped" if device == "cuda" else "smollm2-135m")
+    if name in RANDOM_SHAPES:
+        model = random_llama(name, device, dtype, args.layers)
+        batches = random_batches(model.config.vocab_size)
+        generator = torch.Generator().manual_seed(1)
         prompt = torch.randint(0, model.config.vocab_size, (1, 16), generator=generator).to(device)
+        name += " (random)"
     else:
-        name = args.model
-        model, tokenizer = load_model(args.model, dtype=dtype, device=device)
+        model, tokenizer = load_model(name, dtype=dtype, device=device)
         batches = list(calibration_batches(tokenizer, calibration_text(), tokens=1024, seq_len=512))
         prompt = tokenizer("The capital of France is", return_tensors="pt")["input_ids"].to(device)
     rules = comma_list(args.rules)

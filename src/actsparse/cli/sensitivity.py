@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from actsparse.cli.common import add_model_argument, add_sample_arguments, comma_list, parse_limit
+from actsparse.models.placement import add_placement_arguments
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -25,6 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_model_argument(p)
+    add_placement_arguments(p)
     p.add_argument("--tasks", default="arc_easy,piqa", help="comma-separated task names")
     p.add_argument("--target", default="input", help="the target sparsified")
     p.add_argument("--p", type=float, default=0.9, help="the fixed top_p value")
@@ -42,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
     from actsparse.analysis import _finite
     from actsparse.evaluate import evaluate_task
+    from actsparse.models.placement import from_args
     from actsparse.report.structure import densities, save, sensitivity_figure, task_layer_heatmap
     from actsparse.sparsity.instrument import select_ffns
     from actsparse.sparsity.spec import SparsitySpec
@@ -49,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from actsparse.study.structure import layer_sensitivity, record_tokens, retention
     from actsparse.tasks import get_task, select_docs
 
+    where = from_args(args)  # a bad --device or --dtype, or cuda without a GPU: exit 2 before any work
     spec = SparsitySpec(args.target, "top_p", args.p)  # bad target or p: an error before model work
     if args.every < 1:
         raise ValueError(f"--every must be at least 1, got {args.every}")
@@ -64,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     from actsparse.models.loading import load_model
 
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, where.dtype, where.device)
     dense, refs = {}, {}
     for n in names:
         console.print(f"dense {n} ({len(docs[n])} documents)", highlight=False)
