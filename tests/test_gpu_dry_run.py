@@ -161,3 +161,86 @@ def test_device_and_dtype_options(command, tmp_path, monkeypatch, capsys):
         monkeypatch.setattr(transfer, "_name", lambda task: getattr(task, "name", task))
     code = main([command, *argv, "--device", "cpu", "--dtype", "bfloat16", "--out", str(tmp_path / "run")])
     assert code == 0 and loads == [("bfloat16", "cpu")]
+
+
+# --- the compiled decode step (custom ops, static cache, fullgraph) -------------------------------
+
+
+@pytest.mark.parametrize("rule, value", [("threshold", 0.3), ("top_k", 0.5), ("top_k", 0.01), ("max_p", 0.4)])
+def test_graph_safe_masks_equal_the_rules(rule, value):
+    """The CUDA kernel of `actsparse::keep_mask` (no read-back, for CUDA graphs) keeps what the rule keeps."""
+    from actsparse.sparsity.rules import RULES
+    from actsparse.speed.ops import graph_safe_mask
+
+    v = torch.randn(3, 300, generator=torch.Generator().manual_seed(0))
+    v[0, :10] = v[0, 10]  # ties with the k-th
+    assert torch.equal(graph_safe_mask(v, rule, value), RULES[rule](v, value))
+
+
+def test_custom_ops_have_fake_implementations():
+    """The ops pass torch.library's checks (schema, fake kernel, no aliasing) on CPU tensors."""
+    from actsparse.speed import ops
+
+    x, w = torch.randn(1, 40), torch.randn(40, 24)
+    keep = ops.keep_mask(x, "top_k", 0.5)
+    torch.library.opcheck(torch.ops.actsparse.keep_mask.default, (x, "top_k", 0.5))
+    torch.library.opcheck(torch.ops.actsparse.masked_rows_matmul.default, (x, keep, w))
+    torch.testing.assert_close(ops.masked_rows_matmul(x, keep, w), torch.where(keep, x, 0) @ w)
+
+
+def compiled_against_eager(model, prompt, tokens: int, spec, length: int):
+    """(eager StaticDecoder's tokens, under `accelerate` when sparse; the compiled step's tokens)."""
+    from contextlib import nullcontext
+
+    from actsparse.speed.accelerate import accelerate
+    from actsparse.speed.compiled import CompiledDecoder
+    from actsparse.speed.decoding import StaticDecoder
+
+    with nullcontext() if spec is None else accelerate(model, spec):
+        want = StaticDecoder(model).generate(prompt, tokens)
+    torch._dynamo.reset()
+    got = CompiledDecoder(model, spec, length=length).generate(prompt, tokens)  # fullgraph: a break raises
+    return want, got
+
+
+def test_compiled_decode_step_equals_the_eager_static_decoder():
+    """Inductor compiles the whole step (fullgraph: no graph break) of a tiny Llama, dense and at 50 % all_inputs
+    top_k; its greedy tokens are the eager StaticDecoder's, and sparse differs from dense."""
+    from actsparse.sparsity.spec import SparsitySpec
+
+    model, _ = tiny_lm("llama")
+    prompt = torch.tensor([[5, 9, 12, 30, 7, 8]])
+    dense = compiled_against_eager(model, prompt, 8, None, 32)
+    sparse = compiled_against_eager(model, prompt, 8, SparsitySpec("all_inputs", "top_k", 0.5), 32)
+    assert torch.equal(*dense) and torch.equal(*sparse)
+    assert not torch.equal(dense[1], sparse[1])
+
+
+def test_compiled_decoder_refuses_what_it_cannot_run():
+    from actsparse.sparsity.spec import SparsitySpec
+    from actsparse.speed.compiled import CompiledDecoder
+    from actsparse.speed.decoding import UnsupportedModelError
+
+    model, _ = tiny_lm("llama")
+    with pytest.raises(UnsupportedModelError, match="runs threshold"):
+        CompiledDecoder(model, SparsitySpec("input", "top_p", 0.9), compile=False)
+    with pytest.raises(UnsupportedModelError, match="input and intermediate"):
+        CompiledDecoder(model, SparsitySpec("gate", "top_k", 0.5), compile=False)
+    with pytest.raises(UnsupportedModelError):
+        CompiledDecoder(tiny_lm("gemma3_text")[0], compile=False)
+    decoder = CompiledDecoder(model, length=8, compile=False)
+    with pytest.raises(ValueError, match="up to 8 positions"):
+        decoder.prefill(torch.tensor([[5, 6, 7, 8, 9, 10]]), 4)
+
+
+@pytest.mark.slow
+def test_compiled_decode_of_smollm2_equals_the_eager_static_decoder():
+    """Acceptance 4 of issue 25: SmolLM2-135M, dense and 50 % all_inputs top_k, 16 greedy tokens."""
+    from actsparse.models.loading import load_model
+    from actsparse.sparsity.spec import SparsitySpec
+
+    model, tokenizer = load_model("smollm2-135m")
+    prompt = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    for spec in (None, SparsitySpec("all_inputs", "top_k", 0.5)):
+        want, got = compiled_against_eager(model, prompt, 16, spec, 32)
+        assert torch.equal(want, got), (spec, want.tolist(), got.tolist())
