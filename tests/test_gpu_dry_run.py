@@ -244,3 +244,53 @@ def test_compiled_decode_of_smollm2_equals_the_eager_static_decoder():
     for spec in (None, SparsitySpec("all_inputs", "top_k", 0.5)):
         want, got = compiled_against_eager(model, prompt, 16, spec, 32)
         assert torch.equal(want, got), (spec, want.tolist(), got.tolist())
+
+
+# --- loading onto the device ----------------------------------------------------------------------
+
+
+def test_load_model_streams_weights_into_place_without_moving_the_model(tmp_path, monkeypatch):
+    """The model is built on the meta device and its weights land on the device asked for: `load_model` never
+    builds it on the host to move it afterwards (`Module.to`, which on a GPU machine needs it whole in host
+    memory first)."""
+    from actsparse.models.loading import load_model
+
+    model, tokenizer = tiny_lm("qwen2")
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+
+    def moved(self, *args, **kwargs):
+        raise AssertionError("load_model moved a loaded model")
+
+    monkeypatch.setattr(torch.nn.Module, "to", moved)
+    loaded, _ = load_model(str(tmp_path), dtype="bfloat16", device="cpu")
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert {p.device.type for p in loaded.parameters()} == {"cpu"}
+    monkeypatch.undo()
+    torch.testing.assert_close(
+        loaded.model.embed_tokens.weight.float(), model.model.embed_tokens.weight.to(torch.bfloat16).float()
+    )
+
+
+@pytest.mark.slow
+def test_gguf_dequantisation_is_streamed_into_shards_equal_to_transformers_whole_load(tmp_path, monkeypatch):
+    """SmolLM2's GGUF file dequantised tensor by tensor into many small shards holds exactly the weights that
+    transformers' whole-model GGUF load gives."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from actsparse.models import loading
+
+    monkeypatch.setenv("ACTSPARSE_CACHE", str(tmp_path))
+    monkeypatch.setattr(loading, "SHARD_BYTES", 32 * 2**20)
+    gguf = loading.ALIASES["smollm2-135m"]()
+    folder = loading._from_gguf(gguf)
+    shards = sorted(folder.glob("model-*.safetensors"))
+    assert len(shards) >= 4 and json.loads((folder / "config.json").read_text())["dtype"] == "float32"
+    streamed = {k: v for shard in shards for k, v in load_file(shard).items()}
+    whole = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).state_dict()
+    assert set(streamed) <= set(whole) and set(whole) - set(streamed) <= {"lm_head.weight"}  # tied to the embedding
+    for name, tensor in streamed.items():
+        assert torch.equal(tensor, whole[name]), name
+    model, _ = loading.load_model(str(folder))
+    assert torch.equal(model.lm_head.weight, whole["lm_head.weight"])

@@ -67,10 +67,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rules", default="threshold,top_k", help="decode op: comma list of threshold, top_k")
     p.add_argument(
         "--decoder",
-        choices=("auto", "static", "generate"),
+        choices=("auto", "static", "compiled", "generate"),
         default="auto",
-        help="decode op: the loop of the sparse row: StaticDecoder where the model allows (auto), always "
-        "(static), or transformers' forward (generate); dense is the best of the loops timed",
+        help="decode op: the loop of the sparse row: StaticDecoder (static), its step compiled whole, CUDA graphs "
+        "on cuda (compiled), or transformers' forward (generate); auto: compiled on cuda, static on cpu, where the "
+        "model allows; dense is the best of the loops timed",
     )
     p.add_argument("--layers", type=int, default=32, help="decode op: layers of a random model")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
@@ -267,9 +268,11 @@ def bench_decode(sparsities, device: str, dtype, args) -> list[dict]:
     calibrated all_inputs thresholds and with top-k at the same nominal sparsity, interleaved token by token
     (each variant keeps its own cache; its `accelerate` block is entered around each of its steps, untimed).
     Each variant runs in transformers' forward (`generate`) and, where the model's layout allows, in
-    `StaticDecoder` (`static`: static cache, fused attention kernel). A row's dense time is the best dense of
-    either loop; its sparse time is the static decoder's (transformers' where it cannot run), and both loops'
-    own figures are kept beside it."""
+    `StaticDecoder` (`static`: static cache, fused attention kernel) or in `CompiledDecoder` (`compiled`: the
+    same step compiled whole, captured in CUDA graphs on CUDA; dense and sparse in that same loop). A row's dense
+    time is the best dense of the loops; its sparse time is the last loop's (transformers' where no other can
+    run), and every loop's own figures are kept beside it. The compiled step counts nothing: its measured
+    sparsity is that of the same rule in transformers' forward."""
     from contextlib import nullcontext
 
     import torch
@@ -287,6 +290,7 @@ def bench_decode(sparsities, device: str, dtype, args) -> list[dict]:
         timed_step,
     )
     from actsparse.speed.calibrate import calibrate, calibration_batches, calibration_text
+    from actsparse.speed.compiled import CompiledDecoder
     from actsparse.speed.decoding import StaticDecoder, UnsupportedModelError
 
     name = args.model or ("llama3-8b-shaped" if device == "cuda" else "smollm2-135m")
@@ -308,11 +312,13 @@ def bench_decode(sparsities, device: str, dtype, args) -> list[dict]:
     if args.decoder != "generate":
         try:
             StaticDecoder(model)
-            loops.append("static")
+            compiled = args.decoder == "compiled" or (args.decoder == "auto" and device == "cuda")
+            loops.append("compiled" if compiled else "static")
         except UnsupportedModelError as err:
-            if args.decoder == "static":
+            if args.decoder in ("static", "compiled"):
                 raise
             print(f"static decoder: {err}; timing transformers' forward only", file=sys.stderr)
+    length = prompt.shape[1] + args.decode_tokens + 4  # room for the decode tokens and the warm-up steps
     records = []
     with torch.no_grad():
         for s in sparsities:
@@ -330,11 +336,17 @@ def bench_decode(sparsities, device: str, dtype, args) -> list[dict]:
             times: dict[tuple[str, str], list[float]] = {v: [] for v in variants}
             seen = {v: [0.0, 0.0] for v in variants}  # decode entries zeroed, seen
             calls = {v: dict.fromkeys(_kernel_calls(), 0) for v in variants}
-            decoders = {v: StaticDecoder(model) for v in variants if v[0] == "static"}
+            decoders: dict[tuple[str, str], Any] = {v: StaticDecoder(model) for v in variants if v[0] == "static"}
+            for v in variants:
+                if v[0] == "compiled":  # compiled (and on CUDA captured) before the timing starts
+                    decoders[v] = CompiledDecoder(model, specs[v[1]], length=length)
+                    token = decoders[v].prefill(prompt, 3)
+                    for _ in range(3):
+                        token = decoders[v].step(token)
 
             def block(variant: tuple[str, str], specs=specs):
-                spec = specs[variant[1]]
-                return nullcontext(None) if spec is None else accelerate(model, spec)
+                spec = specs[variant[1]]  # the compiled step has its spec built in
+                return nullcontext(None) if spec is None or variant[0] == "compiled" else accelerate(model, spec)
 
             def step(variant, state, decoders=decoders):
                 if variant[0] == "generate":
@@ -377,8 +389,11 @@ def bench_decode(sparsities, device: str, dtype, args) -> list[dict]:
                 best = min(
                     ((loop, key) for loop in loops for key in ("dense_torch", "dense_kernel")), key=lambda v: us[v]
                 )
-                z, n = seen[(sparse_loop, rule)]
+                z, n = seen[("generate" if sparse_loop == "compiled" else sparse_loop, rule)]
                 ran = [k for k, c in calls[(sparse_loop, rule)].items() if c]
+                if sparse_loop == "compiled":
+                    ran = ["compiled"]  # the custom ops inside the graph (its replays run no Python to count)
+                timing = "cuda-graph" if sparse_loop == "compiled" else "cuda-eager"
                 record = _record(
                     device,
                     dtype,
@@ -387,7 +402,7 @@ def bench_decode(sparsities, device: str, dtype, args) -> list[dict]:
                     s,
                     row,
                     measured_sparsity=z / max(n, 1.0),
-                    timing="cuda-eager" if device == "cuda" else "cpu-wall",
+                    timing=timing if device == "cuda" else "cpu-wall",
                     kernel="+".join(ran) or "pytorch",
                     decoder=sparse_loop,
                     dense_best=f"{best[1]} ({best[0]})",

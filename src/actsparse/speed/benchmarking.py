@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "byte_tokenizer",
     "decode_loop",
     "gemv_operands",
     "llama3_8b_shaped",
@@ -224,6 +225,20 @@ def random_llama(name: str, device: str, dtype: torch.dtype, layers: int = 32) -
 def llama3_8b_shaped(device: str, dtype: torch.dtype, layers: int = 32) -> Any:
     """A Llama-3-8B-shaped model with random weights (h 4096, d 14336, `layers` layers)."""
     return random_llama("llama3-8b-shaped", device, dtype, layers)
+
+
+def byte_tokenizer() -> Any:
+    """A byte-level tokenizer built here (pad 0, eos 1, unk 2, then the 256 characters of code points < 256): for
+    random models, whose vocabularies it fits, where no real tokenizer is at hand."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2} | {chr(i): i + 3 for i in range(256)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Split("", "isolated"), decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", padding_side="left"
+    )
 
 
 def random_batches(vocab_size: int, rows: int = 2, length: int = 256, seed: int = 0) -> list[dict[str, torch.Tensor]]:
