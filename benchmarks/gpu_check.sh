@@ -49,7 +49,6 @@ else
   agree_sizes="--tasks arc_easy,piqa,hellaswag --limit 200 --slices 2"
   random_model=llama3-8b-shaped; speed_sizes="--tasks arc_easy,piqa --limit 100 --slices 2"; probe_docs=8
 fi
-study_dir=$(mktemp -d /tmp/random-model.XXXX)
 machine() {
   if [ $dry = 1 ]; then echo "SKIP nvidia-smi on the CPU dry run: it reads the GPU itself"
   else nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; fi
@@ -77,6 +76,7 @@ issue12() {
   fi
   step "issue 12: actsparse study prints and records its estimate (Llama-3-8B-shaped random model, bf16)"
   if has olmo_eval; then
+    study_dir=$(mktemp -d /tmp/random-model.XXXX)
     timeout $((90 * slow)) "$py" benchmarks/eval_throughput.py --save-8b-shaped "$study_dir" --saved-shape $random_model \
       --device $dev --dtype bfloat16 2>&1 | tail -2
     timeout $((150 * slow)) "$py" -m actsparse.cli study --model "$study_dir" --device $dev --dtype bfloat16 \
