@@ -130,8 +130,8 @@ def _write_dequantised(gguf: Path, config: Any, folder: Path) -> None:
     parsed = load_gguf_checkpoint(str(gguf), return_tensors=False)  # the config as its tensor processors read it
     parsed["tensors"] = {}  # where a processor assembles tensors of several GGUF tensors (packed experts)
     reader = GGUFReader(gguf)
-    processor = TENSOR_PROCESSORS.get(read_field(reader, "general.architecture")[0], TensorProcessor)
-    processor = processor(config=parsed["config"])
+    processor_class = TENSOR_PROCESSORS.get(read_field(reader, "general.architecture")[0], TensorProcessor)
+    processor = processor_class(config=parsed["config"])
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     names = get_gguf_hf_weights_map(skeleton, processor)

@@ -197,7 +197,7 @@ def prefill(model: Any, prompt: torch.Tensor) -> tuple[Any, torch.Tensor]:
     return out.past_key_values, out.logits[:, -1:].argmax(-1)
 
 
-RANDOM_SHAPES: dict[str, dict[str, int]] = {
+RANDOM_SHAPES: dict[str, dict[str, Any]] = {
     "llama3-8b-shaped": dict(
         hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256
     ),

@@ -50,7 +50,7 @@ class _FFN(nn.Module):
 
     def __init__(self, mlp: Any, values: dict[str, float], rule: str | None):
         super().__init__()
-        projections = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+        projections: list[Any] = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
         if not all(isinstance(p, nn.Linear) and p.bias is None for p in projections):
             raise UnsupportedModelError("an FFN without bias-free gate_proj, up_proj and down_proj")
         self.mlp, self.act, self.rule, self.values = mlp, mlp.act_fn, rule, values
@@ -78,10 +78,14 @@ class _Step(nn.Module):
     """The decode step as a module: the KV cache and rotary tables are its buffers (fixed addresses, as a
     CUDA graph needs), and `forward(token, pos)` is what `torch.compile` traces."""
 
+    cos: torch.Tensor
+    sin: torch.Tensor
+
     def __init__(self, model: Any, spec: SparsitySpec | None, length: int, batch: int):
         super().__init__()
         base = model.model
-        self.model, self.base = model, base
+        self.model: Any = model
+        self.base: Any = base
         weight = model.lm_head.weight
         positions = torch.arange(length, device=weight.device)[None]
         cos, sin = base.rotary_emb(weight.new_zeros(1), position_ids=positions)  # [1, length, head_dim]
