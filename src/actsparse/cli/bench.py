@@ -59,16 +59,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iters", type=int, default=0, help="calls per repeat (default: chosen per shape)")
     p.add_argument("--working-set", type=float, default=256.0, help="MB of weight copies to rotate over")
     p.add_argument("--decode-tokens", type=int, default=16, help="greedy tokens per decode repeat")
-    p.add_argument("--model", default="smollm2-135m", help="model of the decode op on cpu")
+    p.add_argument(
+        "--model",
+        help="decode op: alias, folder or .gguf file, or a random model: llama3-8b-shaped, tiny-llama-shaped "
+        "(default: llama3-8b-shaped on cuda, smollm2-135m on cpu)",
+    )
     p.add_argument("--rules", default="threshold,top_k", help="decode op: comma list of threshold, top_k")
     p.add_argument(
         "--decoder",
-        choices=("auto", "static", "generate"),
+        choices=("auto", "static", "compiled", "generate"),
         default="auto",
-        help="decode op: the loop of the sparse row: StaticDecoder where the model allows (auto), always "
-        "(static), or transformers' forward (generate); dense is the best of the loops timed",
+        help="decode op: the loop of the sparse row: StaticDecoder (static), its step compiled whole, CUDA graphs "
+        "on cuda (compiled), or transformers' forward (generate); auto: compiled on cuda, static on cpu, where the "
+        "model allows; dense is the best of the loops timed",
     )
-    p.add_argument("--layers", type=int, default=32, help="decode op on cuda: layers of the random 8B-shaped model")
+    p.add_argument("--layers", type=int, default=32, help="decode op: layers of a random model")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     p.add_argument("--json", type=Path, help="write the records here")
 
@@ -263,9 +268,11 @@ def bench_decode(sparsities, device: str, dtype, args) -> list[dict]:
     calibrated all_inputs thresholds and with top-k at the same nominal sparsity, interleaved token by token
     (each variant keeps its own cache; its `accelerate` block is entered around each of its steps, untimed).
     Each variant runs in transformers' forward (`generate`) and, where the model's layout allows, in
-    `StaticDecoder` (`static`: static cache, fused attention kernel). A row's dense time is the best dense of
-    either loop; its sparse time is the static decoder's (transformers' where it cannot run), and both loops'
-    own figures are kept beside it."""
+    `StaticDecoder` (`static`: static cache, fused attention kernel) or in `CompiledDecoder` (`compiled`: the
+    same step compiled whole, captured in CUDA graphs on CUDA; dense and sparse in that same loop). A row's dense
+    time is the best dense of the loops; its sparse time is the last loop's (transformers' where no other can
+    run), and every loop's own figures are kept beside it. The compiled step counts nothing: its measured
+    sparsity is that of the same rule in transformers' forward."""
     from contextlib import nullcontext
 
     import torch
@@ -273,18 +280,28 @@ def bench_decode(sparsities, device: str, dtype, args) -> list[dict]:
     from actsparse.models.loading import load_model
     from actsparse.sparsity.spec import SparsitySpec
     from actsparse.speed.accelerate import accelerate
-    from actsparse.speed.benchmarking import llama3_8b_shaped, lower_quartile, prefill, timed_decoder_step, timed_step
+    from actsparse.speed.benchmarking import (
+        RANDOM_SHAPES,
+        lower_quartile,
+        prefill,
+        random_batches,
+        random_llama,
+        timed_decoder_step,
+        timed_step,
+    )
     from actsparse.speed.calibrate import calibrate, calibration_batches, calibration_text
+    from actsparse.speed.compiled import CompiledDecoder
     from actsparse.speed.decoding import StaticDecoder, UnsupportedModelError
 
-    if device == "cuda":
-        name, model = "llama3-8b-shaped (random)", llama3_8b_shaped(device, dtype, args.layers)
-        generator = torch.Generator().manual_seed(0)
-        batches = [{"input_ids": torch.randint(0, model.config.vocab_size, (2, 256), generator=generator)}]
+    name = args.model or ("llama3-8b-shaped" if device == "cuda" else "smollm2-135m")
+    if name in RANDOM_SHAPES:
+        model = random_llama(name, device, dtype, args.layers)
+        batches = random_batches(model.config.vocab_size)
+        generator = torch.Generator().manual_seed(1)
         prompt = torch.randint(0, model.config.vocab_size, (1, 16), generator=generator).to(device)
+        name += " (random)"
     else:
-        name = args.model
-        model, tokenizer = load_model(args.model, dtype=dtype, device=device)
+        model, tokenizer = load_model(name, dtype=dtype, device=device)
         batches = list(calibration_batches(tokenizer, calibration_text(), tokens=1024, seq_len=512))
         prompt = tokenizer("The capital of France is", return_tensors="pt")["input_ids"].to(device)
     rules = comma_list(args.rules)
@@ -295,11 +312,13 @@ def bench_decode(sparsities, device: str, dtype, args) -> list[dict]:
     if args.decoder != "generate":
         try:
             StaticDecoder(model)
-            loops.append("static")
+            compiled = args.decoder == "compiled" or (args.decoder == "auto" and device == "cuda")
+            loops.append("compiled" if compiled else "static")
         except UnsupportedModelError as err:
-            if args.decoder == "static":
+            if args.decoder in ("static", "compiled"):
                 raise
             print(f"static decoder: {err}; timing transformers' forward only", file=sys.stderr)
+    length = prompt.shape[1] + args.decode_tokens + 4  # room for the decode tokens and the warm-up steps
     records = []
     with torch.no_grad():
         for s in sparsities:
@@ -317,11 +336,17 @@ def bench_decode(sparsities, device: str, dtype, args) -> list[dict]:
             times: dict[tuple[str, str], list[float]] = {v: [] for v in variants}
             seen = {v: [0.0, 0.0] for v in variants}  # decode entries zeroed, seen
             calls = {v: dict.fromkeys(_kernel_calls(), 0) for v in variants}
-            decoders = {v: StaticDecoder(model) for v in variants if v[0] == "static"}
+            decoders: dict[tuple[str, str], Any] = {v: StaticDecoder(model) for v in variants if v[0] == "static"}
+            for v in variants:
+                if v[0] == "compiled":  # compiled (and on CUDA captured) before the timing starts
+                    decoders[v] = CompiledDecoder(model, specs[v[1]], length=length)
+                    token = decoders[v].prefill(prompt, 3)
+                    for _ in range(3):
+                        token = decoders[v].step(token)
 
             def block(variant: tuple[str, str], specs=specs):
-                spec = specs[variant[1]]
-                return nullcontext(None) if spec is None else accelerate(model, spec)
+                spec = specs[variant[1]]  # the compiled step has its spec built in
+                return nullcontext(None) if spec is None or variant[0] == "compiled" else accelerate(model, spec)
 
             def step(variant, state, decoders=decoders):
                 if variant[0] == "generate":
@@ -364,8 +389,11 @@ def bench_decode(sparsities, device: str, dtype, args) -> list[dict]:
                 best = min(
                     ((loop, key) for loop in loops for key in ("dense_torch", "dense_kernel")), key=lambda v: us[v]
                 )
-                z, n = seen[(sparse_loop, rule)]
+                z, n = seen[("generate" if sparse_loop == "compiled" else sparse_loop, rule)]
                 ran = [k for k, c in calls[(sparse_loop, rule)].items() if c]
+                if sparse_loop == "compiled":
+                    ran = ["compiled"]  # the custom ops inside the graph (its replays run no Python to count)
+                timing = "cuda-graph" if sparse_loop == "compiled" else "cuda-eager"
                 record = _record(
                     device,
                     dtype,
@@ -374,7 +402,7 @@ def bench_decode(sparsities, device: str, dtype, args) -> list[dict]:
                     s,
                     row,
                     measured_sparsity=z / max(n, 1.0),
-                    timing="cuda-eager" if device == "cuda" else "cpu-wall",
+                    timing=timing if device == "cuda" else "cpu-wall",
                     kernel="+".join(ran) or "pytorch",
                     decoder=sparse_loop,
                     model=name,

@@ -6,11 +6,13 @@ import argparse
 from pathlib import Path
 
 from actsparse.cli.common import add_model_argument, comma_list, make_console
+from actsparse.models.placement import add_placement_arguments
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("outliers", help="find massive activations per layer on calibration text (table and plot)")
     add_model_argument(p)
+    add_placement_arguments(p)
     p.add_argument("--m", type=float, default=100.0, help="an entry is massive above m × its token's median |v|")
     p.add_argument("--vectors", default="input,intermediate", help="comma-separated vectors to measure")
     p.add_argument("--data", type=Path, help="a plain-text file (default: built-in public-domain text)")
@@ -23,8 +25,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from actsparse.methods.outlier_topp import check_m
+    from actsparse.models.placement import from_args
     from actsparse.sparsity.spec import VECTORS
 
+    where = from_args(args)  # a bad --device or --dtype, or cuda without a GPU: exit 2 before any work
     check_m(args.m)
     vectors = comma_list(args.vectors)
     unknown = [v for v in vectors if v not in VECTORS]
@@ -41,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     with console.status(f"loading {args.model}"):
         from actsparse.models.loading import load_model
 
-        model, tokenizer = load_model(args.model)
+        model, tokenizer = load_model(args.model, where.dtype, where.device)
     with console.status("measuring"):
         records = find_outliers(model, calibration_batches(tokenizer, text, args.tokens), args.m, vectors)
     path = write_outputs(out, records, args.model, args.m)

@@ -22,6 +22,7 @@ from actsparse.cli.common import (
     make_console,
     parse_limit,
 )
+from actsparse.models.placement import add_placement_arguments
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -32,6 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_model_argument(p)
+    add_placement_arguments(p)
     p.add_argument("--tasks", default="arc_easy,piqa", help="comma-separated task names")
     p.add_argument("--target", default="input", help="the target sparsified")
     p.add_argument("--p", type=float, default=0.9, help="the fixed top_p value")
@@ -56,10 +58,12 @@ def every_kth(layers: list[int], every: int) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from actsparse.models.placement import from_args
     from actsparse.sparsity.spec import SparsitySpec
     from actsparse.study.store import atomic_path, check_writable
     from actsparse.tasks import get_task, select_docs
 
+    where = from_args(args)  # a bad --device or --dtype, or cuda without a GPU: exit 2 before any work
     spec = SparsitySpec(args.target, "top_p", args.p)  # bad target or p: an error before model work
     if args.resamples < 10:
         raise ValueError(f"--resamples must be at least 10, got {args.resamples}")
@@ -82,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     console = make_console(stderr=True)
     from actsparse.models.loading import load_model
 
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, where.dtype, where.device)
     layers = every_kth(sorted({f.layer for f in select_ffns(model, None)}), args.every)
     dense, refs = {}, {}
     for n in names:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from actsparse.cli.common import add_model_argument, add_sample_arguments, comma_list, make_console, parse_limit
+from actsparse.models.placement import add_placement_arguments
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -23,6 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_model_argument(p)
+    add_placement_arguments(p)
     p.add_argument("--from", dest="sources", default="arc_easy,piqa", help="source tasks, comma-separated")
     p.add_argument("--to", dest="destinations", default="gsm8k_bpb,humaneval_bpb,mbpp_bpb", help="destination tasks")
     p.add_argument("--targets", default="input,intermediate", help="comma-separated targets")
@@ -47,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
     console = make_console(stderr=True)
     config = TransferConfig(
         model=args.model,
+        device=args.device,
+        dtype=args.dtype,
         sources=comma_list(args.sources),
         destinations=comma_list(args.destinations),
         targets=comma_list(args.targets),

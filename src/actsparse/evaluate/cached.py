@@ -16,6 +16,7 @@ from torch import nn
 from actsparse.evaluate.encode import Group, left_pad, position_ids
 from actsparse.evaluate.groups import GroupScore, add_counts, combine, count_table, shared_prefix, token_counts
 from actsparse.evaluate.kl import at_ids, top_k
+from actsparse.evaluate.packed import forward_at
 from actsparse.sparsity.instrument import counted_as_prefill
 
 FORWARD_COST = 64
@@ -88,8 +89,8 @@ def score_cached(
     width = ids.shape[1]
     scored = torch.arange(width, device=device) >= width - 1 - torch.tensor(prefixes, device=device)[:, None]
     with token_counts(model) as counts:
-        out = model(
-            input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True, logits_to_keep=scored
+        out, first_logits = forward_at(
+            model, scored, input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True
         )
     table = count_table(counts, ids.shape)
     group_counts: list[list[int] | None] = [None] * len(groups)
@@ -101,9 +102,9 @@ def score_cached(
     at = 0
     for b, (g, n) in enumerate(zip(groups, prefixes, strict=True)):
         targets = [[t] for t in g.continuations[0][:n]] + [[c[n] for c in g.continuations if c]]
-        reads.append({0: read_positions(out.logits[at : at + n + 1], targets, k, ref_slice(b, 0, n + 1))})
+        reads.append({0: read_positions(first_logits[at : at + n + 1], targets, k, ref_slice(b, 0, n + 1))})
         at += n + 1
-    del out
+    del out, first_logits
     rows = [(b, i, o) for b, conts in enumerate(owns) for i, o in enumerate(conts) if len(o) > 1]
     rows.sort(key=lambda r: -len(r[2]))
     lengths = mask.sum(-1)
@@ -121,14 +122,15 @@ def score_cached(
         cids, cmask = cids.to(device), cmask.to(device)
         # one-token chunks too are counted as prefill: they are scored text, not generated
         with counted_as_prefill(model), token_counts(model) as counts:
-            logits = model(
+            _, logits = forward_at(  # real positions only, flat [N, V]
+                model,
+                cmask.bool(),
                 input_ids=cids,
                 attention_mask=torch.cat([mask[index], cmask], dim=1),
                 position_ids=lengths[index, None] + torch.arange(width, device=device),
                 cache=part,
                 use_cache=True,
-                logits_to_keep=cmask.bool(),  # real positions only, flat [N, V]
-            ).logits
+            )
         table = count_table(counts, cids.shape)
         counted = counted and table is not None
         if table is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -123,17 +124,15 @@ def _read_packed(
         column = at + len(groups[i].context) - 1  # the context's last token, the shared prefix, the branches
         keep[r, column : column + scored_positions(groups[i])] = True
         first_column[i] = (r, column)
-    mask_slicing = _masked_logits_to_keep()
     with _real_tokens(model, batch.real):
-        logits = model(
+        _, logits = forward_at(
+            model,
+            keep.to(batch.real.device),
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
             position_ids=batch.position_ids,
             use_cache=False,
-            logits_to_keep=keep.to(batch.real.device) if mask_slicing else 0,
-        ).logits
-    if logits.dim() == 3:  # a transformers without boolean `logits_to_keep`: every position was projected
-        logits = logits[keep.to(logits.device)]
+        )
     logp = logits.float()
     for start in range(0, logp.shape[0], 256):  # in place, a slice at a time: one [N, V] tensor at most
         logp[start : start + 256] = logp[start : start + 256].log_softmax(-1)
@@ -170,6 +169,16 @@ def _read_packed(
                 reads[1 + c] = (per_row[own : own + m], greedy[at + own : at + own + m])
                 own += m
         yield i, combine(group, n, reads, ids[at : at + size], values[at : at + size])
+
+
+def forward_at(model: nn.Module, keep: torch.Tensor, **inputs: Any) -> tuple[Any, torch.Tensor]:
+    """model(**inputs) and its logits [N, V] at the positions `keep` [B, T] marks: projected there only where
+    transformers takes a boolean `logits_to_keep`, else projected everywhere, then selected."""
+    out = model(**inputs, logits_to_keep=keep if _masked_logits_to_keep() else 0)
+    logits = out.logits
+    if logits.dim() == 3:  # every position was projected
+        logits = logits[keep.to(logits.device)]
+    return out, logits
 
 
 @functools.cache

@@ -87,31 +87,32 @@ def _converted(gguf: Path) -> Path:
     return cache_dir() / "converted" / f"{gguf.stem}-{key}"
 
 
+SHARD_BYTES = 512 * 2**20
+"""Bytes of float32 weights per safetensors shard of a converted GGUF file: the most host memory a conversion
+holds at once, beside the memory-mapped GGUF file."""
+
+
 def _from_gguf(gguf: Path) -> Path:
     """Dequantise a GGUF file once into a cached Hugging Face folder; return that folder."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     folder = _converted(gguf)
     if (folder / "done").exists():
         return folder
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model: Any = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    except Exception as err:  # the GGUF readers fail on a short or truncated file with any kind of error
-        raise ModelNotAvailableError(
-            f"cannot read {gguf} ({gguf.stat().st_size} bytes) as a GGUF model: the file is truncated or "
-            f"corrupt, or holds an architecture transformers cannot convert: {err}"
-        ) from None
-    model.hf_quantizer = None  # the weights are plain float32 now: save them as such
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
     folder.parent.mkdir(parents=True, exist_ok=True)
     # A partial folder of this process's own, renamed into place when complete: concurrent conversions
     # of one file (processes, Ray workers) never write into each other's folder; the first rename wins.
     partial = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{folder.name}.partial-"))
     try:
-        model.save_pretrained(partial)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            _write_dequantised(gguf, config, partial)
+        except Exception as err:  # the GGUF readers fail on a short or truncated file with any kind of error
+            raise ModelNotAvailableError(
+                f"cannot read {gguf} ({gguf.stat().st_size} bytes) as a GGUF model: the file is truncated or "
+                f"corrupt, or holds an architecture transformers cannot convert: {err}"
+            ) from None
         tokenizer.save_pretrained(partial)
         (partial / "done").write_text(str(gguf))
         if folder.exists() and not (folder / "done").exists():
@@ -124,6 +125,61 @@ def _from_gguf(gguf: Path) -> Path:
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return folder
+
+
+def _write_dequantised(gguf: Path, config: Any, folder: Path) -> None:
+    """The GGUF file's weights dequantised to float32 one tensor at a time, named and laid out as transformers
+    reads them (its GGUF tensor processors), into safetensors shards of `SHARD_BYTES` in `folder`, with the config:
+    the model is never whole in host memory (a skeleton on the meta device gives the names)."""
+    import numpy as np
+    from gguf import GGUFReader, dequantize
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+        load_gguf_checkpoint,
+        read_field,
+    )
+
+    parsed = load_gguf_checkpoint(str(gguf), return_tensors=False)  # the config as its tensor processors read it
+    parsed["tensors"] = {}  # where a processor assembles tensors of several GGUF tensors (packed experts)
+    reader = GGUFReader(gguf)
+    processor_class = TENSOR_PROCESSORS.get(read_field(reader, "general.architecture")[0], TensorProcessor)
+    processor = processor_class(config=parsed["config"])
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    names = get_gguf_hf_weights_map(skeleton, processor)
+    shard: dict[str, torch.Tensor] = {}
+    files: dict[str, str] = {}
+
+    def flush() -> None:
+        if shard:
+            name = f"model-{len(set(files.values())) + 1:05d}.safetensors"
+            save_file(shard, str(folder / name), metadata={"format": "pt"})
+            files.update(dict.fromkeys(shard, name))
+            shard.clear()
+
+    for tensor in reader.tensors:
+        weights = dequantize(tensor.data, tensor.tensor_type)
+        result = processor.process(
+            weights=weights, name=tensor.name, tensor_key_mapping=names, parsed_parameters=parsed
+        )
+        if result.name not in names:
+            continue
+        shard[names[result.name]] = torch.from_numpy(np.array(result.weights, dtype=np.float32))
+        if sum(t.nbytes for t in shard.values()) >= SHARD_BYTES:
+            flush()
+    shard.update({name: t.float() for name, t in parsed["tensors"].items()})
+    flush()
+    sizes = sum((folder / f).stat().st_size for f in set(files.values()))
+    index = {"metadata": {"total_size": sizes}, "weight_map": dict(sorted(files.items()))}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    config.dtype, config.architectures = torch.float32, [type(skeleton).__name__]
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(folder)
 
 
 def _diffusion_class(folder: Path) -> Any:
@@ -194,8 +250,10 @@ def load_model(
 ) -> tuple[Any, Any]:
     """Load (model, tokenizer) in eval mode; the tokenizer pads on the left for batched generation.
 
-    `device_map` ('auto', 'balanced', or a module → device dict) spreads a model larger than one
-    device over the GPUs (and CPU or disk) through accelerate; `device` is then ignored.
+    The model is built on the meta device and each weight streamed from its file into place on `device`: no
+    whole copy in host memory first (an 8B model in bf16 would need 16 GB of it). `device_map` ('auto',
+    'balanced', or a module → device dict) spreads a model larger than one device over the GPUs (and CPU or
+    disk) through accelerate; `device` is then ignored.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -210,8 +268,8 @@ def load_model(
     model_class = model_class or AutoModelForCausalLM
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        placement = {} if device_map is None else {"device_map": device_map}
-        model: Any = model_class.from_pretrained(source, dtype=dtype, **placement)
+        placement = {"": str(device)} if device_map is None else device_map  # weights straight to the device
+        model: Any = model_class.from_pretrained(source, dtype=dtype, device_map=placement)
     except OSError as err:
         if kind != "hub":
             raise
@@ -223,7 +281,5 @@ def load_model(
 
     if getattr(model.config, "_experts_implementation", None) not in (None, *EXPERTS_FORWARDS):
         model.set_experts_implementation("grouped_mm")  # one that the sparsified experts follow (adapters.moe)
-    if device_map is None:
-        model.to(device)
     model.eval()
     return model, tokenizer

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "byte_tokenizer",
     "decode_loop",
     "gemv_operands",
     "llama3_8b_shaped",
@@ -22,6 +23,8 @@ __all__ = [
     "lower_quartile",
     "parse_shape",
     "prefill",
+    "random_batches",
+    "random_llama",
     "sparse_input",
     "time_calls",
     "time_pair",
@@ -194,19 +197,53 @@ def prefill(model: Any, prompt: torch.Tensor) -> tuple[Any, torch.Tensor]:
     return out.past_key_values, out.logits[:, -1:].argmax(-1)
 
 
-def llama3_8b_shaped(device: str, dtype: torch.dtype, layers: int = 32) -> Any:
-    """A Llama-3-8B-shaped model with random weights (h 4096, d 14336, `layers` layers)."""
+RANDOM_SHAPES: dict[str, dict[str, Any]] = {
+    "llama3-8b-shaped": dict(
+        hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256
+    ),
+    "tiny-llama-shaped": dict(
+        hidden_size=64, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, vocab_size=49152
+    ),
+}
+"""Random Llama models of the GPU benchmarks by name: Llama-3-8B's shape, and a tiny one with the same
+layout (SmolLM2's vocabulary) on which a CPU dry run takes the same code paths."""
+
+
+def random_llama(name: str, device: str, dtype: torch.dtype, layers: int = 32) -> Any:
+    """A Llama model of shape `name` (one of RANDOM_SHAPES) with random weights and `layers` layers, built
+    directly on `device`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=layers,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        max_position_embeddings=2048,
-    )
+    if name not in RANDOM_SHAPES:
+        raise ValueError(f"unknown random model {name!r}; choose from {', '.join(RANDOM_SHAPES)}")
+    config = LlamaConfig(**RANDOM_SHAPES[name], num_hidden_layers=layers, max_position_embeddings=2048)
     with torch.device(device):
         model: Any = LlamaForCausalLM(config)
     return model.to(dtype).eval()
+
+
+def llama3_8b_shaped(device: str, dtype: torch.dtype, layers: int = 32) -> Any:
+    """A Llama-3-8B-shaped model with random weights (h 4096, d 14336, `layers` layers)."""
+    return random_llama("llama3-8b-shaped", device, dtype, layers)
+
+
+def byte_tokenizer() -> Any:
+    """A byte-level tokenizer built here (pad 0, eos 1, unk 2, then the 256 characters of code points < 256): for
+    random models, whose vocabularies it fits, where no real tokenizer is at hand."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2} | {chr(i): i + 3 for i in range(256)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Split("", "isolated"), decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", padding_side="left"
+    )
+
+
+def random_batches(vocab_size: int, rows: int = 2, length: int = 256, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """One calibration batch of random token ids, every token real: `calibrate` counts real tokens only, so the
+    batch carries its attention mask (without one a batch of several rows cannot tell padding from text)."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (rows, length), generator=generator)
+    return [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]

@@ -19,6 +19,8 @@ from actsparse.sparsity.spec import SparsitySpec
 from actsparse.study.store import PointKey
 
 Item = TypeVar("Item")
+LM_EVAL_BATCH = 16
+"""Requests per batch of the lm-eval backend when the sweep sets no --batch-size, on any device."""
 Progress = Callable[[int], None]
 
 
@@ -123,7 +125,7 @@ def _evaluate(
     if context.backend == "lm-eval":
         from actsparse.evaluate.lm_eval_bridge import evaluate_lm_eval
 
-        batch: int | str = context.batch_size or ("auto" if model.device.type == "cuda" else 16)
+        batch = context.batch_size or LM_EVAL_BATCH  # never 'auto': its probe forwards would count as sparsity
         result = evaluate_lm_eval(model, tokenizer, task, context.doc_ids[task], batch_size=batch)
         if progress is not None:
             progress(len(result.docs))

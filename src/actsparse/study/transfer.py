@@ -48,6 +48,8 @@ class TransferConfig:
     out: Path = Path("runs/transfer")
     command: str = ""
     report_only: bool = False  # evaluate nothing: report the points stored so far
+    device: str = "auto"  # where the source sweep and the transfer points run (`models.placement`)
+    dtype: str = "auto"  # their precision: the source sweep's, bound to its folder
     _tasks: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -90,6 +92,8 @@ class TransferConfig:
             out=self.out / "source",
             batch_size=self.batch_size,
             resamples=self.resamples,
+            device=self.device,
+            dtype=self.dtype,
         )
 
     @property
@@ -208,12 +212,18 @@ def run_transfer(
 
         summary = write_summary(config.out / "source", resamples=config.resamples, seed=config.seed)
     else:
+        source = config.source_sweep()
+        where = source.placement  # the transfer points run in the source sweep's device and precision
         if model is None:
             from actsparse.models.loading import load_model
 
-            model, tokenizer = load_model(config.model)
+            model, tokenizer = load_model(config.model, where.dtype, where.device)
+        else:
+            from actsparse.study.sweep import _placed
+
+            model, tokenizer = _placed((model, tokenizer), where)
         log(f"source sweep on {', '.join(sources)} → {config.out / 'source'}")
-        summary = run_sweep(config.source_sweep(), model, tokenizer, show_progress=show_progress)
+        summary = run_sweep(source, model, tokenizer, show_progress=show_progress)
     points = {t: operating_point(summary, t) for t in config.targets}
     specs: dict[str, tuple[SparsitySpec, float]] = {}
     for target, point in points.items():
