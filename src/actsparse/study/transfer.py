@@ -330,15 +330,12 @@ def _record(
         "bootstrap": {"resamples": config.resamples, "seed": config.seed, "level": 0.95, "paired": True},
         "source_critical": summary.get("critical_sparsity", {}),
     }
-    out = _finite(out)
+    from actsparse.analysis import to_json
+
+    out = to_json(out)
     path = config.out / "transfer.json"
     tmp = atomic_path(path)
     tmp.write_text(json.dumps(out, indent=2, allow_nan=False))
     os.replace(tmp, path)
     return out
 
-
-def _finite(obj: Any) -> Any:
-    from actsparse.analysis import to_json as finite
-
-    return finite(obj)
