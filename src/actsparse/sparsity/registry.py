@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from importlib import import_module
 from typing import Any
 
-__all__ = ["PAPER_GRID", "RULES", "RULE_NAMES", "Rule", "get_rule"]
+__all__ = ["METHOD_MASK", "MODEL_DATA", "PAPER_GRID", "RULES", "RULE_NAMES", "Rule", "get_rule", "resolve"]
 
 PAPER_GRID: tuple[float, ...] = (
     1.0, 0.995, 0.99, 0.985, 0.98, 0.975, 0.97, 0.96, 0.95, 0.94, 0.93, 0.92, 0.91,
@@ -108,11 +108,11 @@ class Rule:
 
     def mask_fn(self) -> Callable[..., Any]:
         """The keep-mask function, imported on first use."""
-        return _resolve(self.mask)
+        return resolve(self.mask)
 
     def reference_fn(self) -> Callable[..., Any] | None:
         """The slow, obviously-correct reference the tests hold the mask to (None: none)."""
-        return None if self.reference is None else _resolve(self.reference)
+        return None if self.reference is None else resolve(self.reference)
 
     def describe(self, grid: Sequence[float] | None = None) -> str:
         """One line for `study`: the value's meaning, its dense end and its grid (its own unless given)."""
@@ -121,8 +121,8 @@ class Rule:
         return f"{self.name}: {self.value}, dense at {self.dense:g}, sparser {self.sparser}{needs}; grid {listed}"
 
 
-def _resolve(path: str) -> Callable[..., Any]:
-    """The object at "module:name.attribute"."""
+def resolve(path: str) -> Any:
+    """The object at "module:name.attribute", imported on first use."""
     module, _, name = path.partition(":")
     found: Any = import_module(module)
     for part in name.split("."):
@@ -139,6 +139,13 @@ FRACTION_LIKE: dict[str, Any] = dict(dense=1.0, sparsest=0.0, sweep_values=(0.9,
 
 _RULES = "actsparse.sparsity.rules"
 _METHODS = "actsparse.methods"
+
+METHOD_MASK = f"{_METHODS}:method_mask"
+"""(spec, layer, vector, v, x) → keep-mask of a method rule at one site: named, not imported, since the methods
+import the instrumentation that calls it."""
+
+MODEL_DATA = f"{_METHODS}:with_model_data"
+"""(model, spec) → the spec with the data its method reads from the model (named for the same reason)."""
 
 RULES: dict[str, Rule] = {
     rule.name: rule
