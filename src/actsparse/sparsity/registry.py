@@ -32,7 +32,8 @@ SPARSITY_GRID: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(21))
 """Target sparsities 0–100 % in steps of 5 %, densest first."""
 
 MAX_P_GRID: tuple[float, ...] = (
-    0.0, 0.0002, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0,
+    0.0, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075,
+    0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0,
 )  # fmt: skip
 """max_p's grid, densest first, in its own unit (a fraction of max|v|): the p grid is useless here, since
 max_p = 0.1 already zeroes 75 % of input and 86 % of intermediate on SmolLM2-135M. Measured sparsity
@@ -43,7 +44,7 @@ max_p = 0.1 already zeroes 75 % of input and 86 % of intermediate on SmolLM2-135
                 intermediate  0.001: 6.5 %  0.002: 10.9 % 0.005: 20.5 % 0.01: 31.8 %  0.02: 47.1 %  0.05: 70.7 %
 The 99 % crossings on the task metric are recorded at `MAX_P_SWEEP`."""
 
-MAX_P_SWEEP: tuple[float, ...] = (0.0002, 0.0005, 0.001, 0.005, 0.02, 0.05)
+MAX_P_SWEEP: tuple[float, ...] = (0.0001, 0.0002, 0.0005, 0.001, 0.005, 0.02, 0.05)
 """max_p's default sweep values (see the measurements below)."""
 
 
