@@ -17,7 +17,7 @@ from tiny import MOE_FAMILIES, tiny_lm, tiny_model, tiny_sweep_config, tiny_task
 from actsparse import cli, find_ffns, sparsify
 from actsparse.methods import point_spec
 from actsparse.sparsity.instrument import replaced_forwards
-from actsparse.sparsity.registry import RULES, get_rule
+from actsparse.sparsity.registry import METHOD_MASK, MODEL_DATA, RULES, get_rule, resolve
 from actsparse.sparsity.spec import TARGETS, SparsitySpec
 from actsparse.study.search import Bisection
 from actsparse.study.sweep import SweepConfig, run_sweep
@@ -63,6 +63,7 @@ def test_the_kernels_the_registry_names_are_those_that_serve_the_rule() -> None:
 
     assert set(RULE_CODES) == accelerate._FUSED_RULES
     assert [name for name, rule in RULES.items() if "triton" in rule.kernels] == ["top_p"]  # kernels.topp_triton
+    assert callable(resolve(METHOD_MASK)) and callable(resolve(MODEL_DATA))  # the method rules' named entry points
 
 
 @pytest.mark.parametrize("name", list(RULES))

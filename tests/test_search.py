@@ -117,7 +117,7 @@ def test_each_rule_bisects_its_own_grid_from_its_dense_end() -> None:
         assert tuple(bisection.grid) == rule.grid and bisection.dense_value == rule.dense
         ordered = bisection.ordered
         assert ordered == rule.ordered(ordered) and ordered[-1] == rule.sparsest and rule.dense not in ordered
-    assert Bisection("max_p").scan == [0.002, 0.01, 0.03, 0.1, 1.0]  # in max_p's own unit, not p's grid
+    assert Bisection("max_p").scan == [0.001, 0.0075, 0.03, 0.2, 1.0]  # in max_p's own unit, not p's grid
 
 
 def test_a_curve_that_never_crosses_is_a_lower_bound_after_the_scan() -> None:

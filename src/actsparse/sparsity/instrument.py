@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from actsparse.models.adapters import FFN, find_ffns
-from actsparse.sparsity.registry import get_rule
+from actsparse.sparsity.registry import METHOD_MASK, MODEL_DATA, get_rule, resolve
 from actsparse.sparsity.rules import NonFiniteActivationError, apply_mask, masked
 from actsparse.sparsity.spec import SparsitySpec
 from actsparse.sparsity.stats import SparsityStats
@@ -146,9 +146,7 @@ class RuleSite:
         """(sparsified v, keep-mask) of the spec's rule; a method rule's mask from `methods.method_mask`."""
         if not self.method:
             return masked(v, self.spec.rule, self.spec.value_for(self.layer, vector))
-        from actsparse.methods import method_mask
-
-        keep = method_mask(self.spec, self.layer, vector, v, self.x)
+        keep = resolve(METHOD_MASK)(self.spec, self.layer, vector, v, self.x)
         return apply_mask(v, keep), keep
 
 
@@ -233,9 +231,7 @@ def sparsify(model: nn.Module, spec: SparsitySpec, layers: list[int] | None = No
     predictor must come fitted (`actsparse.methods.point_spec`).
     """
     if isinstance(spec, SparsitySpec) and get_rule(spec.rule).method and spec.data is None:
-        from actsparse.methods import with_model_data
-
-        spec = with_model_data(model, spec)
+        spec = resolve(MODEL_DATA)(model, spec)
 
     def make_forward(ffn: FFN, tokens: TokenContext, stats: SparsityStats) -> Callable[..., torch.Tensor]:
         return partial(ffn.adapter.forward, ffn.module, RuleSite(spec, ffn.layer, tokens, stats))

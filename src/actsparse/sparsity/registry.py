@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from importlib import import_module
 from typing import Any
 
-__all__ = ["PAPER_GRID", "RULES", "RULE_NAMES", "Rule", "get_rule"]
+__all__ = ["METHOD_MASK", "MODEL_DATA", "PAPER_GRID", "RULES", "RULE_NAMES", "Rule", "get_rule", "resolve"]
 
 PAPER_GRID: tuple[float, ...] = (
     1.0, 0.995, 0.99, 0.985, 0.98, 0.975, 0.97, 0.96, 0.95, 0.94, 0.93, 0.92, 0.91,
@@ -32,7 +32,8 @@ SPARSITY_GRID: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(21))
 """Target sparsities 0–100 % in steps of 5 %, densest first."""
 
 MAX_P_GRID: tuple[float, ...] = (
-    0.0, 0.0002, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0,
+    0.0, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075,
+    0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0,
 )  # fmt: skip
 """max_p's grid, densest first, in its own unit (a fraction of max|v|): the p grid is useless here, since
 max_p = 0.1 already zeroes 75 % of input and 86 % of intermediate on SmolLM2-135M. Measured sparsity
@@ -41,10 +42,28 @@ max_p = 0.1 already zeroes 75 % of input and 86 % of intermediate on SmolLM2-135
                 gate          0.001: 0.7 %  0.002: 1.4 %  0.005: 3.6 %  0.01:  7.2 %  0.02: 14.9 %  0.05: 37.4 %
                 up            0.001: 0.5 %  0.002: 1.0 %  0.005: 2.6 %  0.01:  5.1 %  0.02: 10.2 %  0.05: 24.6 %
                 intermediate  0.001: 6.5 %  0.002: 10.9 % 0.005: 20.5 % 0.01: 31.8 %  0.02: 47.1 %  0.05: 70.7 %
-The 99 % crossings on the task metric are recorded at `MAX_P_SWEEP`."""
+The 99 % crossings on the task metric are recorded at `MAX_P_SWEEP`; 0.0001 opens the grid because
+SmolLM2's intermediate loses its first answer at 0.0005."""
 
-MAX_P_SWEEP: tuple[float, ...] = (0.0002, 0.0005, 0.001, 0.005, 0.02, 0.05)
-"""max_p's default sweep values (see the measurements below)."""
+MAX_P_SWEEP: tuple[float, ...] = (0.0001, 0.0002, 0.0005, 0.001, 0.005, 0.02, 0.05)
+"""max_p's default sweep values: at least two points before the 99 % crossing and one past it on every target of
+SmolLM2-135M and on input and intermediate of Gemma 3 270M. Measured on the task metric (acc_norm of arc_easy and
+piqa as lm-evaluation-harness defines it, 60 seeded validation documents each, float32 CPU; normalised performance
+= mean over the two tasks of sparse / dense), with
+    actsparse sweep --model smollm2-135m --rules max_p --tasks arc_easy,piqa --limit 60
+    actsparse sweep --model gemma3-270m --rules max_p --targets input,intermediate --tasks arc_easy,piqa --limit 60
+(plus 0.002 and 0.01 on SmolLM2). The crossing lies between the last value ≥ 99 % and the first below
+(value: achieved sparsity, normalised performance):
+  SmolLM2-135M (dense 0.55, 0.70)  input         0.002: 2.6 %, 1.000  →  0.005:  6.2 %, 0.985
+                                   gate          0.02: 14.4 %, 1.018  →  0.05:  35.6 %, 0.934
+                                   up            0.01:  4.8 %, 1.000  →  0.02:   9.5 %, 0.973
+                                   intermediate  0.0002: 2.0 %, 1.000 →  0.0005: 4.0 %, 0.985
+  Gemma 3 270M (dense 0.60, 0.70)  input         0.001: 1.9 %, 1.000  →  0.005:  8.8 %, 0.986
+                                   intermediate  0.005: 35.0 %, 1.000 →  0.02:  72.7 %, 0.946
+With 60 documents one changed answer moves arc_easy's ratio by about 3 %, so the early crossings (SmolLM2's input
+and intermediate, Gemma's input) are a single document each: the values bracket them with room on both sides,
+and `MAX_P_GRID` refines between. top_p's defaults bracket its crossings on SmolLM2 the same way: input between
+dense and p = 0.99 (11.8 %, 0.973), intermediate between 0.95 (36.5 %, 1.003) and 0.9 (48.5 %, 0.976)."""
 
 
 @dataclass(frozen=True)
@@ -108,11 +127,11 @@ class Rule:
 
     def mask_fn(self) -> Callable[..., Any]:
         """The keep-mask function, imported on first use."""
-        return _resolve(self.mask)
+        return resolve(self.mask)
 
     def reference_fn(self) -> Callable[..., Any] | None:
         """The slow, obviously-correct reference the tests hold the mask to (None: none)."""
-        return None if self.reference is None else _resolve(self.reference)
+        return None if self.reference is None else resolve(self.reference)
 
     def describe(self, grid: Sequence[float] | None = None) -> str:
         """One line for `study`: the value's meaning, its dense end and its grid (its own unless given)."""
@@ -121,8 +140,8 @@ class Rule:
         return f"{self.name}: {self.value}, dense at {self.dense:g}, sparser {self.sparser}{needs}; grid {listed}"
 
 
-def _resolve(path: str) -> Callable[..., Any]:
-    """The object at "module:name.attribute"."""
+def resolve(path: str) -> Any:
+    """The object at "module:name.attribute", imported on first use."""
     module, _, name = path.partition(":")
     found: Any = import_module(module)
     for part in name.split("."):
@@ -139,6 +158,13 @@ FRACTION_LIKE: dict[str, Any] = dict(dense=1.0, sparsest=0.0, sweep_values=(0.9,
 
 _RULES = "actsparse.sparsity.rules"
 _METHODS = "actsparse.methods"
+
+METHOD_MASK = f"{_METHODS}:method_mask"
+"""(spec, layer, vector, v, x) → keep-mask of a method rule at one site: named, not imported, since the methods
+import the instrumentation that calls it."""
+
+MODEL_DATA = f"{_METHODS}:with_model_data"
+"""(model, spec) → the spec with the data its method reads from the model (named for the same reason)."""
 
 RULES: dict[str, Rule] = {
     rule.name: rule
