@@ -28,7 +28,6 @@ def run(args: argparse.Namespace) -> int:
     from actsparse.models.placement import from_args
     from actsparse.sparsity.spec import VECTORS
 
-    where = from_args(args)  # a bad --device or --dtype, or cuda without a GPU: exit 2 before any work
     check_m(args.m)
     vectors = comma_list(args.vectors)
     unknown = [v for v in vectors if v not in VECTORS]
@@ -37,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     if args.tokens < 1:
         raise ValueError("--tokens must be positive")
     out = args.out or Path("runs") / "outliers" / Path(args.model).name
+    where = from_args(args)  # a bad --device or --dtype, or cuda without a GPU: exit 2 before any model work
     from actsparse.speed.calibrate import calibration_batches, calibration_text
     from actsparse.study.outliers import find_outliers, table
 

@@ -63,7 +63,6 @@ def run(args: argparse.Namespace) -> int:
     from actsparse.study.store import atomic_path, check_writable
     from actsparse.tasks import get_task, select_docs
 
-    where = from_args(args)  # a bad --device or --dtype, or cuda without a GPU: exit 2 before any work
     spec = SparsitySpec(args.target, "top_p", args.p)  # bad target or p: an error before model work
     if args.resamples < 10:
         raise ValueError(f"--resamples must be at least 10, got {args.resamples}")
@@ -73,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
     tasks = {n: get_task(n) for n in names}
     docs = {n: select_docs(t, args.limit, args.seed) for n, t in tasks.items()}
     check_writable(args.out)
+    where = from_args(args)  # a bad --device or --dtype, or cuda without a GPU: exit 2 before any model work
     import numpy as np  # here: the checks above answer without torch
     import torch
 

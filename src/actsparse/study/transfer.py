@@ -338,4 +338,3 @@ def _record(
     tmp.write_text(json.dumps(out, indent=2, allow_nan=False))
     os.replace(tmp, path)
     return out
-
