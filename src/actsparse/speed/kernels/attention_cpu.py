@@ -136,7 +136,8 @@ static void gemv_rows(const void *w, const float *sc, const void *bias, int dtyp
     int64_t r = r0;
     float s[4];
     for (; r + 4 <= r1; r += 4) {
-        const void *next = r + 8 <= r1 ? (sc ? (const void *)((const int8_t *)w + (r + 4) * k) : row_at(w, dtype, r + 4, k)) : 0;
+        const void *next = 0;
+        if (r + 8 <= r1) next = sc ? (const void *)((const int8_t *)w + (r + 4) * k) : row_at(w, dtype, r + 4, k);
         for (int b = 0; b < nb; b++) {
             if (sc) dot4_q8((const int8_t *)w, sc, r, k, x + b * k, s, b == 0 ? (const int8_t *)next : 0);
             else dot4(w, dtype, r, k, x + b * k, s, b == 0 ? next : 0);
@@ -313,14 +314,15 @@ int actsparse_attention_step(int nb, int dtype, int64_t hidden, int nh, int nkv,
                              const void *add, void *h_out, void *normed, const void *ln1, const void *ln2,
                              double eps1, double eps2, const void *wq, const void *wk, const void *wv,
                              const void *wo, const void *bq, const void *bk, const void *bv, const void *bo,
-                             const float *sq, const float *sk, const float *sv, const float *so, const void *cos, const void *sin, void *kc, void *vc, int64_t max_len, int64_t pos,
-                             double scale, int nthreads) {
+                             const float *sq, const float *sk, const float *sv, const float *so, const void *cos,
+                             const void *sin, void *kc, void *vc, int64_t max_len, int64_t pos, double scale,
+                             int nthreads) {
     int64_t nq = (int64_t)nh * hd, nk = (int64_t)nkv * hd;
     float *buf = (float *)malloc((size_t)(nb * (4 * hidden + 2 * nq + 2 * nk)) * sizeof(float));
     float *res = buf, *x = res + nb * hidden, *q = x + nb * hidden, *k = q + nb * nq, *v = k + nb * nk;
     float *att = v + nb * nk, *o = att + nb * nq, *tmp = o + nb * hidden;
-    job_t job = {nb, dtype, nh, nkv, hd, hidden, max_len, pos, wq, wk, wv, wo, bq, bk, bv, bo, sq, sk, sv, so, cos, sin, kc, vc,
-                 (float)scale, x, q, k, v, att, o};
+    job_t job = {nb, dtype, nh, nkv, hd, hidden, max_len, pos, wq, wk, wv, wo, bq, bk, bv, bo, sq, sk,
+                 sv, so, cos, sin, kc, vc, (float)scale, x, q, k, v, att, o};
     for (int64_t i = 0; i < nb * hidden; i++)
         res[i] = add ? rnd(get(h, dtype, i) + get(add, dtype, i), dtype) : get(h, dtype, i);
     rms_norm(res, nb, hidden, ln1, dtype, eps1, x);

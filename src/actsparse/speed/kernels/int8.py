@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BLOCK", "SOURCE", "Q8", "quantize"]
+__all__ = ["BLOCK", "Q8", "SOURCE", "quantize"]
 
 BLOCK = 32
 """Weights per scale, along the last dimension."""

@@ -344,8 +344,9 @@ static void ffn_task(void *arg, int t, int nt) {
 int actsparse_sparse_ffn(const void *x, int nb, int64_t h, int64_t d, int dtype, const void *gate_t,
                          int64_t gate_stride, const void *up_t, int64_t up_stride, const void *down_t,
                          int64_t down_stride, const void *gate_bias, const void *up_bias, const void *down_bias,
-                         const float *gate_s, const float *up_s, const float *down_s, int in_rule, double in_value, int mid_rule, double mid_value, int act, void *y,
-                         int64_t *counts, int64_t *totals, int nthreads) {
+                         const float *gate_s, const float *up_s, const float *down_s, int in_rule, double in_value,
+                         int mid_rule, double mid_value, int act, void *y, int64_t *counts, int64_t *totals,
+                         int nthreads) {
     nb = nb < 1 ? 1 : nb > MAXB ? MAXB : nb;
     float *xf = (float *)malloc((size_t)(nb * h) * sizeof(float));
     float *in_val = (float *)malloc((size_t)(nb * h) * sizeof(float));
@@ -374,7 +375,8 @@ int actsparse_sparse_ffn(const void *x, int nb, int64_t h, int64_t d, int dtype,
     unsigned char *keep = (unsigned char *)malloc((size_t)(nb * d));
     int32_t *mid_idx = (int32_t *)malloc((size_t)d * sizeof(int32_t));
     job_t job = {nb, dtype, act, mid_rule, h, d, gate_stride, up_stride, down_stride, gate_t, up_t, down_t,
-                 gate_bias, up_bias, down_bias, gate_s, up_s, down_s, mid_value, in_idx, in_val, in_kept, mid, keep, mid_idx, mid_val, 0, y};
+                 gate_bias, up_bias, down_bias, gate_s, up_s, down_s, mid_value, in_idx, in_val, in_kept, mid,
+                 keep, mid_idx, mid_val, 0, y};
     int bad_mid = 0;
     int64_t mid_counts[MAXB * 6];
     ffn_task_t task = {&job, mid_counts, &bad_mid, {0, 0}};
