@@ -68,6 +68,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="decode op: the loop of the sparse row: StaticDecoder where the model allows (auto), always "
         "(static), or transformers' forward (generate); dense is the best of the loops timed",
     )
+    p.add_argument(
+        "--weights",
+        choices=("float", "int8"),
+        default="float",
+        help="decode op: the weights the kernels read: the model's own, or int8 copies (blocks of 32 as llama.cpp's "
+        "Q8_0; StaticDecoder only, dense is then the int8 kernels with nothing dropped)",
+    )
     p.add_argument("--layers", type=int, default=32, help="decode op on cuda: layers of the random 8B-shaped model")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     p.add_argument("--json", type=Path, help="write the records here")
@@ -80,7 +87,7 @@ def _record(device: str, dtype, shape: str, op: str, s: float, us: dict[str, flo
     """One row: the best dense (torch's or the kernel's with nothing dropped), sparse, limit and ratios."""
     from actsparse.speed.benchmarking import load_average
 
-    dense_us = min(us["dense_torch"], us.get("dense_kernel", math.inf))
+    dense_us = min(us.get("dense_torch", math.inf), us.get("dense_kernel", math.inf))
     measured = extra.pop("measured_sparsity", s)
     record = {
         "device": device,
@@ -291,13 +298,16 @@ def bench_decode(sparsities, device: str, dtype, args) -> list[dict]:
     unknown = set(rules) - {"threshold", "top_k"}
     if unknown:
         raise ValueError(f"unknown decode rules {sorted(unknown)}; choose from threshold, top_k")
-    loops = ["generate"]
+    weights = getattr(args, "weights", "float")
+    if weights == "int8" and args.decoder == "generate":
+        raise ValueError("--weights int8 runs in the static decoder only, not with --decoder generate")
+    loops = [] if weights == "int8" else ["generate"]  # int8: every weight of the step int8, in StaticDecoder
     if args.decoder != "generate":
         try:
-            StaticDecoder(model)
+            StaticDecoder(model, weights=weights)
             loops.append("static")
         except UnsupportedModelError as err:
-            if args.decoder == "static":
+            if args.decoder == "static" or weights == "int8":
                 raise
             print(f"static decoder: {err}; timing transformers' forward only", file=sys.stderr)
     records = []
@@ -309,6 +319,8 @@ def bench_decode(sparsities, device: str, dtype, args) -> list[dict]:
                 "dense_torch": None,
                 "dense_kernel": SparsitySpec("all_inputs", "threshold", no_drop),
             }
+            if weights == "int8":  # torch's FFN reads float weights: not a dense int8 decode
+                del specs["dense_torch"]
             if "threshold" in rules:
                 specs["threshold"] = SparsitySpec("all_inputs", "threshold", taus)
             if "top_k" in rules:
@@ -317,11 +329,11 @@ def bench_decode(sparsities, device: str, dtype, args) -> list[dict]:
             times: dict[tuple[str, str], list[float]] = {v: [] for v in variants}
             seen = {v: [0.0, 0.0] for v in variants}  # decode entries zeroed, seen
             calls = {v: dict.fromkeys(_kernel_calls(), 0) for v in variants}
-            decoders = {v: StaticDecoder(model) for v in variants if v[0] == "static"}
+            decoders = {v: StaticDecoder(model, weights=weights) for v in variants if v[0] == "static"}
 
             def block(variant: tuple[str, str], specs=specs):
                 spec = specs[variant[1]]
-                return nullcontext(None) if spec is None else accelerate(model, spec)
+                return nullcontext(None) if spec is None else accelerate(model, spec, weights=weights)
 
             def step(variant, state, decoders=decoders):
                 if variant[0] == "generate":
@@ -350,20 +362,12 @@ def bench_decode(sparsities, device: str, dtype, args) -> list[dict]:
                             seen[v][1] += sum(c[2] for c in counts)
             us = {v: lower_quartile(t) for v, t in times.items()}
             sparse_loop = loops[-1]
+            dense_keys = [key for key in ("dense_torch", "dense_kernel") if key in specs]
             for rule in (r for r in rules if r in specs):
-                row = {
-                    "dense_torch": min(us[(loop, "dense_torch")] for loop in loops),
-                    "dense_kernel": min(us[(loop, "dense_kernel")] for loop in loops),
-                    "sparse": us[(sparse_loop, rule)],
-                }
-                extra = {
-                    f"{loop}_{key}_us": round(us[(loop, key)], 2)
-                    for loop in loops
-                    for key in ("dense_torch", "dense_kernel", rule)
-                }
-                best = min(
-                    ((loop, key) for loop in loops for key in ("dense_torch", "dense_kernel")), key=lambda v: us[v]
-                )
+                row = {key: min(us[(loop, key)] for loop in loops) for key in dense_keys}
+                row["sparse"] = us[(sparse_loop, rule)]
+                extra = {f"{loop}_{key}_us": round(us[(loop, key)], 2) for loop in loops for key in (*dense_keys, rule)}
+                best = min(((loop, key) for loop in loops for key in dense_keys), key=lambda v: us[v])
                 z, n = seen[(sparse_loop, rule)]
                 ran = [k for k, c in calls[(sparse_loop, rule)].items() if c]
                 record = _record(
@@ -377,6 +381,7 @@ def bench_decode(sparsities, device: str, dtype, args) -> list[dict]:
                     timing="cuda-eager" if device == "cuda" else "cpu-wall",
                     kernel="+".join(ran) or "pytorch",
                     decoder=sparse_loop,
+                    weights=weights,
                     dense_best=f"{best[1]} ({best[0]})",
                     **extra,
                 )
