@@ -362,9 +362,9 @@ def bench_decode(sparsities, device: str, dtype, args) -> list[dict]:
                             seen[v][1] += sum(c[2] for c in counts)
             us = {v: lower_quartile(t) for v, t in times.items()}
             sparse_loop = loops[-1]
-            dense_keys = [key for key in ("dense_torch", "dense_kernel") if key in specs]
+            dense_keys: list[str] = [key for key in ("dense_torch", "dense_kernel") if key in specs]
             for rule in (r for r in rules if r in specs):
-                row = {key: min(us[(loop, key)] for loop in loops) for key in dense_keys}
+                row: dict[str, float] = {key: min(us[(loop, key)] for loop in loops) for key in dense_keys}
                 row["sparse"] = us[(sparse_loop, rule)]
                 extra = {f"{loop}_{key}_us": round(us[(loop, key)], 2) for loop in loops for key in (*dense_keys, rule)}
                 best = min(((loop, key) for loop in loops for key in dense_keys), key=lambda v: us[v])

@@ -98,13 +98,13 @@ class _Layer:
         self.kernel: AttentionStep | None = None
         if use_kernel:
             projections = [getattr(attn, n) for n in _PROJECTIONS]
-            weights = tuple(quantize(m.weight) if int8 else m.weight.detach() for m in projections)
+            wq, wk, wv, wo = (quantize(m.weight) if int8 else m.weight.detach() for m in projections)
             biases = tuple(None if m.bias is None else m.bias.detach() for m in projections)
             n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
             norms = (n1.weight.detach(), n1.variance_epsilon, n2.weight.detach(), n2.variance_epsilon)
             try:
                 self.kernel = AttentionStep(
-                    weights,
+                    (wq, wk, wv, wo),
                     biases,
                     norms,
                     self.heads,
