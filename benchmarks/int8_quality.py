@@ -30,8 +30,8 @@ import torch
 from llamacpp_compare import LLAMA_FORMATS, llama_files, llamacpp
 from torch import nn
 
-LogProbs = Callable[[list[int], int], torch.Tensor]
-"""(token ids, n) → the next-token log-probs [n, vocab] (float64) of the n positions before the last."""
+LogProbs = Callable[[list[tuple[list[int], int]]], list[torch.Tensor]]
+"""[(token ids, n)] → per sequence the next-token log-probs [n, vocab] (float64) of its n positions before the last."""
 
 
 @contextmanager
@@ -66,10 +66,12 @@ def int8_values(model: Any) -> Iterator[None]:
 
 
 def torch_logprobs(model: Any) -> LogProbs:
-    def run(ids: list[int], n: int) -> torch.Tensor:
+    def run(seqs: list[tuple[list[int], int]]) -> list[torch.Tensor]:
+        width = max(len(ids) for ids, _ in seqs)  # padded on the right: a causal model's earlier positions ignore it
+        batch = torch.tensor([ids + [ids[-1]] * (width - len(ids)) for ids, _ in seqs])
         with torch.no_grad():
-            logits = model(torch.tensor([ids])).logits[0, -n - 1 : -1]
-        return logits.double().log_softmax(-1)
+            logits = model(batch).logits
+        return [logits[i, len(ids) - n - 1 : len(ids) - 1].double().log_softmax(-1) for i, (ids, n) in enumerate(seqs)]
 
     return run
 
@@ -79,10 +81,13 @@ def llama_logprobs(path: Path, threads: int) -> LogProbs:
 
     llm = Llama(model_path=str(path), n_threads=threads, n_ctx=2048, logits_all=True, verbose=False)
 
-    def run(ids: list[int], n: int) -> torch.Tensor:
+    def one(ids: list[int], n: int) -> torch.Tensor:
         llm.reset()
         llm.eval(ids)
         return torch.from_numpy(np.array(llm.scores[len(ids) - n - 1 : len(ids) - 1])).double().log_softmax(-1)
+
+    def run(seqs: list[tuple[list[int], int]]) -> list[torch.Tensor]:
+        return [one(ids, n) for ids, n in seqs]
 
     return run
 
@@ -102,14 +107,15 @@ def score_docs(task_name: str, limit: int, tokenizer: Any, backends: dict[str, L
         if not isinstance(request, MultipleChoice):
             raise ValueError(f"{task_name} is not a multiple-choice task")
         pairs = [encoder.pair(c, x) for c, x in request.pairs()]
-        reads: dict[str, list[torch.Tensor]] = {name: [] for name in backends}
-        lls: dict[str, list[float]] = {name: [] for name in backends}
-        for ctx, cont in pairs:
-            ids, target = ctx + cont, torch.tensor(cont)
-            for name, logprobs in backends.items():
-                logp = logprobs(ids, len(cont))
-                reads[name].append(logp)
-                lls[name].append(float(logp[torch.arange(len(cont)), target].sum()))
+        seqs = [(ctx + cont, len(cont)) for ctx, cont in pairs]
+        reads = {name: logprobs(seqs) for name, logprobs in backends.items()}
+        lls = {
+            name: [
+                float(logp[torch.arange(len(cont)), torch.tensor(cont)].sum())
+                for logp, (_, cont) in zip(r, pairs, strict=True)
+            ]
+            for name, r in reads.items()
+        }
         ref = torch.cat(reads[base])
         for name in backends:
             metrics, _, _ = choice_metrics(lls[name], request.choices, request.gold)
