@@ -243,3 +243,20 @@ def test_int8_weights_are_checked_before_any_work():
     with pytest.raises(ValueError, match="weights must be one of"):
         StaticDecoder(model, weights="int4")
     assert isinstance(quantize(torch.ones(2, 32)), Q8)
+
+
+@needs_c
+@pytest.mark.slow
+def test_bench_decode_with_int8_weights(tmp_path):
+    """`actsparse bench --ops decode --weights int8` on SmolLM2: every row int8, dense the int8 kernels."""
+    import json
+
+    from actsparse.cli import main
+
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--ops", "decode", "--weights", "int8", "--sparsities", "0.5", "--repeats", "1"]
+    assert main([*argv, "--decode-tokens", "2", "--json", str(out)]) == 0
+    records = json.loads(out.read_text())
+    assert [r["shape"].split()[1] for r in records] == ["threshold", "top_k"]
+    assert all(r["weights"] == "int8" and "dense_torch_us" not in r and r["decoder"] == "static" for r in records)
+    assert all(r["kernel"] == "fused-c+attention-c" for r in records)
