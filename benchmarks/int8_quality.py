@@ -17,6 +17,7 @@ F32 against our float32 measures how far two float32 engines already differ (a f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import sys
@@ -141,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=200, help="documents per task (a seeded sample)")
     parser.add_argument("--llama", default="Q8_0,F32", help="comma list of llama.cpp formats ('' for none)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--int8", action=argparse.BooleanOptionalAction, default=True, help="score actsparse's int8 (--no-int8: skip)"
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
     formats = [f for f in args.llama.split(",") if f]
@@ -162,10 +166,12 @@ def main(argv: list[str] | None = None) -> int:
         if kind == "gguf" and source is not None:
             files = llama_files(source, cache_dir() / "llamacpp", formats, args.threads)
             llama = {f"llama.cpp {name}": llama_logprobs(path, args.threads) for name, path in files.items()}
-    quantized = copy.deepcopy(model)
-    backends: dict[str, LogProbs] = {"float32": torch_logprobs(model), "int8 (actsparse)": torch_logprobs(quantized)}
+    quantized = copy.deepcopy(model) if args.int8 else None
+    backends: dict[str, LogProbs] = {"float32": torch_logprobs(model)}
+    if quantized is not None:
+        backends["int8 (actsparse)"] = torch_logprobs(quantized)
     backends.update(llama)
-    with int8_values(quantized):
+    with int8_values(quantized) if quantized is not None else contextlib.nullcontext():
         per_task = {task: score_docs(task, args.limit, tokenizer, backends) for task in args.tasks.split(",")}
     results: dict[str, Any] = {}
     print(f"{args.model}: {', '.join(args.tasks.split(','))}, {args.limit} documents each; paired against float32")
