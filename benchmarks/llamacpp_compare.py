@@ -134,7 +134,10 @@ def actsparse_runs(args: argparse.Namespace) -> tuple[dict[tuple[str, str, str],
     runs: dict[tuple[str, str, str], ActsparseRun] = {}
     prompt: list[int] = []
     s = args.sparsity
-    for dtype, names in ((torch.float32, ("float32", "int8")), (torch.bfloat16, ("bfloat16",))):
+    for dtype, all_names in ((torch.float32, ("float32", "int8")), (torch.bfloat16, ("bfloat16",))):
+        names = [name for name in all_names if name in args.weights]
+        if not names:
+            continue
         model, tokenizer = load_model(args.model, dtype=dtype, device="cpu")
         prompt = tokenizer(PROMPT)["input_ids"]
         batches = list(calibration_batches(tokenizer, calibration_text(), tokens=1024, seq_len=512))
@@ -172,11 +175,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sparsity", type=float, default=0.5, help="nominal all_inputs sparsity of the sparse rows")
     parser.add_argument("--llama", default=",".join(LLAMA_FORMATS), help="comma list of llama.cpp formats")
     parser.add_argument("--no-actsparse", action="store_true", help="time llama.cpp only")
+    parser.add_argument(
+        "--weights", default="float32,bfloat16,int8", help="comma list of actsparse weights: float32, bfloat16, int8"
+    )
     parser.add_argument("--json", type=Path, help="write the rows here")
     args = parser.parse_args(argv)
     formats = [f for f in args.llama.split(",") if f]
     if unknown := set(formats) - set(LLAMA_FORMATS):
         parser.error(f"unknown llama.cpp formats {sorted(unknown)}; choose from {', '.join(LLAMA_FORMATS)}")
+    args.weights = [w for w in args.weights.split(",") if w]
+    if unknown := set(args.weights) - {"float32", "bfloat16", "int8"}:
+        parser.error(f"unknown actsparse weights {sorted(unknown)}; choose from float32, bfloat16, int8")
     if not 0.0 < args.sparsity < 1.0 or args.tokens < 1 or args.rounds < 1 or args.threads < 1:
         parser.error("--sparsity in (0, 1), --tokens, --rounds and --threads at least 1")
 
