@@ -73,6 +73,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "on cuda (compiled), or transformers' forward (generate); auto: compiled on cuda, static on cpu, where the "
         "model allows; dense is the best of the loops timed",
     )
+    p.add_argument(
+        "--weights",
+        choices=("float", "int8"),
+        default="float",
+        help="decode op: the weights the kernels read: the model's own, or int8 copies (blocks of 32 as llama.cpp's "
+        "Q8_0; StaticDecoder only, dense is then the int8 kernels with nothing dropped)",
+    )
     p.add_argument("--layers", type=int, default=32, help="decode op: layers of a random model")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     p.add_argument("--json", type=Path, help="write the records here")
@@ -85,7 +92,7 @@ def _record(device: str, dtype, shape: str, op: str, s: float, us: dict[str, flo
     """One row: the best dense (torch's or the kernel's with nothing dropped), sparse, limit and ratios."""
     from actsparse.speed.benchmarking import load_average
 
-    dense_us = min(us["dense_torch"], us.get("dense_kernel", math.inf))
+    dense_us = min(us.get("dense_torch", math.inf), us.get("dense_kernel", math.inf))
     measured = extra.pop("measured_sparsity", s)
     record = {
         "device": device,
@@ -308,14 +315,19 @@ def bench_decode(sparsities, device: str, dtype, args) -> list[dict]:
     unknown = set(rules) - {"threshold", "top_k"}
     if unknown:
         raise ValueError(f"unknown decode rules {sorted(unknown)}; choose from threshold, top_k")
-    loops = ["generate"]
+    weights = getattr(args, "weights", "float")
+    if weights == "int8" and args.decoder in ("generate", "compiled"):
+        raise ValueError(f"--weights int8 runs in the static decoder only, not with --decoder {args.decoder}")
+    loops = [] if weights == "int8" else ["generate"]  # int8: every weight of the step int8, in StaticDecoder
     if args.decoder != "generate":
         try:
-            StaticDecoder(model)
-            compiled = args.decoder == "compiled" or (args.decoder == "auto" and device == "cuda")
+            StaticDecoder(model, weights=weights)
+            compiled = args.decoder == "compiled" or (
+                args.decoder == "auto" and device == "cuda" and weights == "float"
+            )
             loops.append("compiled" if compiled else "static")
         except UnsupportedModelError as err:
-            if args.decoder in ("static", "compiled"):
+            if args.decoder in ("static", "compiled") or weights == "int8":
                 raise
             print(f"static decoder: {err}; timing transformers' forward only", file=sys.stderr)
     length = prompt.shape[1] + args.decode_tokens + 4  # room for the decode tokens and the warm-up steps
@@ -328,6 +340,8 @@ def bench_decode(sparsities, device: str, dtype, args) -> list[dict]:
                 "dense_torch": None,
                 "dense_kernel": SparsitySpec("all_inputs", "threshold", no_drop),
             }
+            if weights == "int8":  # torch's FFN reads float weights: not a dense int8 decode
+                del specs["dense_torch"]
             if "threshold" in rules:
                 specs["threshold"] = SparsitySpec("all_inputs", "threshold", taus)
             if "top_k" in rules:
@@ -336,7 +350,9 @@ def bench_decode(sparsities, device: str, dtype, args) -> list[dict]:
             times: dict[tuple[str, str], list[float]] = {v: [] for v in variants}
             seen = {v: [0.0, 0.0] for v in variants}  # decode entries zeroed, seen
             calls = {v: dict.fromkeys(_kernel_calls(), 0) for v in variants}
-            decoders: dict[tuple[str, str], Any] = {v: StaticDecoder(model) for v in variants if v[0] == "static"}
+            decoders: dict[tuple[str, str], Any] = {
+                v: StaticDecoder(model, weights=weights) for v in variants if v[0] == "static"
+            }
             for v in variants:
                 if v[0] == "compiled":  # compiled (and on CUDA captured) before the timing starts
                     decoders[v] = CompiledDecoder(model, specs[v[1]], length=length)
@@ -346,7 +362,9 @@ def bench_decode(sparsities, device: str, dtype, args) -> list[dict]:
 
             def block(variant: tuple[str, str], specs=specs):
                 spec = specs[variant[1]]  # the compiled step has its spec built in
-                return nullcontext(None) if spec is None or variant[0] == "compiled" else accelerate(model, spec)
+                if spec is None or variant[0] == "compiled":
+                    return nullcontext(None)
+                return accelerate(model, spec, weights=weights)
 
             def step(variant, state, decoders=decoders):
                 if variant[0] == "generate":
@@ -375,20 +393,12 @@ def bench_decode(sparsities, device: str, dtype, args) -> list[dict]:
                             seen[v][1] += sum(c[2] for c in counts)
             us = {v: lower_quartile(t) for v, t in times.items()}
             sparse_loop = loops[-1]
+            dense_keys: list[str] = [key for key in ("dense_torch", "dense_kernel") if key in specs]
             for rule in (r for r in rules if r in specs):
-                row = {
-                    "dense_torch": min(us[(loop, "dense_torch")] for loop in loops),
-                    "dense_kernel": min(us[(loop, "dense_kernel")] for loop in loops),
-                    "sparse": us[(sparse_loop, rule)],
-                }
-                extra = {
-                    f"{loop}_{key}_us": round(us[(loop, key)], 2)
-                    for loop in loops
-                    for key in ("dense_torch", "dense_kernel", rule)
-                }
-                best = min(
-                    ((loop, key) for loop in loops for key in ("dense_torch", "dense_kernel")), key=lambda v: us[v]
-                )
+                row: dict[str, float] = {key: min(us[(loop, key)] for loop in loops) for key in dense_keys}
+                row["sparse"] = us[(sparse_loop, rule)]
+                extra = {f"{loop}_{key}_us": round(us[(loop, key)], 2) for loop in loops for key in (*dense_keys, rule)}
+                best = min(((loop, key) for loop in loops for key in dense_keys), key=lambda v: us[v])
                 z, n = seen[("generate" if sparse_loop == "compiled" else sparse_loop, rule)]
                 ran = [k for k, c in calls[(sparse_loop, rule)].items() if c]
                 if sparse_loop == "compiled":
@@ -407,6 +417,7 @@ def bench_decode(sparsities, device: str, dtype, args) -> list[dict]:
                     decoder=sparse_loop,
                     model=name,
                     rule=rule,
+                    weights=weights,
                     dense_best=f"{best[1]} ({best[0]})",
                     **extra,
                 )

@@ -13,11 +13,18 @@ exit put back bit for bit. FFNs without single gated weights (packed MoE experts
 On CUDA, decode under the threshold rule never waits for the GPU: NaN or Inf in a decode activation
 raises at the block's exit instead of at the step (on CPU, at the step). The other rules wait once per
 vector and step: top_p's Triton kernel reads its NaN/Inf flag back, top_k and max_p read `check_finite`'s.
+
+`weights="int8"` runs the fused kernel on int8 copies of W_gᵀ, W_uᵀ and W_dᵀ (`kernels.int8`, blocks of 32
+along the axis that sparsity does not skip), made once per FFN and kept while its weights stay unchanged;
+the model's weights are neither re-laid out nor touched. It needs the fused kernel's rules and vectors (an
+error at entry otherwise); decode tokens the kernel does not take (padding, more than `MAX_BATCH`) run the
+`sparsify` simulation on the float weights.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from functools import partial
@@ -32,11 +39,15 @@ from actsparse.sparsity.registry import RULES, get_rule
 from actsparse.sparsity.spec import SparsitySpec
 from actsparse.sparsity.stats import Key, SparsityStats
 from actsparse.speed.kernels import sparse_ffn_cpu
+from actsparse.speed.kernels.int8 import BLOCK, Q8, quantize
 from actsparse.speed.kernels.relayout import transposed_in_place
 from actsparse.speed.kernels.sparse_ffn import layout, rows_of, sparse_ffn
 from actsparse.speed.kernels.sparse_ffn_cpu import FusedFFN
 
-__all__ = ["MAX_SPARSE_BATCH", "DecodeStep", "accelerate"]
+__all__ = ["MAX_SPARSE_BATCH", "WEIGHTS", "DecodeStep", "accelerate"]
+
+WEIGHTS = ("float", "int8")
+"""What the decode kernels read: the model's own weights, or int8 copies."""
 
 MAX_SPARSE_BATCH = 8
 """Decode batches up to this size share one union mask; larger ones run the simulation."""
@@ -150,8 +161,35 @@ def fusable(spec: SparsitySpec, weights: GatedWeights) -> bool:
     return sparse_ffn_cpu.activation_code(weights.act) is not None and sparse_ffn_cpu.available()
 
 
-def _fused(spec: SparsitySpec, layer: int, weights: GatedWeights) -> FusedFFN:
-    """The fused C kernel of one FFN (`fusable`), reading the weights where they lie when re-laid out."""
+_INT8: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], tuple[Q8, Q8, Q8]]] = weakref.WeakKeyDictionary()
+
+
+def int8_rows(module: nn.Module, weights: GatedWeights) -> tuple[Q8, Q8, Q8]:
+    """W_gᵀ, W_uᵀ, W_dᵀ of one FFN module in the int8 format: quantized once, again only after its weights
+    changed (a new version or address)."""
+    tensors = (weights.gate, weights.up, weights.down)
+    key = tuple(t._version for t in tensors) + tuple(t.data_ptr() for t in tensors)
+    if module not in _INT8 or _INT8[module][0] != key:
+        gate_t, up_t, down_t = (quantize(w.detach().t()) for w in tensors)
+        _INT8[module] = (key, (gate_t, up_t, down_t))
+    return _INT8[module][1]
+
+
+def int8_error(spec: SparsitySpec) -> str | None:
+    """Why `weights="int8"` cannot run this spec (None when it can): it needs the fused kernel's rules."""
+    if spec.rule not in _FUSED_RULES or not set(spec.vectors) <= {"input", "intermediate"}:
+        return (
+            f"weights='int8' runs the fused CPU kernel: rules {', '.join(sorted(_FUSED_RULES))} on input, "
+            f"intermediate or all_inputs, not {spec.rule} on {spec.target}"
+        )
+    if spec.rule == "top_p" and float(spec.value) >= 1.0:
+        return "weights='int8' runs top_p below p = 1"
+    return None
+
+
+def _fused(spec: SparsitySpec, layer: int, weights: GatedWeights, int8: tuple[Q8, Q8, Q8] | None = None) -> FusedFFN:
+    """The fused C kernel of one FFN (`fusable`), reading the weights where they lie when re-laid out, or the
+    int8 copies `int8` of them."""
     act = sparse_ffn_cpu.activation_code(weights.act)
     assert act is not None
     sizes = {"input": weights.gate.shape[1], "intermediate": weights.gate.shape[0]}
@@ -160,6 +198,8 @@ def _fused(spec: SparsitySpec, layer: int, weights: GatedWeights) -> FusedFFN:
         value = spec.value_for(layer, vector)
         rules[vector] = (spec.rule, max(1, int(sizes[vector] * value)) if spec.rule == "top_k" else value)
     biases = (weights.gate_bias, weights.up_bias, weights.down_bias)
+    if int8 is not None:
+        return FusedFFN(*int8, act, rules.get("input"), rules.get("intermediate"), biases, weights.down.dtype)
     gate_t, up_t, down_t = (rows_of(w) for w in (weights.gate, weights.up, weights.down))
     return FusedFFN(gate_t, up_t, down_t, act, rules.get("input"), rules.get("intermediate"), biases)
 
@@ -169,23 +209,35 @@ class DecodeStep:
 
     `step(x)` takes decode tokens x [..., h] (at most `MAX_SPARSE_BATCH`), applies the rule and counts
     into `stats` exactly as `sparsify` does. The kernels read views of `weights` when they are laid out
-    transposed in place (`kernels.relayout`), copies otherwise.
+    transposed in place (`kernels.relayout`), copies otherwise; with `int8` (its int8 copies, see
+    `int8_rows`) the fused kernel reads those, and `fallback` (the simulation) runs what it does not take.
     """
 
     def __init__(
-        self, spec: SparsitySpec, layer: int, weights: GatedWeights, tokens: TokenContext, stats: SparsityStats
+        self,
+        spec: SparsitySpec,
+        layer: int,
+        weights: GatedWeights,
+        tokens: TokenContext,
+        stats: SparsityStats,
+        int8: tuple[Q8, Q8, Q8] | None = None,
+        fallback: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         self.masks = _DecodeMasks(spec, layer, tokens, stats)
-        self.fused = _fused(spec, layer, weights) if fusable(spec, weights) else None
+        self.fused = _fused(spec, layer, weights, int8) if fusable(spec, weights) else None
         vectors = set(spec.vectors)
         sparse_input, sparse_intermediate = "input" in vectors, bool({"gate", "up", "intermediate"} & vectors)
-        self.weights = layout(weights, sparse_input, sparse_intermediate)
+        self.fallback = fallback
+        self.weights = None if int8 is not None else layout(weights, sparse_input, sparse_intermediate)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[:-1].numel()
         fused = self.fused
         if fused is not None and rows <= sparse_ffn_cpu.MAX_BATCH and x.dtype == fused.dtype and self.masks.all_real():
             return self.masks.run_fused(fused, x)
+        if self.weights is None:
+            assert self.fallback is not None, "int8 weights need the simulation to fall back on"
+            return self.fallback(x)
         y = sparse_ffn(x.reshape(rows, x.shape[-1]), self.weights, self.masks)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
@@ -206,30 +258,46 @@ def _parameters_of(module: nn.Module, tensors: list[torch.Tensor]) -> list[nn.Pa
 
 
 @contextmanager
-def accelerate(model: nn.Module, spec: SparsitySpec, layers: list[int] | None = None) -> Iterator[SparsityStats]:
+def accelerate(
+    model: nn.Module, spec: SparsitySpec, layers: list[int] | None = None, weights: str = "float"
+) -> Iterator[SparsityStats]:
     """Like `sparsify(model, spec, layers)`, with sparse kernels in decode; restores the model on exit
-    (its weights too: the same bits at the same addresses)."""
+    (its weights too: the same bits at the same addresses). `weights="int8"`: the kernels read int8 copies."""
     if isinstance(spec, SparsitySpec) and get_rule(spec.rule).method:
         rule = get_rule(spec.rule)
         raise ValueError(f"accelerate has no kernels for {rule.name}, whose mask reads {', '.join(rule.needs)}")
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, not {weights!r}")
+    if weights == "int8" and (reason := int8_error(spec)):
+        raise ValueError(reason)
     steps: list[DecodeStep] = []
     relaid = ExitStack()
 
     def make_forward(ffn: FFN, tokens: TokenContext, stats: SparsityStats) -> Callable[..., torch.Tensor]:
         site = RuleSite(spec, ffn.layer, tokens, stats)
-        weights = ffn.adapter.gated_weights(ffn.module)
-        if weights is None:
-            return partial(ffn.adapter.forward, ffn.module, site)
+        gated = ffn.adapter.gated_weights(ffn.module)
+        simulation = partial(ffn.adapter.forward, ffn.module, site)
+        if gated is None:
+            return simulation
+        if weights == "int8":
+            if not fusable(spec, gated) or gated.gate.shape[0] % BLOCK or gated.gate.shape[1] % BLOCK:
+                raise ValueError(
+                    f"weights='int8' runs the fused CPU kernel on float32 or bfloat16 CPU FFNs whose sizes are "
+                    f"multiples of {BLOCK} (a C compiler present); layer {ffn.layer} is not one"
+                )
+            int8 = int8_rows(ffn.module, gated)
+            steps.append(DecodeStep(spec, ffn.layer, gated, tokens, stats, int8, simulation))
+            return partial(_decode_forward, ffn, steps[-1], site, tokens)
         vectors = set(spec.vectors)
         read: list[torch.Tensor] = []  # the matrices some kernel reads by rows
-        if fusable(spec, weights) or "input" in vectors:
-            read += [weights.gate, weights.up]
-        if fusable(spec, weights) or {"gate", "up", "intermediate"} & vectors:
-            read.append(weights.down)
+        if fusable(spec, gated) or "input" in vectors:
+            read += [gated.gate, gated.up]
+        if fusable(spec, gated) or {"gate", "up", "intermediate"} & vectors:
+            read.append(gated.down)
         relaid.enter_context(transposed_in_place(_parameters_of(ffn.module, read)))
-        weights = ffn.adapter.gated_weights(ffn.module)  # views of the re-laid parameters
-        assert weights is not None
-        steps.append(DecodeStep(spec, ffn.layer, weights, tokens, stats))
+        gated = ffn.adapter.gated_weights(ffn.module)  # views of the re-laid parameters
+        assert gated is not None
+        steps.append(DecodeStep(spec, ffn.layer, gated, tokens, stats))
         return partial(_decode_forward, ffn, steps[-1], site, tokens)
 
     with relaid:  # exits last: the weights are put back after the forwards

@@ -8,7 +8,9 @@ step's attention block in one fused C call (`kernels.attention_cpu`); the FFNs s
 so `sparsify` and `accelerate` apply to them unchanged and count decode tokens as they do under
 `model.generate`. It is to CPU decode what a graph-captured static-cache loop is to GPU decode (gpt-fast):
 the time measured is the kernels'. Without the C kernel (no compiler, float64, a GPU) each step runs the
-same ops as transformers in PyTorch, with the same results bit for bit.
+same ops as transformers in PyTorch, with the same results bit for bit. With `weights="int8"` the attention
+projections and the LM head read int8 copies of their weights (`kernels.int8`, quantized once, the model left
+as it is); with `accelerate(..., weights="int8")` around the steps, the whole decode step reads int8 weights.
 
 Llama, Mistral and Qwen2 (and models of their layout: SmolLM2, TinyLlama, ...) within full attention (no more
 positions than a sliding window); a batch of up to 8 prompts of one length (no padding). Anything else raises
@@ -27,8 +29,12 @@ from torch import nn
 from actsparse.sparsity.instrument import announce_decode
 from actsparse.speed.kernels import attention_cpu
 from actsparse.speed.kernels.attention_cpu import AttentionStep
+from actsparse.speed.kernels.int8 import Q8, quantize
 
-__all__ = ["FAMILIES", "StaticDecoder", "UnsupportedModelError"]
+__all__ = ["FAMILIES", "WEIGHTS", "StaticDecoder", "UnsupportedModelError"]
+
+WEIGHTS = ("float", "int8")
+"""Weights the decode kernels read: the model's own (float32 or bfloat16), or int8 copies (`kernels.int8`)."""
 
 FAMILIES = ("llama", "mistral", "qwen2")
 """Model types whose decoder layers the static decoder runs."""
@@ -82,7 +88,7 @@ def _check(model: Any) -> None:
 class _Layer:
     """What one decoder layer's step needs, found once."""
 
-    def __init__(self, layer: Any, attention: Callable[..., Any], use_kernel: bool):
+    def __init__(self, layer: Any, attention: Callable[..., Any], use_kernel: bool, int8: bool = False):
         attn: Any = layer.self_attn
         self.layer: Any = layer
         self.attn, self.mlp, self.attention = attn, layer.mlp, attention
@@ -92,13 +98,13 @@ class _Layer:
         self.kernel: AttentionStep | None = None
         if use_kernel:
             projections = [getattr(attn, n) for n in _PROJECTIONS]
-            weights = tuple(m.weight.detach() for m in projections)
+            wq, wk, wv, wo = (quantize(m.weight) if int8 else m.weight.detach() for m in projections)
             biases = tuple(None if m.bias is None else m.bias.detach() for m in projections)
             n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
             norms = (n1.weight.detach(), n1.variance_epsilon, n2.weight.detach(), n2.variance_epsilon)
             try:
                 self.kernel = AttentionStep(
-                    weights,
+                    (wq, wk, wv, wo),
                     biases,
                     norms,
                     self.heads,
@@ -107,15 +113,20 @@ class _Layer:
                     attn.scaling,
                 )
             except ValueError:
+                if int8:
+                    raise
                 self.kernel = None  # this layer's weights do not suit the kernel: PyTorch ops
 
 
 class StaticDecoder:
     """Greedy decode of `model` (see the module docstring): `generate(input_ids, max_new_tokens)`, or
     `prefill(input_ids, max_new_tokens)` then `step(token)` per token. `kernel=False` runs PyTorch ops
-    only; by default the fused C attention kernel runs where it can (CPU, float32 or bfloat16)."""
+    only; by default the fused C attention kernel runs where it can (CPU, float32 or bfloat16). `weights="int8"`
+    runs it, and the LM head, on int8 copies of the weights (it needs the kernel)."""
 
-    def __init__(self, model: Any, kernel: bool | None = None):
+    def __init__(self, model: Any, kernel: bool | None = None, weights: str = "float"):
+        if weights not in WEIGHTS:
+            raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, not {weights!r}")
         _check(model)
         self.model: Any = model
         self.base: Any = model.model
@@ -127,7 +138,7 @@ class StaticDecoder:
             and self.dtype in (torch.float32, torch.bfloat16)
             and attention_cpu.available()
         )
-        if kernel and not use_kernel:
+        if (kernel or weights == "int8") and not use_kernel:
             raise UnsupportedModelError(
                 "the fused attention kernel runs float32 or bfloat16 CPU models with a C compiler"
             )
@@ -139,7 +150,11 @@ class StaticDecoder:
             model.config._attn_implementation,
             module.eager_attention_forward,
         )
-        self.layers = [_Layer(layer, attention, use_kernel) for layer in self.base.layers]
+        try:
+            self.layers = [_Layer(layer, attention, use_kernel, weights == "int8") for layer in self.base.layers]
+            self.head_int8: Q8 | None = quantize(self.model.lm_head.weight) if weights == "int8" else None
+        except ValueError as err:  # the int8 format's block size does not divide a weight's rows
+            raise UnsupportedModelError(f"int8 weights: {err}") from None
         self.kernel = all(layer.kernel is not None for layer in self.layers)
         """Whether every layer's attention runs the fused C kernel."""
         self.cache: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -191,7 +206,9 @@ class StaticDecoder:
         h = self._layers_fused(h, cos, sin, pos) if self.kernel else self._layers_torch(h, cos, sin, pos)
         h = self.base.norm(h)
         head = self.model.lm_head
-        if self.kernel and head.weight.is_contiguous():
+        if self.head_int8 is not None:
+            self.logits = attention_cpu.linear(h[:, -1], self.head_int8, head.bias)
+        elif self.kernel and head.weight.is_contiguous():
             self.logits = attention_cpu.linear(h[:, -1], head.weight.detach(), head.bias)
         else:
             self.logits = head(h)[:, -1]

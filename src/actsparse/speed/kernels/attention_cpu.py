@@ -21,7 +21,8 @@ import ctypes
 
 import torch
 
-from actsparse.speed.kernels import cbuild, cpu_pool
+from actsparse.speed.kernels import cbuild, cpu_pool, int8
+from actsparse.speed.kernels.int8 import Q8
 
 __all__ = ["MAX_BATCH", "AttentionStep", "available", "linear"]
 
@@ -32,6 +33,7 @@ _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _SOURCE = (
     cpu_pool.CLIENT
     + cbuild.VECTORS
+    + int8.SOURCE
     + r"""
 #include <math.h>
 #include <stdlib.h>
@@ -97,16 +99,48 @@ static inline float dot1(const void *w, int dtype, int64_t r, int64_t k, const f
     return s;
 }
 
-/* rows [r0, r1) of y [nb][n] = W [n][k] x [nb][k] (+ bias), x in float32, y rounded to the dtype. Rows go four
-   at a time (the four after them prefetched), so each row's sum is the same whichever thread computes it. */
-static void gemv_rows(const void *w, const void *bias, int dtype, int64_t k, const float *x, int nb, int64_t n,
-                      float *y, int64_t r0, int64_t r1) {
+/* dot4 and dot1 of int8 rows (`int8.Q8`: k a multiple of QB, scales sc [n][k / QB]): per block of QB the
+   products summed in a vector, times the block's scale, added to the row's vector sum */
+static inline void dot4_q8(const int8_t *w, const float *sc, int64_t r, int64_t k, const float *x, float *s,
+                           const int8_t *next) {
+    const int8_t *r0 = w + r * k, *r1 = r0 + k, *r2 = r1 + k, *r3 = r2 + k;
+    const float *s0 = sc + r * (k / QB), *s1 = s0 + k / QB, *s2 = s1 + k / QB, *s3 = s2 + k / QB;
+    vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+    for (int64_t c = 0, blk = 0; c < k; c += QB, blk++) {
+        if (next)
+            for (int i = 0; i < 4; i++) __builtin_prefetch(next + i * k + c, 0, 1);
+        vf xl = *(const vf *)(x + c), xh = *(const vf *)(x + c + VL);
+        a0 += s0[blk] * (load_q8(r0 + c) * xl + load_q8(r0 + c + VL) * xh);
+        a1 += s1[blk] * (load_q8(r1 + c) * xl + load_q8(r1 + c + VL) * xh);
+        a2 += s2[blk] * (load_q8(r2 + c) * xl + load_q8(r2 + c + VL) * xh);
+        a3 += s3[blk] * (load_q8(r3 + c) * xl + load_q8(r3 + c + VL) * xh);
+    }
+    s[0] = hsum(a0), s[1] = hsum(a1), s[2] = hsum(a2), s[3] = hsum(a3);
+}
+static inline float dot1_q8(const int8_t *w, const float *sc, int64_t r, int64_t k, const float *x) {
+    const int8_t *r0 = w + r * k;
+    const float *s0 = sc + r * (k / QB);
+    vf a0 = {0};
+    for (int64_t c = 0, blk = 0; c < k; c += QB, blk++) {
+        vf xl = *(const vf *)(x + c), xh = *(const vf *)(x + c + VL);
+        a0 += s0[blk] * (load_q8(r0 + c) * xl + load_q8(r0 + c + VL) * xh);
+    }
+    return hsum(a0);
+}
+
+/* rows [r0, r1) of y [nb][n] = W [n][k] x [nb][k] (+ bias), x in float32, y rounded to the dtype; W in the dtype,
+   or int8 with scales sc (NULL: none). Rows go four at a time (the four after them prefetched), so each row's
+   sum is the same whichever thread computes it. */
+static void gemv_rows(const void *w, const float *sc, const void *bias, int dtype, int64_t k, const float *x, int nb,
+                      int64_t n, float *y, int64_t r0, int64_t r1) {
     int64_t r = r0;
     float s[4];
     for (; r + 4 <= r1; r += 4) {
-        const void *next = r + 8 <= r1 ? row_at(w, dtype, r + 4, k) : 0;
+        const void *next = 0;
+        if (r + 8 <= r1) next = sc ? (const void *)((const int8_t *)w + (r + 4) * k) : row_at(w, dtype, r + 4, k);
         for (int b = 0; b < nb; b++) {
-            dot4(w, dtype, r, k, x + b * k, s, b == 0 ? next : 0);
+            if (sc) dot4_q8((const int8_t *)w, sc, r, k, x + b * k, s, b == 0 ? (const int8_t *)next : 0);
+            else dot4(w, dtype, r, k, x + b * k, s, b == 0 ? next : 0);
             for (int i = 0; i < 4; i++) {
                 float v = s[i];
                 if (bias) v = rnd(rnd(v, dtype) + get(bias, dtype, r + i), dtype);
@@ -116,7 +150,7 @@ static void gemv_rows(const void *w, const void *bias, int dtype, int64_t k, con
     }
     for (; r < r1; r++)
         for (int b = 0; b < nb; b++) {
-            float v = dot1(w, dtype, r, k, x + b * k);
+            float v = sc ? dot1_q8((const int8_t *)w, sc, r, k, x + b * k) : dot1(w, dtype, r, k, x + b * k);
             if (bias) v = rnd(rnd(v, dtype) + get(bias, dtype, r), dtype);
             y[b * n + r] = rnd(v, dtype);
         }
@@ -137,6 +171,7 @@ typedef struct {
     int nb, dtype, nh, nkv, hd;
     int64_t h, max_len, pos;
     const void *wq, *wk, *wv, *wo, *bq, *bk, *bv, *bo;
+    const float *sq, *sk, *sv, *so; /* the scales of int8 weights (NULL: weights in the dtype) */
     const void *cos, *sin;
     void *kc, *vc;
     float scale;
@@ -152,11 +187,11 @@ static void split(int64_t n, int t, int nt, int64_t *a, int64_t *b) {
 static void qkv_part(const job_t *j, int t, int nt) {
     int64_t nq = (int64_t)j->nh * j->hd, nk = (int64_t)j->nkv * j->hd, a, b;
     split(nq + 2 * nk, t, nt, &a, &b);
-    if (a < nq) gemv_rows(j->wq, j->bq, j->dtype, j->h, j->x, j->nb, nq, j->q, a, b < nq ? b : nq);
+    if (a < nq) gemv_rows(j->wq, j->sq, j->bq, j->dtype, j->h, j->x, j->nb, nq, j->q, a, b < nq ? b : nq);
     int64_t ka = a > nq ? a - nq : 0, kb = b - nq < nk ? b - nq : nk;
-    if (kb > ka) gemv_rows(j->wk, j->bk, j->dtype, j->h, j->x, j->nb, nk, j->k, ka, kb);
+    if (kb > ka) gemv_rows(j->wk, j->sk, j->bk, j->dtype, j->h, j->x, j->nb, nk, j->k, ka, kb);
     int64_t va = a > nq + nk ? a - nq - nk : 0, vb = b - nq - nk;
-    if (vb > va) gemv_rows(j->wv, j->bv, j->dtype, j->h, j->x, j->nb, nk, j->v, va, vb);
+    if (vb > va) gemv_rows(j->wv, j->sv, j->bv, j->dtype, j->h, j->x, j->nb, nk, j->v, va, vb);
 }
 
 /* q [nb][nh][hd] and k [nb][nkv][hd] rotated in place: x cos + rotate_half(x) sin (cos, sin [nb][hd]). */
@@ -207,7 +242,7 @@ static void attend_part(const job_t *j, int t, int nt) {
 static void o_part(const job_t *j, int t, int nt) {
     int64_t a, b;
     split(j->h, t, nt, &a, &b);
-    gemv_rows(j->wo, j->bo, j->dtype, (int64_t)j->nh * j->hd, j->att, j->nb, j->h, j->o, a, b);
+    gemv_rows(j->wo, j->so, j->bo, j->dtype, (int64_t)j->nh * j->hd, j->att, j->nb, j->h, j->o, a, b);
 }
 
 /* The cache write of k and v at position pos: cache [nb][nkv][max_len][hd] in the dtype. */
@@ -242,6 +277,7 @@ static void attention_task(void *arg, int t, int nt) {
 
 typedef struct {
     const void *w, *bias;
+    const float *sc;
     int dtype, nb;
     int64_t k, n;
     const float *x;
@@ -251,16 +287,17 @@ typedef struct {
 static void linear_task(void *arg, int t, int nt) {
     linear_t *a = (linear_t *)arg;
     int64_t blocks = (a->n + 3) / 4, r0 = blocks * t / nt * 4, r1 = blocks * (t + 1) / nt * 4;
-    gemv_rows(a->w, a->bias, a->dtype, a->k, a->x, a->nb, a->n, a->y, r0, r1 < a->n ? r1 : a->n);
+    gemv_rows(a->w, a->sc, a->bias, a->dtype, a->k, a->x, a->nb, a->n, a->y, r0, r1 < a->n ? r1 : a->n);
 }
 
-/* y [nb][n] = x [nb][k] W [n][k]^T (+ bias), in the dtype (an LM head: one pass over W for the batch). */
-void actsparse_linear(const void *x, int nb, int64_t k, int64_t n, int dtype, const void *w, const void *bias,
-                      void *y, int nthreads) {
+/* y [nb][n] = x [nb][k] W [n][k]^T (+ bias), in the dtype (an LM head: one pass over W for the batch); W int8
+   with scales sc when sc is not NULL. */
+void actsparse_linear(const void *x, int nb, int64_t k, int64_t n, int dtype, const void *w, const float *sc,
+                      const void *bias, void *y, int nthreads) {
     float *xf = (float *)malloc((size_t)(nb * k) * sizeof(float));
     float *yf = (float *)malloc((size_t)(nb * n) * sizeof(float));
     for (int64_t i = 0; i < nb * k; i++) xf[i] = get(x, dtype, i);
-    linear_t task = {w, bias, dtype, nb, k, n, xf, yf};
+    linear_t task = {w, bias, sc, dtype, nb, k, n, xf, yf};
     parallel(linear_task, &task, nthreads);
     for (int64_t i = 0; i < nb * n; i++) put(y, dtype, i, yf[i]);
     free(xf);
@@ -271,20 +308,21 @@ void actsparse_linear(const void *x, int nb, int64_t k, int64_t n, int dtype, co
        h = h + add;  x = rms1(h);  h_out = h + o(attention(rope(q(x)), cache ∪ rope(k(x)), cache ∪ v(x)));
        normed = rms2(h_out)
    h, add (NULL: none), h_out, normed [nb][hidden]; weights [out][in] contiguous; biases may be NULL;
-   cos, sin [nb][hd]; caches [nb][nkv][max_len][hd]. All in the dtype (0 float32, 1 bfloat16). Returns 1 if
-   h_out holds NaN or Inf. */
+   cos, sin [nb][hd]; caches [nb][nkv][max_len][hd]. All in the dtype (0 float32, 1 bfloat16), but for the
+   weights with scales (sq, sk, sv, so not NULL), int8. Returns 1 if h_out holds NaN or Inf. */
 int actsparse_attention_step(int nb, int dtype, int64_t hidden, int nh, int nkv, int hd, const void *h,
                              const void *add, void *h_out, void *normed, const void *ln1, const void *ln2,
                              double eps1, double eps2, const void *wq, const void *wk, const void *wv,
                              const void *wo, const void *bq, const void *bk, const void *bv, const void *bo,
-                             const void *cos, const void *sin, void *kc, void *vc, int64_t max_len, int64_t pos,
-                             double scale, int nthreads) {
+                             const float *sq, const float *sk, const float *sv, const float *so, const void *cos,
+                             const void *sin, void *kc, void *vc, int64_t max_len, int64_t pos, double scale,
+                             int nthreads) {
     int64_t nq = (int64_t)nh * hd, nk = (int64_t)nkv * hd;
     float *buf = (float *)malloc((size_t)(nb * (4 * hidden + 2 * nq + 2 * nk)) * sizeof(float));
     float *res = buf, *x = res + nb * hidden, *q = x + nb * hidden, *k = q + nb * nq, *v = k + nb * nk;
     float *att = v + nb * nk, *o = att + nb * nq, *tmp = o + nb * hidden;
-    job_t job = {nb, dtype, nh, nkv, hd, hidden, max_len, pos, wq, wk, wv, wo, bq, bk, bv, bo, cos, sin, kc, vc,
-                 (float)scale, x, q, k, v, att, o};
+    job_t job = {nb, dtype, nh, nkv, hd, hidden, max_len, pos, wq, wk, wv, wo, bq, bk, bv, bo, sq, sk,
+                 sv, so, cos, sin, kc, vc, (float)scale, x, q, k, v, att, o};
     for (int64_t i = 0; i < nb * hidden; i++)
         res[i] = add ? rnd(get(h, dtype, i) + get(add, dtype, i), dtype) : get(h, dtype, i);
     rms_norm(res, nb, hidden, ln1, dtype, eps1, x);
@@ -310,10 +348,10 @@ _P, _I64, _INT, _DBL = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_d
 def _declare(lib: ctypes.CDLL) -> None:
     cpu_pool.attach(lib)
     fn = lib.actsparse_attention_step
-    fn.argtypes = [_INT, _INT, _I64, _INT, _INT, _INT] + [_P] * 6 + [_DBL, _DBL] + [_P] * 12
+    fn.argtypes = [_INT, _INT, _I64, _INT, _INT, _INT] + [_P] * 6 + [_DBL, _DBL] + [_P] * 16
     fn.argtypes += [_I64, _I64, _DBL, _INT]
     fn.restype = _INT
-    lib.actsparse_linear.argtypes = [_P, _INT, _I64, _I64, _INT, _P, _P, _P, _INT]
+    lib.actsparse_linear.argtypes = [_P, _INT, _I64, _I64, _INT, _P, _P, _P, _P, _INT]
     lib.actsparse_linear.restype = None
 
 
@@ -334,7 +372,8 @@ class AttentionStep:
     """One layer's attention block prepared for the fused kernel: its weights referenced, not copied.
 
     `weights` are q, k, v, o as [out, in] contiguous tensors of one dtype (float32 or bfloat16) on the CPU,
-    `biases` the same four or None, `norms` the input and post-attention RMSNorm weights and epsilons.
+    or all four in the int8 format (`int8.Q8`, blocks along `in`), `biases` the same four or None, `norms`
+    the input and post-attention RMSNorm weights and epsilons (their dtype is the activations').
     """
 
     calls = 0
@@ -342,7 +381,7 @@ class AttentionStep:
 
     def __init__(
         self,
-        weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        weights: tuple[torch.Tensor | Q8, torch.Tensor | Q8, torch.Tensor | Q8, torch.Tensor | Q8],
         biases: tuple[torch.Tensor | None, ...],
         norms: tuple[torch.Tensor, float, torch.Tensor, float],
         heads: int,
@@ -351,11 +390,16 @@ class AttentionStep:
         scale: float,
     ):
         wq, wk, wv, wo = weights
-        dtype = wq.dtype
-        tensors = [*weights, *(b for b in biases if b is not None), norms[0], norms[2]]
+        dtype = norms[0].dtype
+        quantized = all(isinstance(w, Q8) for w in weights)
+        mats = [w.q if isinstance(w, Q8) else w for w in weights]
+        if not quantized and any(isinstance(w, Q8) for w in weights):
+            raise ValueError("the fused attention kernel takes all four weights in the int8 format, or none")
+        tensors = [*(b for b in biases if b is not None), norms[0], norms[2]]
+        tensors += [] if quantized else mats
         if dtype not in _DTYPES or any(t.dtype != dtype or t.device.type != "cpu" for t in tensors):
             raise ValueError("the fused attention kernel takes float32 or bfloat16 CPU weights of one dtype")
-        if any(not t.is_contiguous() for t in tensors):
+        if any(not t.is_contiguous() for t in [*tensors, *mats]):
             raise ValueError("the fused attention kernel reads contiguous weights")
         hidden = wq.shape[1]
         shapes = [(heads * head_dim, hidden), (kv_heads * head_dim, hidden), (kv_heads * head_dim, hidden)]
@@ -363,11 +407,12 @@ class AttentionStep:
             raise ValueError("q, k, v, o weights do not match the heads and head size")
         if heads % kv_heads or head_dim % 2 or head_dim > 1024:
             raise ValueError(f"{heads} heads over {kv_heads} key-value heads of size {head_dim}: not supported")
-        self._keep = tensors  # the pointers below stay valid while this object lives
+        self._keep = (tensors, weights)  # the pointers below stay valid while this object lives
         ln1, eps1, ln2, eps2 = norms
         self._head = (_DTYPES[dtype], hidden, heads, kv_heads, head_dim)
         self._norms = (ln1.data_ptr(), ln2.data_ptr(), float(eps1), float(eps2))
-        self._weights = tuple(w.data_ptr() for w in weights) + tuple(_ptr(b) for b in biases)
+        scales = tuple(w.scale.data_ptr() if isinstance(w, Q8) else None for w in weights)
+        self._weights = tuple(m.data_ptr() for m in mats) + tuple(_ptr(b) for b in biases) + scales
         self._scale = float(scale)
 
     def __call__(
@@ -412,15 +457,17 @@ class AttentionStep:
         return bool(bad)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor | Q8, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear for 1 to `MAX_BATCH` decode tokens x [..., k] on a CPU float32 or bfloat16 weight [n, k]
-    (contiguous): one pass over the weight on the kernels' threads (an LM head)."""
+    (contiguous), or one in the int8 format: one pass over the weight on the kernels' threads (an LM head)."""
     lib = _library()
     assert lib is not None, "call only when available()"
     rows = x.shape[:-1].numel()
-    if not 1 <= rows <= MAX_BATCH or x.dtype != weight.dtype or weight.dtype not in _DTYPES:
+    scales = weight.scale.data_ptr() if isinstance(weight, Q8) else None
+    mat = weight.q if isinstance(weight, Q8) else weight
+    if not 1 <= rows <= MAX_BATCH or x.dtype not in _DTYPES or (scales is None and x.dtype != mat.dtype):
         raise ValueError(f"1 to {MAX_BATCH} tokens of the weight's dtype (float32 or bfloat16), got {tuple(x.shape)}")
-    if not weight.is_contiguous() or x.shape[-1] != weight.shape[1] or weight.device.type != "cpu":
+    if not mat.is_contiguous() or x.shape[-1] != mat.shape[1] or mat.device.type != "cpu":
         raise ValueError("a contiguous CPU weight [n, k] for tokens of size k")
     x = x.contiguous()
     y = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype)
@@ -430,7 +477,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         weight.shape[1],
         weight.shape[0],
         _DTYPES[x.dtype],
-        weight.data_ptr(),
+        mat.data_ptr(),
+        scales,
         _ptr(bias),
         y.data_ptr(),
         torch.get_num_threads(),

@@ -30,7 +30,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from actsparse.speed.kernels import cbuild, cpu_pool, topp_cpu
+from actsparse.speed.kernels import cbuild, cpu_pool, int8, topp_cpu
+from actsparse.speed.kernels.int8 import Q8
 
 __all__ = ["MAX_BATCH", "RULE_CODES", "FusedFFN", "activation_code", "available"]
 
@@ -46,6 +47,7 @@ _SOURCE = (
     topp_cpu._SOURCE
     + cpu_pool.CLIENT
     + cbuild.VECTORS
+    + int8.SOURCE
     + r"""
 #include <math.h>
 
@@ -123,10 +125,60 @@ static inline float scalar_bf16(const uint16_t *p) { return bf(*p); }
 GATHER(f32, float)
 GATHER(bf16, uint16_t)
 
+/* rows4_q8: acc[0..n) += sum_i a_i * s_i[block] * w_i[0..n) over four int8 rows (n a multiple of QB), the next
+   four prefetched; the same order of additions per column as rows4_<T>. */
+static inline void rows4_q8(float *restrict acc, int64_t n, const int8_t *w0, const int8_t *w1, const int8_t *w2,
+                            const int8_t *w3, const float *s0, const float *s1, const float *s2, const float *s3,
+                            float a0, float a1, float a2, float a3, const int8_t *p0, const int8_t *p1,
+                            const int8_t *p2, const int8_t *p3) {
+    for (int64_t c = 0, blk = 0; c < n; c += QB, blk++) {
+        __builtin_prefetch(p0 + c, 0, 1);
+        __builtin_prefetch(p1 + c, 0, 1);
+        __builtin_prefetch(p2 + c, 0, 1);
+        __builtin_prefetch(p3 + c, 0, 1);
+        float b0 = a0 * s0[blk], b1 = a1 * s1[blk], b2 = a2 * s2[blk], b3 = a3 * s3[blk];
+        vf lo = *(const vf *)(acc + c), hi = *(const vf *)(acc + c + VL);
+        lo += b0 * load_q8(w0 + c) + b1 * load_q8(w1 + c);
+        hi += b0 * load_q8(w0 + c + VL) + b1 * load_q8(w1 + c + VL);
+        lo += b2 * load_q8(w2 + c) + b3 * load_q8(w3 + c);
+        hi += b2 * load_q8(w2 + c + VL) + b3 * load_q8(w3 + c + VL);
+        *(vf *)(acc + c) = lo;
+        *(vf *)(acc + c + VL) = hi;
+    }
+}
+
+/* gather_<T> for int8 rows (`int8.Q8`): w [rows][stride] int8, scales [rows][stride / QB]; off and n multiples of
+   QB. A last group of fewer than four rows repeats its first row at weight zero (the order stays fixed by idx). */
+static void gather_q8(float *acc, int64_t lda, int nb, int64_t n, const int8_t *w, int64_t stride,
+                      const float *scales, int64_t off, const int32_t *idx, const float *val, int64_t m) {
+    int64_t tile = nb == 1 ? n : TILE, ss = stride / QB;
+    for (int64_t t0 = 0; t0 < n; t0 += tile) {
+        int64_t tn = n - t0 < tile ? n - t0 : tile;
+        const int8_t *base = w + off + t0;
+        const float *sb = scales + (off + t0) / QB;
+        for (int64_t k = 0; k < m; k += 4) {
+            int64_t r[4], q[4];
+            for (int i = 0; i < 4; i++) {
+                r[i] = idx[k + i < m ? k + i : k];
+                q[i] = k + 4 + i < m ? idx[k + 4 + i] : r[i];
+            }
+            for (int b = 0; b < nb; b++) {
+                float a[4];
+                for (int i = 0; i < 4; i++) a[i] = k + i < m ? val[(k + i) * nb + b] : 0.0f;
+                rows4_q8(acc + b * lda + t0, tn, base + r[0] * stride, base + r[1] * stride, base + r[2] * stride,
+                         base + r[3] * stride, sb + r[0] * ss, sb + r[1] * ss, sb + r[2] * ss, sb + r[3] * ss, a[0],
+                         a[1], a[2], a[3], base + q[0] * stride, base + q[1] * stride, base + q[2] * stride,
+                         base + q[3] * stride);
+            }
+        }
+    }
+}
+
 typedef struct {
     int nb, dtype, act, mid_rule;
     int64_t h, d, gate_stride, up_stride, down_stride;
     const void *gate_t, *up_t, *down_t, *gate_bias, *up_bias, *down_bias;
+    const float *gate_s, *up_s, *down_s; /* the scales of int8 weights (NULL: weights in the dtype) */
     double mid_value;
     const int32_t *in_idx;
     const float *in_val;
@@ -144,11 +196,11 @@ static inline float bias_at(const void *b, int dtype, int64_t c) {
     return dtype ? bf(((const uint16_t *)b)[c]) : ((const float *)b)[c];
 }
 
-/* Columns [c0, c1) of n of part t of nt, in whole blocks of VL (the same code path for a column at any nt). */
+/* Columns [c0, c1) of n of part t of nt, in whole blocks of QB (the same code path for a column at any nt). */
 static void columns(int64_t n, int t, int nt, int64_t *c0, int64_t *c1) {
-    int64_t blocks = (n + VL - 1) / VL;
-    *c0 = blocks * t / nt * VL;
-    *c1 = blocks * (t + 1) / nt * VL;
+    int64_t blocks = (n + QB - 1) / QB;
+    *c0 = blocks * t / nt * QB;
+    *c1 = blocks * (t + 1) / nt * QB;
     *c1 = *c1 < n ? *c1 : n;
     *c0 = *c0 < *c1 ? *c0 : *c1;
 }
@@ -164,7 +216,10 @@ static void mid_part(job_t *job, int t, int nt) {
     const int32_t *idx = job->in_idx;
     const float *val = job->in_val;
     int64_t m = job->in_kept;
-    if (job->dtype) {
+    if (job->gate_s) {
+        gather_q8(gate, n, nb, n, (const int8_t *)job->gate_t, job->gate_stride, job->gate_s, c0, idx, val, m);
+        gather_q8(up, n, nb, n, (const int8_t *)job->up_t, job->up_stride, job->up_s, c0, idx, val, m);
+    } else if (job->dtype) {
         gather_bf16(gate, n, nb, n, (const uint16_t *)job->gate_t, job->gate_stride, c0, idx, val, m);
         gather_bf16(up, n, nb, n, (const uint16_t *)job->up_t, job->up_stride, c0, idx, val, m);
     } else {
@@ -200,7 +255,10 @@ static void out_part(const job_t *job, int t, int nt) {
     float *acc = (float *)calloc((size_t)(nb * n), sizeof(float));
     const int32_t *idx = job->mid_idx;
     const float *val = job->mid_val;
-    if (job->dtype)
+    if (job->down_s)
+        gather_q8(acc, n, nb, n, (const int8_t *)job->down_t, job->down_stride, job->down_s, c0, idx, val,
+                  job->mid_kept);
+    else if (job->dtype)
         gather_bf16(acc, n, nb, n, (const uint16_t *)job->down_t, job->down_stride, c0, idx, val, job->mid_kept);
     else
         gather_f32(acc, n, nb, n, (const float *)job->down_t, job->down_stride, c0, idx, val, job->mid_kept);
@@ -278,15 +336,17 @@ static void ffn_task(void *arg, int t, int nt) {
 /* y [nb][h] = W_d (m_i ⊙ σ(W_g (m_x ⊙ x) + b_g) ⊙ (W_u (m_x ⊙ x) + b_u)) + b_d per token, with m_x and m_i the
    masks of the input and intermediate rules (code 0-3, value). gate_t, up_t [h][d] hold W_gᵀ and W_uᵀ and
    down_t [d][h] holds W_dᵀ, each row-contiguous with its own row stride; dtype 0 float32, 1 bfloat16 for x,
-   y, weights and biases (which may be NULL). counts [nb][2][3] receives (zeroed, natural zeros, seen) of x and
+   y, weights and biases (which may be NULL). With scales (gate_s, up_s, down_s not NULL) the weights are int8
+   (`int8.Q8`, h and d multiples of QB). counts [nb][2][3] receives (zeroed, natural zeros, seen) of x and
    i per token; totals [2][3], when not NULL, the same counts summed over the tokens added to it (a running
    total, so that a caller need not read counts per call). Returns bit 1 if x (under a rule) and bit 2 if i
    holds NaN or Inf; after bit 1 nothing else is written. One thread runs without entering OpenMP. */
 int actsparse_sparse_ffn(const void *x, int nb, int64_t h, int64_t d, int dtype, const void *gate_t,
                          int64_t gate_stride, const void *up_t, int64_t up_stride, const void *down_t,
                          int64_t down_stride, const void *gate_bias, const void *up_bias, const void *down_bias,
-                         int in_rule, double in_value, int mid_rule, double mid_value, int act, void *y,
-                         int64_t *counts, int64_t *totals, int nthreads) {
+                         const float *gate_s, const float *up_s, const float *down_s, int in_rule, double in_value,
+                         int mid_rule, double mid_value, int act, void *y, int64_t *counts, int64_t *totals,
+                         int nthreads) {
     nb = nb < 1 ? 1 : nb > MAXB ? MAXB : nb;
     float *xf = (float *)malloc((size_t)(nb * h) * sizeof(float));
     float *in_val = (float *)malloc((size_t)(nb * h) * sizeof(float));
@@ -315,7 +375,8 @@ int actsparse_sparse_ffn(const void *x, int nb, int64_t h, int64_t d, int dtype,
     unsigned char *keep = (unsigned char *)malloc((size_t)(nb * d));
     int32_t *mid_idx = (int32_t *)malloc((size_t)d * sizeof(int32_t));
     job_t job = {nb, dtype, act, mid_rule, h, d, gate_stride, up_stride, down_stride, gate_t, up_t, down_t,
-                 gate_bias, up_bias, down_bias, mid_value, in_idx, in_val, in_kept, mid, keep, mid_idx, mid_val, 0, y};
+                 gate_bias, up_bias, down_bias, gate_s, up_s, down_s, mid_value, in_idx, in_val, in_kept, mid,
+                 keep, mid_idx, mid_val, 0, y};
     int bad_mid = 0;
     int64_t mid_counts[MAXB * 6];
     ffn_task_t task = {&job, mid_counts, &bad_mid, {0, 0}};
@@ -341,7 +402,8 @@ _P, _I64, _INT, _DBL = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_d
 def _declare(lib: ctypes.CDLL) -> None:
     cpu_pool.attach(lib)
     fn = lib.actsparse_sparse_ffn
-    fn.argtypes = [_P, _INT, _I64, _I64, _INT, _P, _I64, _P, _I64, _P, _I64, _P, _P, _P, _INT, _DBL, _INT, _DBL]
+    fn.argtypes = [_P, _INT, _I64, _I64, _INT, _P, _I64, _P, _I64, _P, _I64, _P, _P, _P, _P, _P, _P, _INT, _DBL]
+    fn.argtypes += [_INT, _DBL]
     fn.argtypes += [_INT, _P, _P, _P, _INT]
     fn.restype = _INT
 
@@ -390,8 +452,9 @@ class FusedFFN:
     """One gated FFN prepared for the fused kernel (float32 or bfloat16 CPU weights, referenced, not copied).
 
     `gate_t`, `up_t` [h, d] are W_gᵀ and W_uᵀ and `down_t` [d, h] is W_dᵀ, each with contiguous rows
-    (any row stride: they may be views of the model's parameters). A vector's rule is None (dense),
-    τ of the threshold rule, or ("top_k", k) / ("top_p", p) / ("threshold", τ).
+    (any row stride: they may be views of the model's parameters), or all three in the int8 format
+    (`int8.Q8`, h and d multiples of 32), with activations and biases in `dtype`. A vector's rule is None
+    (dense), τ of the threshold rule, or ("top_k", k) / ("top_p", p) / ("threshold", τ).
     """
 
     calls = 0
@@ -399,26 +462,37 @@ class FusedFFN:
 
     def __init__(
         self,
-        gate_t: torch.Tensor,
-        up_t: torch.Tensor,
-        down_t: torch.Tensor,
+        gate_t: torch.Tensor | Q8,
+        up_t: torch.Tensor | Q8,
+        down_t: torch.Tensor | Q8,
         act: int,
         input_rule: float | tuple[str, float] | None,
         intermediate_rule: float | tuple[str, float] | None,
         biases: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] = (None, None, None),
+        dtype: torch.dtype | None = None,
     ):
         h, d = down_t.shape[1], down_t.shape[0]
-        dtype = down_t.dtype
-        tensors = [gate_t, up_t, down_t, *(b for b in biases if b is not None)]
-        if dtype not in _DTYPES or any(t.dtype != dtype or t.device.type != "cpu" for t in tensors):
-            raise ValueError("the fused CPU kernel takes float32 or bfloat16 CPU weights of one dtype")
+        quantized = [isinstance(w, Q8) for w in (gate_t, up_t, down_t)]
+        if any(quantized) and not all(quantized):
+            raise ValueError("the fused CPU kernel takes all three weights in the int8 format, or none")
+        mats = [w.q if isinstance(w, Q8) else w for w in (gate_t, up_t, down_t)]
+        dtype = dtype or (torch.float32 if all(quantized) else mats[2].dtype)
+        weight_dtype = torch.int8 if all(quantized) else dtype
+        tensors = [*(b for b in biases if b is not None)]
+        if (
+            dtype not in _DTYPES
+            or any(t.dtype != dtype or t.device.type != "cpu" for t in tensors)
+            or any(w.dtype != weight_dtype or w.device.type != "cpu" for w in mats)
+        ):
+            raise ValueError("the fused CPU kernel takes float32 or bfloat16 CPU weights of one dtype (or int8 ones)")
         if gate_t.shape != (h, d) or up_t.shape != (h, d):
             raise ValueError(f"gate_t and up_t are {tuple(gate_t.shape)} and {tuple(up_t.shape)}, expected {(h, d)}")
         self.h, self.d, self.dtype = h, d, dtype
-        self.weights = (_rows(gate_t), _rows(up_t), _rows(down_t))
+        self.weights = tuple(w if isinstance(w, Q8) else _rows(w) for w in (gate_t, up_t, down_t))
         self._biases = [None if b is None else b.detach().contiguous() for b in biases]
         (in_code, in_value), (mid_code, mid_value) = _rule(input_rule), _rule(intermediate_rule)
-        g, u, w = self.weights
+        g, u, w = (m.q if isinstance(m, Q8) else m for m in self.weights)
+        scales = [m.scale.data_ptr() if isinstance(m, Q8) else None for m in self.weights]
         self._args = (
             _DTYPES[dtype],
             g.data_ptr(),
@@ -428,6 +502,7 @@ class FusedFFN:
             w.data_ptr(),
             w.stride(0),
             *(None if b is None else b.data_ptr() for b in self._biases),
+            *scales,
             in_code,
             in_value,
             mid_code,
