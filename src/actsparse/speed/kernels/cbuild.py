@@ -47,7 +47,8 @@ static inline uint16_t to_bf(float f) { /* round to nearest even, as torch does 
 """
 """C source the CPU decode kernels share: 16-float vectors and bfloat16 to and from float32."""
 
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", *os.environ.get("ACTSPARSE_CFLAGS", "").split())
+"""`$ACTSPARSE_CFLAGS` adds flags, e.g. `-mno-avx512f` to build and test the AVX2 paths on an AVX-512 CPU."""
 TIMEOUT = 300
 """Seconds one build may take."""
 
