@@ -72,9 +72,9 @@ def test_method_rules_and_predictor_in_a_sweep_then_compare(tmp_path: Path) -> N
     table = json.loads((tmp_path / "cmp" / "compare.json").read_text())["targets"]["intermediate"]
     assert table[0]["rule"] == "top_p" and "diff_to_top_p" not in table[0]
     for r in table[1:]:
-        for measure in ("low_noise", "accuracy"):
-            d = r["diff_to_top_p"][measure]
-            assert d["ci_low"] <= d["value"] + 1e-9 and r["critical_sparsity"][measure]["value"] <= r["max_sparsity"]
+        d = r["diff_to_top_p"]
+        assert d["ci_low"] <= d["value"] + 1e-9 and r["critical_sparsity"]["value"] <= r["max_sparsity"]
+        assert set(r["damage_vs_top_p"]) == {"kl", "agreement"} and r["verdict"].startswith(f"{r['method']} vs top_p")
     assert (tmp_path / "cmp" / "compare_intermediate.png").stat().st_size > 0
 
 

@@ -16,7 +16,7 @@ from actsparse.report import plots, render, tables, write_report
 from actsparse.report.reading import censored, missing
 from actsparse.study.store import PointKey, RunStore
 
-CRIT = "Critical sparsity (average over tasks)"
+CRIT = "Critical sparsity"
 
 
 def _point(target: str, value: float, sparsity: float, normalized: float, tasks=("a",), rule="top_p") -> dict:
@@ -72,10 +72,10 @@ def _summary(**extra) -> dict:
 
 def test_last_grid_point_reads_dense_and_censored_intervals_are_flagged() -> None:
     rows = {r[0]: r for r in tables(_summary())[CRIT][1]}
-    assert rows["input/top_p"][3] == "dense"
-    assert rows["intermediate/top_p"][3] == "36.6 % (at 0.95)"
-    assert rows["input/top_p"][2] == "0.5 % – 26.7 % (censored below)"  # below the lowest point measured (26 %)
-    assert rows["intermediate/top_p"][2] == "37.4 % – 57.0 % (censored above)"  # at the highest reached
+    assert rows["input/top_p"][2] == "dense"
+    assert rows["intermediate/top_p"][2] == "36.6 % (at 0.95)"
+    assert rows["input/top_p"][1].endswith("[0.5 %, 26.7 %] (censored below)")  # below the lowest point (26 %)
+    assert rows["intermediate/top_p"][1].endswith("[37.4 %, 57.0 %] (censored above)")  # at the highest reached
     assert censored(_crit(0.5, 0.4, 0.5), (0.3, 0.6)) == (False, False)
     assert censored(_crit(0.5, 0.4, 0.5), None) == (False, False)
     md, _ = render(_summary(), [])
@@ -200,13 +200,13 @@ def test_one_figure_saving_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     paths = diffusion.save_step_figures(tmp_path)
     assert saved == ["step_sparsity.png", "step_stability.png"] == [p.name for p in paths]
     plots.save_figures(_summary(), tmp_path)
-    assert "performance.png" in saved
+    assert "critical_sparsity.png" in saved
 
 
 def test_missing_points_beyond_the_crossing_leave_it_settled() -> None:
     beyond = _summary(planned=[["intermediate", "top_p", 0.5]])  # crosses at 0.85: 0.5 cannot move it
     row = {r[0]: r for r in tables(beyond)[CRIT][1]}["intermediate/top_p"]
-    assert row[1] == "39.3 % (1 missing beyond the crossing)" and row[2].startswith("37.4 %")
+    assert row[1].startswith("39.3 % [37.4 %") and row[1].endswith("(1 missing beyond the crossing)")
     between = _summary(planned=[["intermediate", "top_p", 0.9]])  # between 0.95 and the crossing at 0.85
     row = {r[0]: r for r in tables(between)[CRIT][1]}["intermediate/top_p"]
     assert row[1:3] == ["incomplete: 1 missing (see Missing points)", "–"]

@@ -18,7 +18,7 @@ from actsparse.study.sweep import run_sweep
 
 def _config(out: Path, target: float):
     tasks = [tiny_task("mc", 40), tiny_task("lam", 28, kind="lambada", seed=1)]
-    return tiny_sweep_config(out, tasks=tasks, limit=6, until_ci=target, values=[0.9, 0.5], resamples=100)
+    return tiny_sweep_config(out, tasks=tasks, limit=6, until_ci=target, values=[0.9, 0.5, 0.05], resamples=100)
 
 
 def _contents(out: Path) -> dict:

@@ -399,10 +399,10 @@ def build_curve(
             dense[t], runs[t], criterion.measure, None if within is None else within[t]
         )
     task_sparsity = {t: np.array([achieved_sparsity(r) for r in runs[t]], dtype=float) for t in dense}
-    doc_counts = None if any(c is None for c in counts.values()) else counts
+    doc_counts = None if any(c is None for c in counts.values()) else {t: c for t, c in counts.items() if c}
     pooled = pooled_sparsity(task_sparsity, doc_counts, len(params))
     lower = {t: criterion.measure == "task" and task_measure_key(dense[t]) == BITS_PER_BYTE for t in dense}
-    curve = Curve(target, rule, list(params), pooled, task_sparsity, dense_values, scores, lower, doc_counts, criterion)  # type: ignore[arg-type]
+    curve = Curve(target, rule, list(params), pooled, task_sparsity, dense_values, scores, lower, doc_counts, criterion)
     return curve, ids
 
 

@@ -132,6 +132,7 @@ def _write_dequantised(gguf: Path, config: Any, folder: Path) -> None:
     reads them (its GGUF tensor processors), into safetensors shards of `SHARD_BYTES` in `folder`, with the config:
     the model is never whole in host memory (a skeleton on the meta device gives the names)."""
     import numpy as np
+    import torch
     from gguf import GGUFReader, dequantize
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM

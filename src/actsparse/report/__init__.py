@@ -44,12 +44,14 @@ def _num(x: float | None, digits: int = 3) -> str:
 
 def _crit_cell(summary: dict[str, Any], label: str, c: dict[str, Any] | None, task: str | None = None) -> str:
     """'≥ 40.1 % [32.9 %, 51.2 %] (censored above)' of a critical sparsity, or why there is none yet."""
+    count = sum(len(ts) for _, ts in missing(summary).get(label, []) if task is None or task in ts)
     if not settled(summary, label, task):  # missing points could still move it: no number from part of a curve
-        return "incomplete (see Missing points)"
+        return f"incomplete: {count} missing (see Missing points)" if task is None else "incomplete"
     if not c or c.get("value") is None:
         return "–"
     note = censor_note(censored(c, reached(summary, label, task)))
-    return interval_cell(c) + (f" ({note})" if note else "")
+    beyond = f" ({count} missing beyond the crossing)" if count and task is None else ""
+    return interval_cell(c) + (f" ({note})" if note else "") + beyond
 
 
 def _grid(c: dict[str, Any] | None) -> str:
@@ -79,6 +81,9 @@ def tables(summary: dict[str, Any]) -> dict[str, Table]:
         c = summary["critical_sparsity"].get(label)
         docs = "–" if not c else str(c.get("documents", "–"))
         crosses = "–" if not c or c.get("value") is None else ("no: a lower bound" if c["lower_bound"] else "yes")
+        if not settled(summary, label):
+            headline.append([label, _crit_cell(summary, label, c), "–", "–", "–"])
+            continue
         headline.append([label, _crit_cell(summary, label, c), _grid(c), docs, crosses])
     out: dict[str, Table] = {
         HEADLINE: (
@@ -216,8 +221,9 @@ def _method(summary: dict[str, Any]) -> list[str]:
         "interval marked censored reaches the lowest or highest sparsity its curve measured: the true end may "
         "lie beyond it (extend the grid there). Bands in the figures: each point's interval of the same measure.",
         "Proxies of damage, reported under their own names and never as critical sparsity: the mean "
-        "KL(dense ‖ sparse) over scored tokens and the share of answers equal to the dense model's. They are "
-        "low-noise but measure something else; 'Damage at matched sparsity' reads them off two curves at the "
+        "KL(dense ‖ sparse) over scored tokens and the share of answers equal to the dense model's. They vary less "
+        "from document to document but measure something else; 'Damage at matched sparsity' reads them off two "
+        "curves at the "
         f"same sparsity ({', '.join(f'{100 * s:.0f} %' for s in summary.get('matched_sparsities', []))}, "
         "interpolated, never extrapolated) with the paired interval of the difference.",
         *_search(summary.get("search", {})),
@@ -260,7 +266,8 @@ h1{font-size:1.6em}h2{font-size:1.25em;margin-top:1.8em;border-bottom:1px solid 
 table{border-collapse:collapse;font-size:.88em;margin:.6em 0}th,td{border:1px solid #ccc;padding:.25em .6em;
 text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
 img{max-width:100%;height:auto;border:1px solid #eee;margin:.4em 0}figure{margin:0}
-figcaption{font-size:.85em;color:#555}details{margin:.8em 0}summary{font-size:1.15em;font-weight:600;cursor:pointer}
+figcaption{font-size:.85em;color:#555}figure.headline img{max-height:460px;width:auto}
+details{margin:.8em 0}summary{font-size:1.15em;font-weight:600;cursor:pointer}
 """
 
 
@@ -283,12 +290,12 @@ def _table_part(table_map: dict[str, Table], name: str, heading: bool = False) -
     return [(md, (f"<h3>{html.escape(name)}</h3>" if heading else "") + _html_table(table_map[name]))]
 
 
-def _image_part(path: Path) -> tuple[str, str]:
+def _image_part(path: Path, css: str = "") -> tuple[str, str]:
     title = _title(path.name)
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     return (
         f"![{title}]({path.name})",
-        f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{data}">'
+        f'<figure{f" class={css!r}" if css else ""}><img alt="{html.escape(title)}" src="data:image/png;base64,{data}">'
         f"<figcaption>{html.escape(title)}</figcaption></figure>",
     )
 
@@ -309,7 +316,7 @@ def render(summary: dict[str, Any], images: Sequence[Path]) -> tuple[str, str]:
     body = [f"<h1>{html.escape(title)}</h1>", *(f"<p>{html.escape(p)}</p>" for p in lead)]
     headline = _table_part(table_map, HEADLINE)
     if "critical_sparsity.png" in by_name:
-        headline.append(_image_part(by_name["critical_sparsity.png"]))
+        headline.append(_image_part(by_name["critical_sparsity.png"], "headline"))
     _section(md, body, HEADLINE, headline, collapsed=False)
     verdicts = [c["verdict"] for c in summary.get("comparisons", [])]
     comparison_parts = []
