@@ -34,14 +34,15 @@ from actsparse.analysis import (
     generator,
     grouped_results,
     matched_difference,
+    percentile_interval,
     ratio,
 )
 from actsparse.study.store import RunStore
 
 CROSSINGS = {
     "task metric (critical sparsity)": PAPER,
-    "agreement ≥ 0.99": Criterion("agreement", 0.99),
-    "mean KL ≤ 0.05": Criterion("kl", 0.05),
+    "agreement ≥ 0.99": Criterion.of("agreement"),
+    "mean KL ≤ 0.05": Criterion.of("kl"),
     "gold probability ≥ 99 % (old headline)": PAPER,  # the task curve with p_gold put in its place
 }
 MATCHED = {"mean KL at 40 %": "mean KL ≤ 0.05", "agreement at 40 %": "agreement ≥ 0.99"}
@@ -131,7 +132,7 @@ def main(argv: list[str]) -> int:
                     want = np.sign(truth[a] - truth[b])
                     diff = analysed[name][a].samples - analysed[name][b].samples
                     got = np.sign(analysed[name][a].critical.value - analysed[name][b].critical.value)
-                    lo, hi = np.nanpercentile(diff, [2.5, 97.5])
+                    lo, hi = percentile_interval(diff)
                     s = stats[name]
                     s["pairs"] += 1
                     s["agree"] += bool(got == want)

@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 
 from actsparse.analysis.curves import (
-    PAPER,
     THRESHOLD,
     Criterion,
     Curve,
@@ -43,7 +42,7 @@ MATCHED: tuple[float, ...] = MATCHED_SPARSITIES
 """Sparsities at which KL and agreement are read off each curve (interpolated, never extrapolated)."""
 
 BASELINE = "top_p"
-CRITERIA = {"task": PAPER, "kl": Criterion("kl", 0.05), "agreement": Criterion("agreement", 0.99)}
+CRITERIA = {measure: Criterion.of(measure) for measure in ("task", *PROXIES)}
 
 
 @dataclass

@@ -31,6 +31,8 @@ THRESHOLD = 0.99
 """Normalised performance below which a point has lost more than 1 %."""
 
 MEASURES = ("task", "agreement", "kl")
+DEFAULT_THRESHOLDS = {"task": THRESHOLD, "agreement": 0.99, "kl": 0.05}
+"""Each measure's threshold when none is given: the paper's 99 %, agreement ≥ 0.99, mean KL ≤ 0.05."""
 
 
 @dataclass(frozen=True)
@@ -43,14 +45,18 @@ class Criterion:
     threshold: float = THRESHOLD
 
     @classmethod
+    def of(cls, measure: str) -> Criterion:
+        """A measure's criterion at its default threshold (`DEFAULT_THRESHOLDS`)."""
+        return cls(measure, DEFAULT_THRESHOLDS[measure])
+
+    @classmethod
     def parse(cls, text: str) -> Criterion:
         """'task', 'task:0.99', 'agreement:0.99' or 'kl:0.05'; ValueError with the valid forms otherwise."""
         measure, _, value = text.partition(":")
         if measure not in MEASURES:
             raise ValueError(f"unknown criterion {text!r}; use task[:0.99], agreement[:0.99] or kl[:0.05]")
-        defaults = {"task": THRESHOLD, "agreement": 0.99, "kl": 0.05}
         try:
-            threshold = float(value) if value else defaults[measure]
+            threshold = float(value) if value else DEFAULT_THRESHOLDS[measure]
         except ValueError:
             raise ValueError(f"criterion {text!r}: {value!r} is not a number") from None
         if not (0 < threshold <= 1 if measure != "kl" else threshold > 0):

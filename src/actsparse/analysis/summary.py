@@ -218,7 +218,7 @@ def summarize(
             "documents_needed": needed,
         }
 
-    proxies = {m: curves(grouped, tasks, Criterion(m, {"kl": 0.05, "agreement": 0.99}[m])) for m in PROXIES}
+    proxies = {m: curves(grouped, tasks, Criterion.of(m)) for m in PROXIES}
     comparisons = []
     for first, second in _pairs(list(paper)):
         diff = paired_difference(analyses[first], analyses[second], level)

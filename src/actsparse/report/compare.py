@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
-from actsparse.analysis.curves import PAPER, THRESHOLD, Criterion, Curve, analyse_curve, build_curve, paired_difference
+from actsparse.analysis.curves import THRESHOLD, Criterion, Curve, analyse_curve, build_curve, paired_difference
 from actsparse.analysis.damage import MATCHED_SPARSITIES, PROXIES, matched_difference, verdict
 from actsparse.analysis.statistics import LEVEL, RESAMPLES, draw_weights
 from actsparse.analysis.summary import Grouped, curves, grouped_results, write_summary
@@ -46,7 +46,7 @@ class Run:
         """The curve of `key` on a measure, over the tasks and documents of `within`."""
         dense, sparse = self.grouped
         values = self.curves[key].params
-        criterion = PAPER if measure == "task" else Criterion(measure, 0.05 if measure == "kl" else 0.99)
+        criterion = Criterion.of(measure)
         return build_curve(
             *key,
             values,
@@ -210,26 +210,20 @@ def write_compare(
         "| target/rule | run | tasks (shared documents) | difference | 95 % CI | P(>) |",
         "|---|---|---|---|---|---|",
     ]
-    differences = 0
-    for key in keys:
-        for r in runs[1:]:
-            d = critical_difference(runs[0], r, key, resamples)
-            if d is None:
-                continue
-            differences += 1
-            shared = ", ".join(f"{t} ({n})" for t, n in d["n_docs"].items())
-            md.append(
-                f"| {d['curve']} | {r.label} | {shared} | {100 * d['difference']:+.1f} pts | "
-                f"{100 * d['ci_low']:+.1f} – {100 * d['ci_high']:+.1f} | {d['p_b_greater']:.2f} |"
-            )
+    differences = [
+        (r, d) for key in keys for r in runs[1:] if (d := critical_difference(runs[0], r, key, resamples)) is not None
+    ]
+    for r, d in differences:
+        shared = ", ".join(f"{t} ({n})" for t, n in d["n_docs"].items())
+        md.append(
+            f"| {d['curve']} | {r.label} | {shared} | {100 * d['difference']:+.1f} pts | "
+            f"{100 * d['ci_low']:+.1f} – {100 * d['ci_high']:+.1f} | {d['p_b_greater']:.2f} |"
+        )
     if not differences:
         md.append("| – | – | no shared tasks and documents | – | – | – |")
-    verdicts = [
-        d["verdict"] for key in keys for r in runs[1:] if (d := critical_difference(runs[0], r, key, resamples))
-    ]
-    if verdicts:
+    else:
         md += ["", "Verdicts (critical sparsity, then damage at matched sparsity: mean KL and agreement):", ""]
-        md += [f"- {v}" for v in verdicts]
+        md += [f"- {d['verdict']}" for _, d in differences]
     md += ["", "## Curves", "", "![Runs compared](compare.png)", "", f"Command: `{command}`", ""]
     path = out / "compare.md"
     tmp = atomic_path(path)

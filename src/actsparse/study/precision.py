@@ -120,14 +120,21 @@ def paired_curves(
 
 
 def paired_difference(
-    a: Curve, b: Curve, resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL
+    a: Curve,
+    b: Curve,
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+    level: float = LEVEL,
+    weights: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Critical sparsity of `b` minus that of `a`, with a paired-bootstrap interval: each resample draws
-    documents per task once and uses that draw for both curves and both dense baselines."""
+    documents per task once and uses that draw for both curves and both dense baselines (`weights`: that
+    draw, when the caller reuses it; else drawn here from `seed`)."""
     for t in a.scores:
         if len(b.dense.get(t, ())) != len(a.dense[t]):
             raise ValueError(f"task {t}: the two curves do not score the same documents")
-    weights = draw_weights({t: len(a.dense[t]) for t in a.scores}, resamples, seed)
+    if weights is None:
+        weights = draw_weights({t: len(a.dense[t]) for t in a.scores}, resamples, seed)
     first, second = analyse_curve(a, weights=weights, level=level), analyse_curve(b, weights=weights, level=level)
     diff = curve_difference(second, first, level)
     return diff | {
@@ -180,13 +187,15 @@ def compare(
         for label, record in s["critical_sparsity"].items():
             critical.setdefault(label, {})[dtype] = record
     differences: dict[str, dict[str, Any]] = {}
-    proxies = {m: paired_curves(runs, tasks, Criterion(m, 0.05 if m == "kl" else 0.99)) for m in PROXIES}
+    proxies = {m: paired_curves(runs, tasks, Criterion.of(m)) for m in PROXIES}
     for (target, rule), curves in paired_curves(runs, tasks).items():
         for a, b in combinations([d for d in dtypes if d in curves], 2):
-            diff = paired_difference(curves[a], curves[b], resamples, seed, level)
             weights = draw_weights({t: len(curves[a].dense[t]) for t in tasks}, resamples, seed)
+            diff = paired_difference(curves[a], curves[b], resamples, seed, level, weights)
             damage = {
-                m: matched_difference(proxies[m][(target, rule)][b], proxies[m][(target, rule)][a], weights, matched)
+                m: matched_difference(
+                    proxies[m][(target, rule)][b], proxies[m][(target, rule)][a], weights, matched, level
+                )
                 for m in PROXIES
             }
             differences.setdefault(f"{target}/{rule}", {})[f"{b} - {a}"] = diff | {
