@@ -113,11 +113,11 @@ def test_compare_headlines_the_papers_crossing_with_damage_at_matched_sparsity_b
     assert (diff["value"], diff["ci_low"], diff["ci_high"]) == pytest.approx((-0.17, -0.17, -0.17))
     # KL at 40 %: 0.05 on top_p, 0.10 on top_k; agreement is 1 on both: no ordering by it
     kl = {r["sparsity"]: r for r in top_k["damage_vs_top_p"]["kl"]}
-    assert kl[0.4]["value"] == pytest.approx(0.05) and kl[0.4]["better"] == ["intermediate", "top_p"]
+    assert kl[0.4]["value"] == pytest.approx(0.05) and kl[0.4]["better"] == "top_p"
     assert all(r["better"] is None for r in top_k["damage_vs_top_p"]["agreement"])
     assert top_k["verdict"] == (
         "top_k vs top_p: top_p has the higher critical sparsity (-17.0 pts [-17.0, -17.0]); "
-        "intermediate/top_p is damaged less by mean KL at 25 %, 40 %, 50 %"
+        "top_p is damaged less by mean KL at 25 %, 40 %, 50 %"
     )
     md = paths[0].read_text()
     assert "| target | method | critical sparsity [95 % CI] | Δ to top_p [95 % CI] | mean KL @25% |" in md

@@ -174,7 +174,7 @@ def test_comparisons_read_the_proxies_at_matched_sparsity(tmp_path):
     # KL per point is 0.01/0.05/0.2 at 20/40/60 % on intermediate, twice that on input: at 25 % it is
     # interpolated between 20 and 40 % on both curves
     assert kl[0.25]["value"] == pytest.approx((0.01 + 0.25 * 0.04) - (0.02 + 0.25 * 0.08))
-    assert kl[0.4]["ci_high"] < 0 and kl[0.4]["better"] == ["intermediate", "top_p"]
+    assert kl[0.4]["ci_high"] < 0 and kl[0.4]["better"] == "intermediate/top_p"
     assert "intermediate/top_p is damaged less by mean KL" in comparison["verdict"]
 
 
@@ -203,9 +203,16 @@ def test_matched_difference_and_verdict_on_hand_made_curves():
     rows = matched_difference(a, b, draw_weights({"a": n}, 50, 0), at=(0.4, 0.7))
     assert [r["sparsity"] for r in rows] == [0.4]  # 70 % is beyond both curves: never extrapolated
     assert rows[0]["value"] == pytest.approx(0.94 - 0.7)
-    assert rows[0]["better"] == ("intermediate", "top_p")
+    assert rows[0]["better"] == "intermediate/top_p"
     line = verdict("intermediate/top_p", "input/top_p", None, {"agreement": rows})
     assert line == "intermediate/top_p vs input/top_p: intermediate/top_p is damaged less by agreement at 40 %"
+
+    # two curves of one target and rule (two dtypes, runs or allocations) are told apart by their names
+    low, high = curve("input", [0.98, 0.9]), curve("input", [0.9, 0.5])
+    rows = matched_difference(high, low, draw_weights({"a": n}, 50, 0), at=(0.4,), names=("bfloat16", "float32"))
+    assert rows[0]["better"] == "float32"
+    line = verdict("bfloat16", "float32", None, {"agreement": rows})
+    assert line == "bfloat16 vs float32: float32 is damaged less by agreement at 40 %"
 
 
 def _bpb(task, target, value, i):

@@ -171,7 +171,8 @@ def compare(
             }
             if base is not None and i != base:
                 diff = paired_difference(analysis, analyses[base], level)
-                damage = {p: matched_difference(c[p], curves[base][p], weights, MATCHED, level) for p in PROXIES}
+                names = (m.label, group[base].label)
+                damage = {p: matched_difference(c[p], curves[base][p], weights, MATCHED, level, names) for p in PROXIES}
                 row |= {
                     "diff_to_top_p": diff,
                     "damage_vs_top_p": damage,

@@ -55,9 +55,13 @@ def matched_difference(
     weights: Mapping[str, np.ndarray],
     at: Sequence[float] = MATCHED_SPARSITIES,
     level: float = LEVEL,
+    names: tuple[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """`first` minus `second` on their (shared) measure at each sparsity both curves reach, with the
-    paired interval; `better` names the curve damaged less where the interval excludes 0, else None."""
+    paired interval; `better` names the curve damaged less where the interval excludes 0, else None.
+    `names` are the two curves' names (default: their target/rule); two curves of one target and rule
+    (two dtypes, runs or allocations) need names of their own, or `better` cannot tell them apart."""
+    name_a, name_b = names or (f"{first.target}/{first.rule}", f"{second.target}/{second.rule}")
     point_a, boot_a = measure_at(first, at, weights)
     point_b, boot_b = measure_at(second, at, weights)
     lower_is_better = not first.criterion.higher_is_better
@@ -74,18 +78,10 @@ def matched_difference(
                 "value": float(point_a[k] - point_b[k]),
                 "ci_low": lo,
                 "ci_high": hi,
-                "better": (first.target, first.rule)
-                if resolved and a_better
-                else (second.target, second.rule)
-                if resolved
-                else None,
+                "better": (name_a if a_better else name_b) if resolved else None,
             }
         )
     return out
-
-
-def _label(key: Sequence[str]) -> str:
-    return "/".join(key)
 
 
 def verdict(first: str, second: str, critical: dict[str, Any] | None, damage: Mapping[str, list[dict]]) -> str:
@@ -103,7 +99,7 @@ def verdict(first: str, second: str, critical: dict[str, Any] | None, damage: Ma
     for measure, rows in damage.items():
         won = [r for r in rows if r["better"] is not None]
         if won:
-            names = {_label(r["better"]) for r in won}
+            names = {r["better"] for r in won}
             where = ", ".join(f"{100 * r['sparsity']:.0f} %" for r in won)
             if len(names) == 1:
                 parts.append(f"{names.pop()} is damaged less by {NAMES[measure]} at {where}")

@@ -347,6 +347,8 @@ def _run_dtypes(args: argparse.Namespace, config, console) -> int:
                 f"    {pair}: {d['value']:+.1%} (95% paired CI {d['ci_low']:+.1%} to {d['ci_high']:+.1%})",
                 highlight=False,
             )
+            if d.get("verdict"):
+                console.print(f"    {d['verdict']}", highlight=False)
     console.print(f"next: actsparse report {args.out}", highlight=False)
     return 0
 

@@ -103,7 +103,9 @@ def critical_difference(
     second = analyse_curve(b.curve(key, "task", shared), weights=weights, level=level)
     diff = paired_difference(second, first, level)
     damage = {
-        m: matched_difference(b.curve(key, m, shared), a.curve(key, m, shared), weights, MATCHED_SPARSITIES, level)
+        m: matched_difference(
+            b.curve(key, m, shared), a.curve(key, m, shared), weights, MATCHED_SPARSITIES, level, (b.label, a.label)
+        )
         for m in PROXIES
     }
     return {

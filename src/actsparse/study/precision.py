@@ -194,7 +194,7 @@ def compare(
             diff = paired_difference(curves[a], curves[b], resamples, seed, level, weights)
             damage = {
                 m: matched_difference(
-                    proxies[m][(target, rule)][b], proxies[m][(target, rule)][a], weights, matched, level
+                    proxies[m][(target, rule)][b], proxies[m][(target, rule)][a], weights, matched, level, (b, a)
                 )
                 for m in PROXIES
             }
